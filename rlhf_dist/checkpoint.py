@@ -1,0 +1,144 @@
+"""The standard checkpoint layout and atomic writes.
+
+    save_dir/
+      config.json               resolved config (secrets redacted)
+      logs/run.log              unified run log
+      sft/best_model/           HF causal LM (safetensors) + tokenizer
+      sft/metrics.jsonl
+      reward_model/best_model/  HF sequence-classification model, num_labels=1
+      reward_model/metrics.jsonl
+      ppo/iteration_000NNN/     policy/ (HF), critic/ (HF), state.json (+ learner states)
+      ppo/final_model/          the final policy (HF) and critic/
+      ppo/metrics.jsonl
+
+Every checkpoint directory is written to a temporary sibling, then `manifest.json` (sha256 of every
+file) and the `COMPLETE` marker are written last, then it is renamed into place. A directory
+without its marker is never resumed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp directory; on success seal it (manifest, marker) and rename it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        manifest = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        with open(tmp / MARKER, "w") as f:
+            f.write("ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e} "
+                                  f"(temporary files removed; the previous checkpoint is kept)") from e
+        raise
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / MARKER).is_file() and (p / MANIFEST).is_file()
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check the marker and every file's sha256; raise CheckpointError naming the bad file."""
+    p = Path(path)
+    if not is_complete(p):
+        raise CheckpointError(f"{p}: incomplete checkpoint (no {MARKER} marker)")
+    manifest = json.loads((p / MANIFEST).read_text())
+    for rel, meta in manifest.items():
+        f = p / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        actual = sha256_file(f)
+        if actual != meta["sha256"]:
+            raise CheckpointError(f"{f}: sha256 mismatch: expected {meta['sha256']}, got {actual} "
+                                  f"({f.stat().st_size} of {meta['bytes']} bytes)")
+
+
+def complete_iterations(ppo_dir: str | os.PathLike) -> list[Path]:
+    """Complete `iteration_NNNNNN` checkpoints, oldest first. Incomplete ones are reported, not used."""
+    d = Path(ppo_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob("iteration_*")):
+        if is_complete(p):
+            out.append(p)
+        else:
+            log.warning("ignoring incomplete checkpoint %s (no %s marker)", p, MARKER)
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def safe_join(root: str | os.PathLike, *parts: str) -> Path:
+    """Join `parts` under `root`, refusing `..`, absolute parts and symlinks that leave `root`."""
+    root_r = Path(root).resolve()
+    for part in parts:
+        if Path(part).is_absolute() or ".." in Path(part).parts:
+            raise CheckpointError(f"path part {part!r} must be relative and must not contain '..'")
+    out = Path(root, *parts)
+    if not out.resolve().is_relative_to(root_r):
+        raise CheckpointError(f"{out} resolves outside {root_r}")
+    return out

@@ -1,0 +1,78 @@
+"""The `rlhf-dist` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+from .models import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML or JSON run config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for groups (wandb.mode=offline)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-dist", description="Distributed RLHF: SFT -> reward model -> PPO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "the whole pipeline: SFT -> reward model -> PPO"),
+                        ("sft", "supervised fine-tuning (Ray Train + DeepSpeed)"),
+                        ("reward", "reward-model training on preference pairs"),
+                        ("ppo", "PPO against the reward model"),
+                        ("check", "validate the config and every data file, then exit")):
+        _add_config(sub.add_parser(name, help=help_))
+    p = sub.add_parser("init-tiny", help="build a tiny tokenizer, model and demo data for tests and the quickstart")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except USER_ERRORS as e:
+        # A user's mistake: one clear line, no traceback.
+        print(f"rlhf-dist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlhf-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "init-tiny":
+        from .tiny import build_tiny
+
+        paths = build_tiny(args.dir, seed=args.seed)
+        for k, v in paths.items():
+            print(f"{k}: {v}")
+        return 0
+
+    from .pipeline import create_rlhf_pipeline
+
+    pipe = create_rlhf_pipeline(args.config, args.overrides)
+    if args.command == "check":
+        from .tracking import setup_logging
+
+        setup_logging(pipe.config.log_level)
+        pipe.validate_data(("sft", "reward", "ppo"))
+        print("config and data ok")
+        return 0
+    run = {"run": pipe.run_full_pipeline, "sft": pipe.run_sft, "reward": pipe.run_reward_training,
+           "ppo": pipe.run_ppo_training}[args.command]
+    result = run()
+    logging.getLogger("rlhf_dist").info("outputs: %s", result)
+    print(result if not isinstance(result, dict) else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

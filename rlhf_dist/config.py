@@ -1,0 +1,371 @@
+"""The one typed run config (`RLHFConfig`): the only home of every default.
+
+Loading goes dict -> `msgspec.convert` with unknown fields forbidden, then cross-field checks.
+Nothing is rewritten after parsing: a bad combination is an error naming the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+UnitFloat = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the field (e.g. `ppo_epochs: expected int, got str`)."""
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class RoleResources(_Strict):
+    """Devices of one role. Fractions share a device (e.g. 0.25 GPU each for 4 roles on 1 GPU)."""
+
+    num_workers: PositiveInt = 1
+    """Actors in this role. Learners with >1 worker form a DeepSpeed data-parallel group."""
+    num_gpus: NonNegFloat = 0.0
+    """GPUs per actor; 0 on a CPU machine. With `device: auto` and CUDA present, a role left at 0 gets 1/N of a GPU."""
+    num_cpus: PositiveFloat = 1.0
+    """CPUs per actor; the actor's torch thread count is set to this (rounded, at least 1)."""
+    resources: dict[str, float] = msgspec.field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. {"node_a": 0.1} to pin a role to a node."""
+
+
+class RolesConfig(_Strict):
+    """Placement of the PPO roles: each role gets its own placement-group bundles."""
+
+    rollout: RoleResources = RoleResources()
+    policy: RoleResources = RoleResources()
+    critic: RoleResources = RoleResources()
+    reference: RoleResources = RoleResources()
+    reward: RoleResources = RoleResources()
+    colocate: bool = False
+    """Put reference and reward in the policy learner's bundle and the critic beside it, to save devices."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for the bundles."""
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases tracking. The API key is read only from the environment or netrc."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto = online when WANDB_API_KEY is set, else offline."""
+    project: str = "rlhf-dist"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; defaults to the save_dir's name."""
+    group: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    sample_every: PositiveInt = 5
+    """Log a table of sample generations every N PPO iterations."""
+
+
+class ClusterConfig(_Strict):
+    """How to reach Ray. With no address (and no RAY_ADDRESS), a local Ray is started on loopback."""
+
+    address: str | None = None
+    """An existing cluster, e.g. "ray://head:10001" or "auto". RAY_ADDRESS in the environment also works."""
+    bind_host: str = "127.0.0.1"
+    """Interface a locally started Ray binds to. 0.0.0.0 exposes Ray's ports: anyone who can reach
+    them can run code as you. Only change it on a trusted network."""
+    num_cpus: PositiveInt | None = None
+    """CPUs of a locally started Ray (default: all)."""
+    num_gpus: NonNegInt | None = None
+    """GPUs of a locally started Ray (default: all)."""
+
+
+class RLHFConfig(_Strict):
+    """A whole run: SFT -> reward model -> PPO. Paths are relative to the working directory."""
+
+    # --- models and devices -------------------------------------------------------------
+    model_name: str
+    """Base model: a Hugging Face model directory (or a hub id where a network exists)."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; defaults to the model directory."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto picks CUDA, then MPS, then CPU, and logs the choice."""
+    seed: int = 42
+    max_length: PositiveInt = 512
+    """Longest sequence in tokens (prompt + response)."""
+    zero_stage: Annotated[int, msgspec.Meta(ge=0, le=3)] = 2
+    """DeepSpeed ZeRO stage for every trained model."""
+    bf16: bool = False
+    """Train and generate in bfloat16 (GPU only; the CPU path stays in float32)."""
+
+    # --- data handling ------------------------------------------------------------------
+    bad_rows: Literal["error", "skip"] = "error"
+    """error: a bad JSONL row stops the run naming file:line. skip: count and report skipped rows."""
+    max_bad_fraction: UnitFloat = 0.01
+    """In skip mode, abort when more than this fraction of a file's rows is bad."""
+    truncate: bool = False
+    """Over-length rows: false = error naming the line; true = truncate (responses from the right,
+    prompts from the left) and report the count."""
+    eval_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
+    """Held-out share of the SFT and preference data used to pick the best model."""
+
+    # --- SFT ------------------------------------------------------------------------
+    sft_data_path: str | None = None
+    sft_epochs: PositiveInt = 1
+    sft_batch_size: PositiveInt = 16
+    """Global batch per optimizer step (across workers and accumulation)."""
+    sft_micro_batch_size: PositiveInt | None = None
+    """Per-worker micro-batch; default = sft_batch_size / sft_workers (no accumulation)."""
+    sft_lr: PositiveFloat = 1e-4
+    sft_warmup_ratio: UnitFloat = 0.05
+    sft_workers: PositiveInt = 1
+    train_cpus_per_worker: PositiveFloat = 1.0
+    """CPUs per Ray Train worker of the SFT and reward stages; also its torch thread count."""
+    train_gpus_per_worker: NonNegFloat = 1.0
+    """GPUs per Ray Train worker when the device is CUDA."""
+    sft_eval_every: NonNegInt = 0
+    """Evaluate every N steps (0 = once per epoch)."""
+
+    # --- reward model ---------------------------------------------------------------
+    reward_data_path: str | None = None
+    reward_epochs: PositiveInt = 1
+    reward_batch_size: PositiveInt = 16
+    """Global number of preference pairs per optimizer step."""
+    reward_micro_batch_size: PositiveInt | None = None
+    reward_lr: PositiveFloat = 5e-5
+    reward_warmup_ratio: UnitFloat = 0.05
+    reward_workers: PositiveInt = 1
+    freeze_reward_backbone: bool = False
+    """Train only the scalar head."""
+    reward_center_coef: NonNegFloat = 0.01
+    """Weight of the centering term coef * mean((r_chosen + r_rejected)^2)."""
+
+    # --- PPO ------------------------------------------------------------------------
+    ppo_data_path: str | None = None
+    ppo_iterations: PositiveInt = 10
+    ppo_batch_size: PositiveInt = 16
+    """Prompts per iteration."""
+    ppo_mini_batch_size: PositiveInt = 8
+    """Samples per optimizer step; ppo_batch_size must be a multiple."""
+    ppo_micro_batch_size: PositiveInt | None = None
+    """Per-learner-worker micro-batch (gradient accumulation); default = mini-batch / workers."""
+    ppo_epochs: PositiveInt = 1
+    ppo_lr_policy: PositiveFloat = 1e-5
+    ppo_lr_value: PositiveFloat = 1e-5
+    ppo_clip_range: PositiveFloat = 0.2
+    ppo_value_clip_range: PositiveFloat = 0.2
+    ppo_gamma: UnitFloat = 1.0
+    ppo_lam: UnitFloat = 0.95
+    ppo_entropy_coef: NonNegFloat = 0.0
+    ppo_max_grad_norm: PositiveFloat = 1.0
+    ppo_whiten_advantages: bool = True
+    critic_init: Literal["sft", "reward"] = "sft"
+    """Initialise the critic from the SFT policy (default) or from the reward model."""
+
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_coef: NonNegFloat = 0.05
+    kl_target: PositiveFloat | None = None
+    """Set to use the adaptive KL controller (Ziegler et al. 2019); unset = fixed coefficient."""
+    kl_horizon: PositiveInt = 10000
+
+    reward_fn: str | None = None
+    """Python reward `module:function(prompts, responses) -> list[float]`, e.g. rlhf_dist.demo:positivity_reward."""
+    reward_fn_weight: float = 1.0
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score; 0 = use only reward_fn (the RM is then not loaded)."""
+
+    gen_max_new_tokens: PositiveInt = 32
+    gen_temperature: PositiveFloat = 1.0
+    gen_top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    gen_top_k: NonNegInt = 0
+    """0 = no top-k filtering."""
+
+    roles: RolesConfig = RolesConfig()
+    call_timeout_s: PositiveFloat = 600.0
+    """Timeout of every remote call; a timeout is an error naming the role and the phase."""
+    sync_timeout_s: PositiveFloat = 300.0
+    """Timeout of the weight-sync collective."""
+
+    # --- outputs --------------------------------------------------------------------
+    save_dir: str = "runs/default"
+    save_interval: PositiveInt = 5
+    """Save ppo/iteration_NNNNNN every N PPO iterations."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    wandb: WandbConfig = WandbConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    # ------------------------------------------------------------------------------------
+    def check(self) -> "RLHFConfig":
+        """Cross-field checks. Raises ConfigError naming the fields; never rewrites a value."""
+        errors = []
+        if not self.model_name.strip():
+            errors.append("model_name: must not be empty")
+        for stage, batch, micro, workers in (
+            ("sft", self.sft_batch_size, self.sft_micro_batch_size, self.sft_workers),
+            ("reward", self.reward_batch_size, self.reward_micro_batch_size, self.reward_workers),
+        ):
+            micro = micro or batch // workers
+            if micro == 0 or batch % (micro * workers):
+                errors.append(
+                    f"{stage}_batch_size: {batch} is not a multiple of "
+                    f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
+                )
+        if self.ppo_batch_size % self.ppo_mini_batch_size:
+            errors.append(
+                f"ppo_batch_size: {self.ppo_batch_size} is not a multiple of ppo_mini_batch_size ({self.ppo_mini_batch_size})"
+            )
+        learners = self.roles.policy.num_workers
+        micro = self.ppo_micro_batch_size or self.ppo_mini_batch_size // learners
+        for role in ("policy", "critic"):
+            n = getattr(self.roles, role).num_workers
+            if micro == 0 or self.ppo_mini_batch_size % (micro * n):
+                errors.append(
+                    f"ppo_mini_batch_size: {self.ppo_mini_batch_size} is not a multiple of "
+                    f"ppo_micro_batch_size ({micro}) x roles.{role}.num_workers ({n})"
+                )
+        if self.gen_max_new_tokens >= self.max_length:
+            errors.append(f"gen_max_new_tokens: {self.gen_max_new_tokens} must be < max_length ({self.max_length})")
+        if self.reward_model_weight == 0 and not self.reward_fn:
+            errors.append("reward_model_weight: 0 needs a reward_fn, or PPO has no reward")
+        if self.reward_fn and not re.fullmatch(r"[\w.]+:\w+", self.reward_fn):
+            errors.append(f"reward_fn: {self.reward_fn!r} is not of the form module:function")
+        if self.bf16 and self.device == "cpu":
+            errors.append("bf16: bf16 training needs a GPU; the CPU path runs in float32")
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: '{p}' is not a group of fields")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["ppo_epochs=2", "wandb.mode=offline"]` -> nested dict. Values parse as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: cannot parse: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of field: value")
+    return data
+
+
+def _convert_error(e: msgspec.ValidationError) -> ConfigError:
+    # msgspec says "... - at `$.roles.policy.num_gpus`"; turn the path into the field name first.
+    msg = str(e)
+    m = re.search(r" - at `\$\.?(.*)`$", msg)
+    if m:
+        field = re.sub(r"\[(\d+)\]", r".\1", m.group(1)) or "(top level)"
+        msg = f"{field}: {msg[: m.start()]}"
+    m = re.match(r"Object contains unknown field `(\w+)`", msg)
+    if m:
+        msg = msg.replace(m.group(0), f"unknown field `{m.group(1)}`")
+    m = re.match(r"Object missing required field `(\w+)`", msg)
+    if m:
+        msg = f"{m.group(1)}: required field is missing"
+    return ConfigError(f"invalid config: {msg}")
+
+
+def load_config(source: "str | os.PathLike | dict | RLHFConfig", overrides: list[str] | None = None) -> RLHFConfig:
+    """Build a checked RLHFConfig from a YAML/JSON path, a dict or a config, plus key=value overrides."""
+    if isinstance(source, RLHFConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    else:
+        data = read_config_file(source)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    try:
+        cfg = msgspec.convert(data, RLHFConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise _convert_error(e) from None
+    return cfg.check()
+
+
+# Environment variables whose values must never reach a snapshot, a log line or W&B.
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
+
+
+def secret_values() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """Replace any occurrence of a secret from the environment in strings of a nested structure."""
+    secrets = secret_values() if secrets is None else secrets
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "***")
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secrets) for v in obj]
+    return obj
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, doc) for every field: the README's config reference is made from it."""
+    import inspect
+    import typing
+
+    rows = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls, include_extras=True)
+        src = inspect.getsource(cls)
+        docs = dict(re.findall(r"\n    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", src, re.S))
+        for name in cls.__struct_fields__:
+            hint = hints[name]
+            default = getattr(cls(**({"model_name": "x"} if cls is RLHFConfig else {})), name)
+            if isinstance(default, msgspec.Struct):
+                walk(type(default), f"{prefix}{name}.")
+                continue
+            t = re.sub(r"typing\.|Annotated\[(\w+), .*?\]", r"\1", str(hint)).replace("<class '", "").replace("'>", "")
+            rows.append((prefix + name, t, "required" if name == "model_name" else json.dumps(default),
+                         " ".join(docs.get(name, "").split())))
+
+    walk(RLHFConfig, "")
+    return rows

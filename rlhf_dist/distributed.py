@@ -1,0 +1,94 @@
+"""DeepSpeed engines and torch.distributed helpers shared by the SFT, reward and PPO learners.
+
+This is plumbing only: it wraps the training steps (in `stages.py`, `learner.py`), which run unchanged
+in one process without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def enter_workdir(path: str) -> None:
+    """Run in the driver's working directory, so relative paths in the config mean the same in every
+    process. (Under `ray job submit`, every process already starts in the shipped working_dir.)"""
+    if path and os.path.isdir(path):
+        os.chdir(path)
+
+
+def set_threads(num_cpus: float) -> int:
+    """Give this process as many torch threads as CPUs it was allotted, so actors don't oversubscribe."""
+    n = max(1, int(round(num_cpus)))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
+
+
+def ds_config(*, micro_batch: int, grad_accum: int, world_size: int, zero_stage: int, grad_clip: float,
+              bf16: bool) -> dict:
+    """DeepSpeed config (https://www.deepspeed.ai/docs/config-json/); the optimizer is a torch one we pass in."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """LR multiplier: linear warmup, then cosine decay to 10% (as in most SFT recipes)."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def make_engine(model, *, lr: float, total_steps: int, warmup_steps: int, micro_batch: int, grad_accum: int,
+                zero_stage: int, grad_clip: float, bf16: bool, params=None, constant_lr: bool = False):
+    """A DeepSpeed engine over `model` (the default process group is its data-parallel group)."""
+    import deepspeed
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = (lambda step: 1.0) if constant_lr else cosine_with_warmup(total_steps, warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    config = ds_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=world, zero_stage=zero_stage,
+                       grad_clip=grad_clip, bf16=bf16)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full weights of the engine's module; a collective under ZeRO-3 (every rank must call it)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def all_reduce_sum(values: list[float], device: str = "cpu") -> list[float]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def init_local_group_env(rank: int, world: int, master_addr: str, master_port: int, local_rank: int = 0) -> None:
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))

@@ -1,0 +1,142 @@
+"""`RLHFPipeline`: chains the stages (SFT -> reward model -> PPO) over one save_dir."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointError, is_complete, write_json_atomic
+from .config import RLHFConfig, load_config, redact
+from .data import DataError, read_dataset
+from .tracking import setup_logging
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "reward", "ppo")
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RLHFConfig):
+    """Connect to RAY_ADDRESS / cluster.address, or start a local Ray bound to loopback (and stop it after)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    # Ray workers import rlhf_dist; make sure they find this checkout's package and the log format.
+    env = {"env_vars": {"RLHF_DIST_LOG_LEVEL": cfg.log_level}}
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        if cfg.cluster.bind_host not in ("127.0.0.1", "localhost"):
+            log.warning("cluster.bind_host=%s: Ray's ports are reachable from that network; anyone who can reach "
+                        "them can run code on this machine", cfg.cluster.bind_host)
+        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
+                 _node_ip_address=cfg.cluster.bind_host, runtime_env=env, log_to_driver=True,
+                 configure_logging=False)
+        log.info("started a local Ray (bound to %s) with %s", cfg.cluster.bind_host, ray.cluster_resources())
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class RLHFPipeline:
+    """The user-facing API. Every stage reads and writes the standard layout under `save_dir`."""
+
+    def __init__(self, config: RLHFConfig):
+        self.config = config
+        self.save_dir = Path(config.save_dir)
+
+    # ------------------------------------------------------------------------------
+    def _start(self, stages: tuple[str, ...]) -> str:
+        from .models import resolve_device
+
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.config.log_level, self.save_dir / "logs")
+        write_json_atomic(self.save_dir / "config.json", redact(self.config.to_dict()))
+        self.validate_data(stages)
+        device = resolve_device(self.config.device)
+        return device
+
+    def validate_data(self, stages: tuple[str, ...]) -> None:
+        """Read every data file the stages need, before any model or Ray worker starts."""
+        cfg = self.config
+        needs = {"sft": ("sft_data_path", "sft"), "reward": ("reward_data_path", "preference"),
+                 "ppo": ("ppo_data_path", "prompt")}
+        for stage in stages:
+            field, kind = needs[stage]
+            path = getattr(cfg, field)
+            if not path:
+                raise DataError(f"{field}: required by the {stage} stage")
+            t = time.time()
+            _, stats = read_dataset(path, kind, cfg.bad_rows, cfg.max_bad_fraction)
+            log.info("data %s ok: %s (%.2fs)", path, stats.summary(), time.time() - t)
+
+    # ------------------------------------------------------------------------------
+    def run_sft(self) -> Path:
+        from .stages import run_supervised
+
+        device = self._start(("sft",))
+        with ray_session(self.config):
+            return self._timed("sft", lambda: run_supervised(self.config, "sft", device))
+
+    def run_reward_training(self) -> Path:
+        from .stages import run_supervised
+
+        device = self._start(("reward",))
+        with ray_session(self.config):
+            return self._timed("reward", lambda: run_supervised(self.config, "reward", device))
+
+    def run_ppo_training(self) -> Path:
+        from .ppo import run_ppo
+
+        device = self._start(("ppo",))
+        with ray_session(self.config):
+            return self._timed("ppo", lambda: run_ppo(self.config, device))
+
+    def run_full_pipeline(self) -> dict[str, Path]:
+        """SFT -> RM -> PPO. A stage whose output is already complete is not run again."""
+        from .ppo import run_ppo
+        from .stages import run_supervised
+
+        cfg = self.config
+        stages = ("sft", "reward", "ppo") if cfg.reward_model_weight != 0 else ("sft", "ppo")
+        device = self._start(stages)
+        out: dict[str, Path] = {}
+        with ray_session(cfg):
+            for stage in stages:
+                done = self.stage_output(stage)
+                if is_complete(done):
+                    log.info("%s: already complete at %s, not rerun", stage, done)
+                    out[stage] = done
+                    continue
+                if stage == "ppo":
+                    out[stage] = self._timed(stage, lambda: run_ppo(cfg, device))
+                else:
+                    out[stage] = self._timed(stage, lambda s=stage: run_supervised(cfg, s, device))
+        return out
+
+    def stage_output(self, stage: str) -> Path:
+        return self.save_dir / {"sft": "sft/best_model", "reward": "reward_model/best_model",
+                                "ppo": "ppo/final_model"}[stage]
+
+    def _timed(self, stage, fn):
+        t = time.time()
+        log.info("stage %s: start", stage)
+        result = fn()
+        log.info("stage %s: done in %.1fs -> %s", stage, time.time() - t, result)
+        return result
+
+
+def create_rlhf_pipeline(config: "dict | str | os.PathLike | RLHFConfig", overrides: list[str] | None = None) -> RLHFPipeline:
+    """Build a pipeline from a dict, a YAML/JSON path or a config (plus optional key=value overrides)."""
+    return RLHFPipeline(load_config(config, overrides))
+
+
+__all__ = ["RLHFPipeline", "create_rlhf_pipeline", "ray_session", "CheckpointError"]

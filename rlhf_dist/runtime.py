@@ -1,0 +1,470 @@
+"""PPO roles as Ray actors: placement, weight sync and timeouts. No RL math lives here.
+
+Roles: rollout (generation), policy and critic (DeepSpeed learners), reference and reward (frozen).
+Each actor of a learner role with several workers joins its role's own default process group (its
+DeepSpeed data-parallel group). Weight sync uses a second, stateless process group (learner rank 0 +
+every rollout worker) built on a TCPStore: NCCL on GPUs, gloo on CPU, so tests run the same path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ROLES = ("rollout", "policy", "critic", "reference", "reward")
+BUCKET_BYTES = 64 << 20  # weight-sync bucket: few enough collectives, small enough to not double peak memory
+
+
+class PhaseTimeout(RuntimeError):
+    """A remote call or collective did not finish in time; names the role and the phase."""
+
+
+class RoleFailure(RuntimeError):
+    """An actor died or raised; names the role and the phase."""
+
+
+# ---------------------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Slot:
+    role: str
+    rank: int
+    bundle: int  # index in the placement group
+    num_cpus: float  # what the actor asks of its bundle
+    num_gpus: float
+    resources: dict
+
+
+def plan_placement(cfg, gpus_available: int) -> tuple[list[dict], list[Slot]]:
+    """Bundles and the actor slots in them. Pure: `rlhf-dist doctor` prints it before loading anything.
+
+    With CUDA and a role at num_gpus 0, actors share the GPUs in equal fractions.
+    With `roles.colocate`, reference shares the policy learner's bundle and reward the critic's.
+    """
+    roles = cfg.roles
+    active = [r for r in ROLES]
+    n_actors = sum(getattr(roles, r).num_workers for r in active)
+    auto_gpu = 0.0
+    if gpus_available > 0 and all(getattr(roles, r).num_gpus == 0 for r in active):
+        auto_gpu = min(1.0, gpus_available / n_actors)
+        auto_gpu = 1.0 / max(1, int(1 / auto_gpu + 1e-9)) if auto_gpu < 1 else 1.0
+    bundles: list[dict] = []
+    slots: list[Slot] = []
+    shared = {"reference": "policy", "reward": "critic"} if roles.colocate else {}
+    host_bundle: dict[tuple[str, int], int] = {}
+    for role in active:
+        spec = getattr(roles, role)
+        gpus = spec.num_gpus or auto_gpu
+        for rank in range(spec.num_workers):
+            host = shared.get(role)
+            if host is not None:
+                b = host_bundle[(host, rank % getattr(roles, host).num_workers)]
+                bundles[b] = {k: bundles[b].get(k, 0) + v for k, v in
+                              {"CPU": spec.num_cpus, **({"GPU": gpus} if gpus else {}), **spec.resources}.items()}
+                bundles[b]["GPU"] = max(bundles[b].get("GPU", 0), gpus) if gpus else bundles[b].get("GPU", 0)
+                if not bundles[b]["GPU"]:
+                    bundles[b].pop("GPU")
+                slots.append(Slot(role, rank, b, spec.num_cpus, 0.0 if gpus else 0.0, dict(spec.resources)))
+                continue
+            bundle = {"CPU": spec.num_cpus, **({"GPU": gpus} if gpus else {}), **spec.resources}
+            host_bundle[(role, rank)] = len(bundles)
+            slots.append(Slot(role, rank, len(bundles), spec.num_cpus, gpus, dict(spec.resources)))
+            bundles.append(bundle)
+    # A colocated actor shares its host's GPU fraction: split it evenly between the actors in the bundle.
+    for b, bundle in enumerate(bundles):
+        members = [s for s in slots if s.bundle == b]
+        if "GPU" in bundle and len(members) > 1:
+            for s in members:
+                s.num_gpus = bundle["GPU"] / len(members)
+    return bundles, slots
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def wait(refs, role: str, phase: str, timeout: float):
+    """ray.get with a timeout; errors name the role and the phase."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError:
+        raise PhaseTimeout(f"{role}: phase '{phase}' timed out after {timeout:.0f}s") from None
+    except RayActorError as e:
+        raise RoleFailure(f"{role}: actor died during phase '{phase}': {e.__class__.__name__}") from e
+    except RayTaskError as e:
+        raise RoleFailure(f"{role}: phase '{phase}' failed: {e.cause!r}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Weight sync: bucketed broadcast in a dedicated process group
+# ---------------------------------------------------------------------------------------
+
+class WeightSync:
+    """Broadcast a model's parameters from rank 0 in flattened buckets (one collective per bucket)."""
+
+    def __init__(self, params: list[torch.Tensor], addr: str, port: int, rank: int, world: int, backend: str,
+                 timeout_s: float):
+        import torch.distributed as dist
+
+        self.rank = rank
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(addr, port, world, rank == 0, timeout=self.timeout)
+        if backend == "nccl":
+            self.pg = dist.ProcessGroupNCCL(store, rank, world)
+        else:
+            self.pg = dist.ProcessGroupGloo(store, rank, world, self.timeout)
+        self.buckets: list[list[torch.Tensor]] = []
+        cur, size = [], 0
+        for p in params:
+            if cur and (size + p.numel() * p.element_size() > BUCKET_BYTES or p.dtype != cur[0].dtype):
+                self.buckets.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += p.numel() * p.element_size()
+        if cur:
+            self.buckets.append(cur)
+
+    @torch.no_grad()
+    def broadcast(self) -> int:
+        """Send (rank 0) or receive the weights; returns bytes moved."""
+        moved = 0
+        for bucket in self.buckets:
+            if self.rank == 0:
+                flat = torch.cat([p.detach().reshape(-1) for p in bucket])
+            else:
+                flat = torch.empty(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+            work = self.pg.broadcast([flat])
+            if not work.wait(self.timeout):
+                raise PhaseTimeout(f"weight sync: broadcast timed out after {self.timeout.total_seconds():.0f}s")
+            if self.rank != 0:
+                offset = 0
+                for p in bucket:
+                    p.copy_(flat[offset: offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            moved += flat.numel() * flat.element_size()
+        return moved
+
+
+def param_signature(model) -> list[tuple[str, tuple, str]]:
+    return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+
+
+# ---------------------------------------------------------------------------------------
+# Actors (plain classes; `spawn` wraps them with ray.remote)
+# ---------------------------------------------------------------------------------------
+
+class RoleWorker:
+    def __init__(self, role: str, rank: int, config: dict, num_cpus: float, device: str):
+        from .config import load_config
+        from .distributed import enter_workdir, set_threads
+        from .tracking import setup_logging
+
+        config = dict(config)
+        enter_workdir(config.pop("_cwd", ""))
+        self.cfg = load_config(config)
+        self.role, self.rank = role, rank
+        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        setup_logging(self.cfg.log_level, Path(self.cfg.save_dir) / "logs", role=f"{role}-{rank}")
+        self.threads = set_threads(num_cpus)
+        self.sync: WeightSync | None = None
+        self.version = 0
+        torch.manual_seed(self.cfg.seed + 1000 * ROLES.index(role) + rank)
+
+    def info(self) -> dict:
+        import ray
+
+        return {"role": self.role, "rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "threads": self.threads, "device": str(self.device),
+                "gpu_ids": ray.get_gpu_ids()}
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sync_model(self):
+        raise NotImplementedError
+
+    def join_sync(self, addr: str, port: int, rank: int, world: int, signature: list) -> None:
+        model = self._sync_model()
+        mine = param_signature(model)
+        if [tuple(x) for x in signature] != [(n, tuple(s), d) for n, s, d in mine]:
+            raise RuntimeError(f"{self.role}-{self.rank}: parameters differ from the learner's; cannot sync weights")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.sync = WeightSync([p for _, p in model.named_parameters()], addr, port, rank, world, backend,
+                               self.cfg.sync_timeout_s)
+
+
+class RolloutWorker(RoleWorker):
+    def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
+        super().__init__("rollout", rank, config, num_cpus, device)
+        from .models import load_causal_lm
+
+        self.model = load_causal_lm(model_dir, self.cfg.bf16).to(self.device).eval()
+        self.generator = torch.Generator(device=self.device)
+
+    def _sync_model(self):
+        return self.model
+
+    def generate(self, prompts: list[list[int]], sample_ids: list[int], seed: int, pad_id: int, eos_id: int):
+        from .rollout import generate
+
+        self.generator.manual_seed(seed)
+        c = self.cfg
+        return generate(self.model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=c.gen_max_new_tokens,
+                        temperature=c.gen_temperature, top_p=c.gen_top_p, top_k=c.gen_top_k,
+                        generator=self.generator, sample_ids=sample_ids, version=self.version)
+
+    def receive_weights(self, version: int) -> int:
+        moved = self.sync.broadcast()
+        self.version = version
+        return moved
+
+
+class ReferenceWorker(RoleWorker):
+    def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
+        super().__init__("reference", rank, config, num_cpus, device)
+        from .models import load_causal_lm
+
+        self.model = load_causal_lm(model_dir, self.cfg.bf16).to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, samples) -> torch.Tensor:
+        from .experience import response_logprobs
+
+        return response_logprobs(self.model, samples.sequences.to(self.device), samples.attention_mask.to(self.device),
+                                 samples.prompt_len, self.cfg.gen_temperature).cpu()
+
+
+class RewardWorker(RoleWorker):
+    """The frozen reward model and/or a Python reward function; scores combine with their weights."""
+
+    def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str | None,
+                 policy_tokenizer_dir: str):
+        super().__init__("reward", rank, config, num_cpus, device)
+        from .models import load_scalar_model, load_tokenizer
+
+        self.policy_tok = load_tokenizer(policy_tokenizer_dir)
+        self.model = self.tok = None
+        if model_dir is not None and self.cfg.reward_model_weight != 0:
+            self.tok = load_tokenizer(model_dir)
+            self.model = load_scalar_model(model_dir, self.cfg.bf16, self.tok.pad_token_id).to(self.device).eval()
+            self.model.requires_grad_(False)
+            # Same vocabulary and template: score the policy's tokens as they are; else re-tokenise the text.
+            self.same_tokens = (self.tok.get_vocab() == self.policy_tok.get_vocab()
+                                and self.tok.chat_template == self.policy_tok.chat_template)
+            log.info("reward model %s; %s", model_dir,
+                     "same tokenizer as the policy" if self.same_tokens else "different tokenizer: re-tokenising text")
+        self.fn = None
+        if self.cfg.reward_fn:
+            import importlib
+
+            mod, name = self.cfg.reward_fn.split(":")
+            self.fn = getattr(importlib.import_module(mod), name)
+
+    @torch.no_grad()
+    def score(self, samples, prompts: list[list[dict]]) -> dict:
+        from .data import encode_prompt_response
+        from .models import sequence_scores
+        from .stages import pad_right
+
+        responses = [self.policy_tok.decode(r[m.bool()], skip_special_tokens=True)
+                     for r, m in zip(samples.responses, samples.action_mask)]
+        B = len(responses)
+        total = torch.zeros(B)
+        out: dict = {"responses": responses}
+        if self.model is not None:
+            if self.same_tokens:
+                ids, attn = samples.sequences, samples.attention_mask
+            else:
+                enc = [encode_prompt_response(self.tok, p, r).input_ids for p, r in zip(prompts, responses)]
+                ids, attn = pad_right(enc, self.tok.pad_token_id)
+            rm = sequence_scores(self.model, ids.to(self.device), attn.to(self.device)).float().cpu()  # (B,)
+            out["rm_score"] = rm
+            total += self.cfg.reward_model_weight * rm
+        if self.fn is not None:
+            prompt_text = [p[-1]["content"] for p in prompts]
+            vals = self.fn(prompt_text, responses)
+            fn = torch.tensor([float(v) for v in vals], dtype=torch.float32)
+            if fn.shape != (B,):
+                raise ValueError(f"reward_fn {self.cfg.reward_fn} returned {len(vals)} values for {B} responses")
+            out["fn_score"] = fn
+            total += self.cfg.reward_fn_weight * fn
+        out["score"] = total
+        return out
+
+
+class Learner(RoleWorker):
+    """A DeepSpeed engine for the policy (kind="policy") or the critic (kind="critic")."""
+
+    def __init__(self, kind: str, rank: int, world: int, config: dict, num_cpus: float, device: str):
+        super().__init__(kind, rank, config, num_cpus, device)
+        self.kind, self.world = kind, world
+        self.engine = None
+
+    def setup(self, addr: str, port: int, model_dir: str, total_steps: int) -> dict:
+        import torch.distributed as dist
+
+        from .distributed import init_local_group_env, make_engine
+        from .models import load_causal_lm, load_scalar_model, load_tokenizer
+
+        init_local_group_env(self.rank, self.world, addr, port)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=self.rank,
+                                    world_size=self.world, timeout=datetime.timedelta(seconds=self.cfg.call_timeout_s))
+        c = self.cfg
+        if self.kind == "policy":
+            model = load_causal_lm(model_dir, c.bf16)
+            lr = c.ppo_lr_policy
+        else:
+            tok = load_tokenizer(model_dir)
+            model = load_scalar_model(model_dir, c.bf16, tok.pad_token_id)
+            lr = c.ppo_lr_value
+        micro = c.ppo_micro_batch_size or c.ppo_mini_batch_size // self.world
+        self.micro = micro
+        self.accum = c.ppo_mini_batch_size // (micro * self.world)
+        self.engine = make_engine(model, lr=lr, total_steps=total_steps, warmup_steps=0, micro_batch=micro,
+                                  grad_accum=self.accum, zero_stage=c.zero_stage, grad_clip=c.ppo_max_grad_norm,
+                                  bf16=c.bf16, constant_lr=True)
+        return {"params": sum(p.numel() for p in model.parameters())}
+
+    def _sync_model(self):
+        return self.engine.module
+
+    def signature(self) -> list:
+        return param_signature(self.engine.module)
+
+    def set_version(self, version: int) -> None:
+        self.version = version
+
+    @torch.no_grad()
+    def forward(self, samples) -> torch.Tensor:
+        """Old logprobs (policy) or values (critic) for a slice of the batch: (b, R)."""
+        from .experience import response_logprobs, response_values
+
+        self.engine.eval()
+        seq, attn = samples.sequences.to(self.engine.device), samples.attention_mask.to(self.engine.device)
+        outs = []
+        for i in range(0, seq.shape[0], self.micro):
+            s, a = seq[i:i + self.micro], attn[i:i + self.micro]
+            if self.kind == "policy":
+                outs.append(response_logprobs(self.engine.module, s, a, samples.prompt_len, self.cfg.gen_temperature))
+            else:
+                outs.append(response_values(self.engine.module, s, a, samples.prompt_len))
+        self.engine.train()
+        return torch.cat(outs).float().cpu()
+
+    def train(self, exp, seed: int) -> dict:
+        """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch."""
+        from .distributed import all_reduce_sum
+        from .learner import minibatches, policy_loss, token_weight, value_loss
+
+        c = self.cfg
+        dev = self.engine.device
+        stats_sum: dict[str, float] = {}
+        n_steps = 0
+        first: dict[str, float] = {}
+        for j, idx in enumerate(minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
+            mb = exp.select(idx)
+            tokens = float(mb.action_mask.sum())
+            per_rank = len(idx) // self.world
+            mine = mb.select(list(range(self.rank * per_rank, (self.rank + 1) * per_rank)))
+            for m in range(self.accum):
+                micro = mine.select(list(range(m * self.micro, (m + 1) * self.micro)))
+                micro = _to_device(micro, dev)
+                w = token_weight(micro, tokens, self.world * self.accum)
+                if self.kind == "policy":
+                    loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
+                                           entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, weight=w)
+                else:
+                    loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, weight=w)
+                self.engine.backward(loss)
+                self.engine.step()
+                for k, v in st.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v
+                if j == 0:
+                    for k, v in st.items():
+                        first[k] = max(first.get(k, v), v) if k in ("ratio_max", "ratio_dev_max") else v
+                n_steps += 1
+            gn = self.engine.get_global_grad_norm()
+            stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + (float(gn) if gn is not None else 0.0) * self.accum
+        keys = sorted(stats_sum)
+        totals = all_reduce_sum([stats_sum[k] for k in keys])
+        out = {k: v / (n_steps * self.world) for k, v in zip(keys, totals)}
+        if self.kind == "policy":
+            out["first_ratio_mean"] = first.get("ratio_mean", 1.0)
+            out["first_ratio_dev_max"] = first.get("ratio_dev_max", 0.0)
+            self.version += 1
+            out["version"] = self.version
+        return out
+
+    def send_weights(self) -> int:
+        return self.sync.broadcast() if self.sync is not None else 0
+
+    def save(self, out_dir: str, tokenizer_dir: str) -> None:
+        """HF-format weights (a collective under ZeRO-3; rank 0 writes)."""
+        from .distributed import full_state_dict
+        from .models import load_tokenizer, save_hf
+
+        state = full_state_dict(self.engine)
+        if self.rank == 0:
+            save_hf(self.engine.module, load_tokenizer(tokenizer_dir), out_dir, state_dict=state)
+
+
+def _to_device(exp, device):
+    from .experience import Experience
+
+    return Experience(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in exp.__dict__.items()})
+
+
+def spawn(cls, slot: Slot, pg, *args, max_restarts: int = 0):
+    """Start `cls` as a Ray actor in its placement-group bundle."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    opts = dict(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_restarts=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=slot.bundle),
+                name=None, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, round(slot.num_cpus)))}})
+    if slot.resources:
+        opts["resources"] = slot.resources
+    return ray.remote(cls).options(**opts).remote(*args)
+
+
+def create_placement_group(bundles: list[dict], strategy: str, timeout: float):
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group(bundles, strategy=strategy)
+    t = time.time()
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if not ready:
+        need: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0) + v
+        raise PhaseTimeout(f"placement: bundles {bundles} (total {need}) could not be placed in {time.time() - t:.0f}s; "
+                           f"cluster has {ray.cluster_resources()}")
+    return pg
