@@ -53,8 +53,8 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
-def build_tiny(out_dir, seed: int = 0, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
-               num_heads: int = 4, intermediate_size: int = 128, max_position_embeddings: int = 256) -> dict[str, Path]:
+def build_tiny(out_dir, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 4,
+               num_heads: int = 4, intermediate_size: int = 256, max_position_embeddings: int = 256) -> dict[str, Path]:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 

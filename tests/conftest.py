@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny HF assets built once per session, and a local Ray that tests shut down."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A small tokenizer + Llama model + demo data (hidden 64, 2 layers: fast on 2 cores)."""
+    from rlhf_dist.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, hidden_size=64, num_layers=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray on loopback for one test module; shut down after it (never `ray stop`)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}})
+    yield ray
+    ray.shutdown()
+
+
+def base_config(tiny, save_dir, **overrides) -> dict:
+    """A short run on the tiny assets; tests override what they exercise."""
+    cfg = {
+        "model_name": str(tiny["model"]), "device": "cpu", "seed": 0, "max_length": 64,
+        "sft_data_path": str(tiny["sft"]), "sft_epochs": 1, "sft_batch_size": 32, "sft_lr": 2e-3,
+        "reward_data_path": str(tiny["prefs"]), "reward_epochs": 1, "reward_batch_size": 32, "reward_lr": 1e-3,
+        "ppo_data_path": str(tiny["prompts"]), "ppo_iterations": 3, "ppo_batch_size": 16,
+        "ppo_mini_batch_size": 8, "ppo_epochs": 1, "ppo_lr_policy": 2e-4, "ppo_lr_value": 1e-3,
+        "gen_max_new_tokens": 16, "save_interval": 2, "save_dir": str(save_dir),
+        "roles": {r: {"num_cpus": 0.4} for r in ("rollout", "policy", "critic", "reference", "reward")},
+    }
+    cfg.update(overrides)
+    return cfg

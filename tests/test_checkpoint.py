@@ -1,0 +1,61 @@
+import pytest
+
+from rlhf_dist.checkpoint import CheckpointError, atomic_dir, complete_iterations, is_complete, safe_join, verify
+
+
+def test_atomic_dir_seals_and_replaces(tmp_path):
+    final = tmp_path / "ckpt"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert is_complete(final)
+    verify(final)
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("two")
+    assert (final / "a.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_failure_leaves_previous_and_no_temp(tmp_path):
+    final = tmp_path / "ckpt"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("partial")
+            raise RuntimeError("killed")
+    assert (final / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_disk_full_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*ckpt.*No space"):
+        with atomic_dir(tmp_path / "ckpt") as tmp:
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corruption_names_file_and_sums(tmp_path):
+    final = tmp_path / "ckpt"
+    with atomic_dir(final) as tmp:
+        (tmp / "w.bin").write_bytes(b"x" * 100)
+    (final / "w.bin").write_bytes(b"x" * 50)
+    with pytest.raises(CheckpointError, match=r"w.bin: sha256 mismatch: expected [0-9a-f]{64}, got [0-9a-f]{64}"):
+        verify(final)
+
+
+def test_incomplete_iterations_are_ignored(tmp_path, caplog):
+    with atomic_dir(tmp_path / "iteration_000001") as tmp:
+        (tmp / "s.json").write_text("{}")
+    (tmp_path / "iteration_000002").mkdir()
+    assert [p.name for p in complete_iterations(tmp_path)] == ["iteration_000001"]
+    assert "ignoring incomplete checkpoint" in caplog.text
+
+
+def test_safe_join_refuses_escapes(tmp_path):
+    assert safe_join(tmp_path, "a", "b") == tmp_path / "a" / "b"
+    for bad in ("../x", "/etc", "a/../../x"):
+        with pytest.raises(CheckpointError):
+            safe_join(tmp_path, bad)
+    (tmp_path / "link").symlink_to("/tmp")
+    with pytest.raises(CheckpointError, match="outside"):
+        safe_join(tmp_path, "link", "x")

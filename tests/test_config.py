@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from rlhf_dist.config import ConfigError, load_config, redact
+
+SEED_FIELDS = {
+    "model_name": "m", "tokenizer_path": "m", "device": "cpu", "sft_data_path": "s.jsonl", "sft_epochs": 2,
+    "sft_batch_size": 8, "sft_lr": 1e-4, "reward_data_path": "p.jsonl", "reward_epochs": 1, "reward_lr": 1e-5,
+    "reward_batch_size": 8, "freeze_reward_backbone": True, "ppo_data_path": "q.jsonl", "ppo_iterations": 3,
+    "ppo_lr_policy": 1e-6, "ppo_lr_value": 1e-5, "ppo_batch_size": 8, "ppo_mini_batch_size": 4, "ppo_epochs": 2,
+    "max_length": 128, "save_dir": "out", "save_interval": 1, "log_level": "INFO",
+}
+
+
+def test_seed_field_names_load(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in SEED_FIELDS.items()))
+    cfg = load_config(p)
+    for k, v in SEED_FIELDS.items():
+        assert getattr(cfg, k) == v
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"sft_epochs": "two"}, "sft_epochs"),
+    ({"sft_epochz": 1}, "sft_epochz"),
+    ({"ppo_epochs": 0}, "ppo_epochs"),
+    ({"device": "tpu"}, "device"),
+    ({"roles": {"policy": {"num_gpus": -1}}}, "roles.policy.num_gpus"),
+    ({"roles": {"critic": {"num_wrkers": 1}}}, "num_wrkers"),
+    ({"ppo_batch_size": 10, "ppo_mini_batch_size": 4}, "ppo_batch_size"),
+    ({"sft_batch_size": 6, "sft_workers": 4}, "sft_batch_size"),
+    ({"gen_max_new_tokens": 600, "max_length": 512}, "gen_max_new_tokens"),
+    ({"reward_fn": "not a function"}, "reward_fn"),
+])
+def test_bad_values_name_the_field(bad, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config({**SEED_FIELDS, **bad})
+    assert needle in str(e.value)
+
+
+def test_missing_model_name():
+    with pytest.raises(ConfigError, match="model_name"):
+        load_config({})
+
+
+def test_dotted_overrides_and_no_rewrite():
+    cfg = load_config(SEED_FIELDS, ["wandb.mode=offline", "roles.policy.num_cpus=0.5", "ppo_epochs=3"])
+    assert cfg.wandb.mode == "offline" and cfg.roles.policy.num_cpus == 0.5 and cfg.ppo_epochs == 3
+    # Round trip: what was parsed is what is dumped, nothing rewritten.
+    assert load_config(cfg.to_dict()).to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(SEED_FIELDS, ["ppo_epochs"])
+
+
+def test_redact_removes_env_secrets(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "canary-secret-123456")
+    assert redact({"a": ["x canary-secret-123456 y"]}) == {"a": ["x *** y"]}
+
+
+def test_cli_error_has_no_traceback(tmp_path, capsys):
+    from rlhf_dist.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text("model_name: m\nppo_epochs: -1\n")
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "ppo_epochs" in err and "Traceback" not in err

@@ -1,0 +1,106 @@
+"""Generation and weight sync, in one process (no Ray)."""
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from rlhf_dist.data import encode_prompt
+from rlhf_dist.experience import response_logprobs
+from rlhf_dist.models import load_causal_lm, load_tokenizer
+from rlhf_dist.rollout import generate, merge_samples
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny):
+    return load_causal_lm(str(tiny["model"])).eval(), load_tokenizer(str(tiny["model"]))
+
+
+def prompts(tok, texts):
+    return [encode_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
+
+
+def test_generation_matches_scoring_and_stops_at_eos(model_tok):
+    model, tok = model_tok
+    ps = prompts(tok, ["Describe the cat.", "Hi", "What do you think of this movie?"] * 4)
+    s = generate(model, ps, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=12,
+                 generator=torch.Generator().manual_seed(0))
+    # Left-padded prompts, response tokens after position P.
+    assert s.sequences.shape == (12, s.prompt_len + s.action_mask.shape[1])
+    assert (s.attention_mask[:, s.prompt_len:] == s.action_mask).all()
+    for row, mask in zip(s.responses, s.action_mask):
+        n = int(mask.sum())
+        assert (row[n:] == tok.pad_token_id).all()
+        assert tok.eos_token_id not in row[: n - 1].tolist()  # eos only as the last token
+    # The rollout's logprobs equal a full forward's (KV cache and left padding are consistent).
+    with torch.no_grad():
+        lp = response_logprobs(model, s.sequences, s.attention_mask, s.prompt_len)
+    assert ((lp - s.rollout_logprobs).abs() * s.action_mask).max() < 1e-4
+
+
+def test_left_padding_does_not_change_results(model_tok):
+    model, tok = model_tok
+    short, long_ = prompts(tok, ["Hi", "What do you think of this movie? Tell me more."])
+    with torch.no_grad():
+        s_batch = generate(model, [short, long_], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                           max_new_tokens=8, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+        s_alone = generate(model, [short], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=8,
+                           temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    n = int(s_alone.action_mask[0].sum())
+    assert s_batch.responses[0, :n].tolist() == s_alone.responses[0, :n].tolist()
+
+
+def test_top_k_one_is_greedy(model_tok):
+    model, tok = model_tok
+    ps = prompts(tok, ["Describe the park."])
+    a = generate(model, ps, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=6, top_k=1,
+                 generator=torch.Generator().manual_seed(1))
+    b = generate(model, ps, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=6, top_k=1,
+                 generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_merge_repads(model_tok):
+    model, tok = model_tok
+    g = torch.Generator().manual_seed(0)
+    a = generate(model, prompts(tok, ["Hi"]), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=4, generator=g)
+    b = generate(model, prompts(tok, ["What do you think of the city?"]), pad_id=tok.pad_token_id,
+                 eos_id=tok.eos_token_id, max_new_tokens=9, generator=g)
+    m = merge_samples([a, b], tok.pad_token_id)
+    assert m.prompt_len == max(a.prompt_len, b.prompt_len) and len(m) == 2
+    with torch.no_grad():
+        lp = response_logprobs(model, m.sequences, m.attention_mask, m.prompt_len)
+    assert ((lp - m.rollout_logprobs).abs() * m.action_mask).max() < 1e-4
+
+
+def _sync_proc(rank, port, model_dir, q):
+    from rlhf_dist.models import load_causal_lm
+    from rlhf_dist.runtime import WeightSync
+
+    torch.set_num_threads(1)
+    model = load_causal_lm(model_dir)
+    if rank == 0:
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.fill_(i * 0.01)
+    sync = WeightSync(list(model.parameters()), "127.0.0.1", port, rank, 3, "gloo", 60)
+    moved = sync.broadcast()
+    q.put((rank, len(sync.buckets), moved, [float(p.flatten()[0]) for p in model.parameters()]))
+
+
+def test_weight_sync_broadcasts_in_buckets(tiny, monkeypatch):
+    from rlhf_dist import runtime
+
+    port = runtime.free_port()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_sync_proc, args=(r, port, str(tiny["model"]), q)) for r in range(3)]
+    for p in procs:
+        p.start()
+    results = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    expected = [round(i * 0.01, 6) for i in range(len(results[0][3]))]
+    for rank, n_buckets, moved, firsts in results:
+        assert [round(x, 6) for x in firsts] == expected
+        assert moved > 0 and n_buckets < len(firsts)  # flattened buckets, not one call per parameter
