@@ -28,9 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
                         ("ppo", "PPO against the reward model"),
                         ("check", "validate the config and every data file, then exit")):
         _add_config(sub.add_parser(name, help=help_))
+    _add_config(sub.add_parser("doctor", help="versions, the Ray cluster and where each PPO role would be placed "
+                                              "(loads nothing; exit 3 when something cannot be placed)"))
     p = sub.add_parser("init-tiny", help="build a tiny tokenizer, model and demo data for tests and the quickstart")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval", help="evaluate the run's checkpoints on held-out prompts (one process, no Ray)")
+    _add_config(p)  # overrides go before the options: --checkpoints takes every word after it
+    p.add_argument("--checkpoints", nargs="+", metavar="NAME=DIR",
+                   help="default: every complete checkpoint in save_dir")
+    p.add_argument("--num-prompts", type=int, default=None, help="evaluate the first N rows only (default: all)")
+    p.add_argument("--data", default=None, help="eval JSONL of prompt/response or messages rows "
+                                                "(default: eval.jsonl beside sft_data_path)")
+    p.add_argument("--gold", default=None, metavar="MODULE:FUNCTION",
+                   help="rule-based gold metric (default: reward_fn)")
+    p = sub.add_parser("report", help="plots and report.md from a run's local metrics files")
+    p.add_argument("save_dir")
     return parser
 
 
@@ -48,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "doctor":
+        from .config import load_config
+        from .doctor import doctor
+        from .tracking import setup_logging
+
+        cfg = load_config(args.config, args.overrides)
+        setup_logging(cfg.log_level)
+        return doctor(cfg)
     if args.command == "init-tiny":
         from .tiny import build_tiny
 
@@ -55,6 +76,14 @@ def _dispatch(args) -> int:
         for k, v in paths.items():
             print(f"{k}: {v}")
         return 0
+    if args.command == "eval":
+        from .evaluate import cli_eval
+
+        return cli_eval(args)
+    if args.command == "report":
+        from .report import cli_report
+
+        return cli_report(args)
 
     from .pipeline import create_rlhf_pipeline
 

@@ -289,6 +289,8 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     workers = cfg.sft_workers if stage == "sft" else cfg.reward_workers
     use_gpu = device == "cuda"
     cpus = cfg.train_cpus_per_worker
+    # Ray Train gives up on a worker group that has not started in 60 s; a loaded machine needs longer.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.call_timeout_s)))
     config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _cwd=os.getcwd())
     trainer = TorchTrainer(
         supervised_worker,

@@ -1,0 +1,410 @@
+"""`rlhf-dist eval`: compare the checkpoints of a run on a held-out set, in one process (no Ray).
+
+For each checkpoint (default: SFT, every complete PPO iteration, the final policy):
+
+- ppl: perplexity of the reference responses, teacher-forced, on assistant tokens only;
+- one sampled response per prompt with the config's gen_* settings and the same seed for every
+  checkpoint, so differences come from the weights, not from the dice;
+- bleu (sacrebleu corpus BLEU, 0-100) and rougeL (mean ROUGE-L F1) against the references;
+- rm_score: mean reward-model score of the responses;
+- kl_ref: mean over prompts of sum_t (log pi(y_t) - log pi_ref(y_t)) on the policy's own samples (k1);
+- win_rate_vs_sft: share of prompts where the RM prefers the checkpoint's response to the SFT
+  policy's (ties count 1/2);
+- gold: mean of a rule-based `module:function(prompts, responses)` when one is given.
+
+Results go to save_dir/eval/results.json (metrics and settings) and save_dir/eval/results.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import complete_iterations, is_complete
+from .config import ConfigError, RLHFConfig, load_config
+from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("checkpoint", "ppl", "bleu", "rougeL", "rm_score", "kl_ref", "win_rate_vs_sft", "gold")
+_FORMATS = {"ppl": "{:.2f}", "bleu": "{:.2f}", "rougeL": "{:.3f}", "rm_score": "{:+.3f}", "kl_ref": "{:.3f}",
+            "win_rate_vs_sft": "{:.3f}", "gold": "{:+.3f}"}
+NUM_SAMPLES_SAVED = 5  # example generations kept per checkpoint in results.json
+
+
+# ---------------------------------------------------------------------------------------
+# What to evaluate, on what
+# ---------------------------------------------------------------------------------------
+
+def default_checkpoints(cfg: RLHFConfig) -> dict[str, str]:
+    """Every complete checkpoint of the run's layout, in training order."""
+    save = Path(cfg.save_dir)
+    out: dict[str, str] = {}
+    sft = save / "sft" / "best_model"
+    if is_complete(sft):
+        out["sft"] = str(sft)
+    for it in complete_iterations(save / "ppo"):
+        out[f"ppo/{it.name}"] = str(it / "policy")
+    final = save / "ppo" / "final_model"
+    if is_complete(final):
+        out["final"] = str(final)
+    return out
+
+
+def parse_checkpoint_args(items: list[str]) -> dict[str, str]:
+    """`["sft=runs/x/sft/best_model", ...]` -> {name: dir}."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--checkpoints {item!r}: expected NAME=DIR")
+        out[name] = path
+    return out
+
+
+def _model_dir(path: str) -> str:
+    """A PPO iteration directory holds the policy in policy/; accept either."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "policy" / "config.json").is_file():
+        return str(p / "policy")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: not a model directory (no config.json)")
+    return str(p)
+
+
+def resolve_eval_data(cfg: RLHFConfig, data_path: str | None) -> Path:
+    if data_path:
+        return Path(data_path)
+    if cfg.sft_data_path:
+        guess = Path(cfg.sft_data_path).parent / "eval.jsonl"
+        if guess.is_file():
+            return guess
+        raise DataError(f"no eval data: {guess} does not exist; pass --data PATH")
+    raise DataError("no eval data: sft_data_path is not set, so there is no sibling eval.jsonl; pass --data PATH")
+
+
+def load_fn(spec: str) -> Callable:
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise ConfigError(f"--gold {spec!r}: expected module:function")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--gold {spec!r}: {e}") from None
+
+
+@dataclass
+class EvalSet:
+    prompts: list[list[Message]]  # conversation up to the reference response
+    prompt_ids: list[list[int]]  # prompts with the generation prompt, tokenized
+    references: list[str]  # the reference (last assistant) response
+    conversations: list[Encoded]  # whole rows, with assistant loss masks, for perplexity
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        # What a reward function sees, as in PPO: the last message before the response.
+        return [p[-1]["content"] for p in self.prompts]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def load_eval_set(tok, path: Path, num_prompts: int | None, max_length: int) -> EvalSet:
+    rows, stats = read_dataset(path, "sft")
+    if num_prompts is not None:
+        rows = rows[:num_prompts]
+    prompts, prompt_ids, refs, convs = [], [], [], []
+    for r in rows:
+        prompts.append(r.messages[:-1])
+        prompt_ids.append(encode_prompt(tok, r.messages[:-1]))
+        refs.append(r.messages[-1]["content"])
+        e = encode_conversation(tok, r.messages)
+        if len(e.input_ids) > max_length:
+            # Same limit as training; the rest of the row still counts if it has assistant tokens.
+            e = Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
+        convs.append(e)
+    log.info("eval data %s: %d prompts (%s)", path, len(rows), stats.summary())
+    return EvalSet(prompts, prompt_ids, refs, convs)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield i, min(n, i + size)
+
+
+@torch.inference_mode()
+def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size: int) -> float:
+    """exp(token-weighted mean NLL) of the assistant tokens, teacher-forced."""
+    from .algo import logprobs_from_logits
+    from .models import position_ids_from_mask
+    from .stages import pad_right
+
+    nll, count = 0.0, 0
+    for a, b in _batches(len(convs), batch_size):
+        ids, attn = pad_right([e.input_ids for e in convs[a:b]], pad_id)  # (B, T)
+        mask, _ = pad_right([e.loss_mask for e in convs[a:b]], 0)  # (B, T)
+        ids, attn = ids.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits  # (B, T, V)
+        lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1): token t+1 given the prefix
+        m = mask[:, 1:].to(device).float()  # (B, T-1)
+        nll -= (lp.float() * m).sum().item()
+        count += int(m.sum().item())
+    return math.exp(nll / count) if count else float("nan")
+
+
+@torch.inference_mode()
+def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: int) -> list:
+    """One response per prompt, in fixed batches with a generator seeded by cfg.seed."""
+    from .rollout import generate
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return [generate(model, es.prompt_ids[a:b], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                     max_new_tokens=cfg.gen_max_new_tokens, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p,
+                     top_k=cfg.gen_top_k, generator=gen, sample_ids=list(range(a, b)))
+            for a, b in _batches(len(es), batch_size)]
+
+
+def decode(tok, batches: list) -> list[str]:
+    return [tok.decode(r[m.bool()], skip_special_tokens=True)
+            for s in batches for r, m in zip(s.responses, s.action_mask)]
+
+
+@torch.inference_mode()
+def seq_logprobs(model, batches: list, device: str, temperature: float) -> torch.Tensor:
+    """Summed logprob of each sampled response under `model`: -> (N,)."""
+    from .experience import response_logprobs
+
+    out = []
+    for s in batches:
+        lp = response_logprobs(model, s.sequences.to(device), s.attention_mask.to(device), s.prompt_len,
+                               temperature)  # (B, R)
+        out.append((lp.float().cpu() * s.action_mask).sum(1))  # (B,)
+    return torch.cat(out)
+
+
+class RewardScorer:
+    """The run's reward model, scoring the policy's tokens directly when the tokenizers agree."""
+
+    def __init__(self, path: str, policy_tok, bf16: bool, device: str):
+        from .models import load_scalar_model, load_tokenizer
+
+        self.tok = load_tokenizer(path)
+        self.model = load_scalar_model(path, bf16, self.tok.pad_token_id).to(device).eval()
+        self.device = device
+        # As in PPO's reward role: re-tokenising is only needed when vocabulary or template differ.
+        self.same_tokens = (self.tok.get_vocab() == policy_tok.get_vocab()
+                            and self.tok.chat_template == policy_tok.chat_template)
+
+    @torch.inference_mode()
+    def __call__(self, batches: list, prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
+        from .models import sequence_scores
+        from .stages import pad_right
+
+        out = []
+        for s in batches:
+            if self.same_tokens:
+                ids, attn = s.sequences, s.attention_mask  # (B, P+R)
+            else:
+                enc = [encode_prompt_response(self.tok, prompts[i], responses[i]).input_ids for i in s.sample_ids]
+                ids, attn = pad_right(enc, self.tok.pad_token_id)  # (B, T)
+            out.append(sequence_scores(self.model, ids.to(self.device), attn.to(self.device)).float().cpu())  # (B,)
+        return torch.cat(out)
+
+
+def text_metrics(hyps: list[str], refs: list[str]) -> tuple[float, float]:
+    """(corpus BLEU 0-100, mean ROUGE-L F1 0-1)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
+    logging.getLogger("absl").setLevel(logging.WARNING)  # "Using default tokenizer." on every scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / max(1, len(refs))
+    return float(bleu), float(rouge)
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------
+
+def format_table(results: dict) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    for name, m in results["checkpoints"].items():
+        cells = [name] + [_FORMATS[c].format(m[c]) if m.get(c) is not None else "-" for c in COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_markdown(path: Path, results: dict) -> None:
+    s = results["settings"]
+    lines = ["# Evaluation", "", format_table(results), "",
+             f"{s['num_prompts']} prompts from `{s['data']}`; one sample per prompt (seed {s['seed']}, "
+             f"temperature {s['gen_temperature']}, top_p {s['gen_top_p']}, top_k {s['gen_top_k']}, "
+             f"max {s['gen_max_new_tokens']} new tokens). Reference policy: `{s['reference']}`; "
+             f"reward model: `{s['reward_model'] or 'none'}`; gold: `{s['gold'] or 'none'}`.", "",
+             "- ppl: perplexity of the reference responses (assistant tokens, teacher-forced)",
+             "- bleu: sacrebleu corpus BLEU (0-100); rougeL: mean ROUGE-L F1 against the references",
+             "- rm_score: mean reward-model score; win_rate_vs_sft: RM prefers it to the SFT response (ties 1/2)",
+             "- kl_ref: mean over prompts of the summed log-ratio to the reference on the policy's samples (k1)"]
+    lines += [f"- note: {n}" for n in s["notes"]]
+    _write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so results.json stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: dict[str, str] | None = None,
+                   num_prompts: int | None = None, *, data_path: str | None = None, gold: str | None = None,
+                   batch_size: int = 32) -> dict:
+    """Evaluate `checkpoints` ({name: model dir}; default: the run's own) and write save_dir/eval/."""
+    from tqdm import tqdm
+
+    from .models import load_causal_lm, load_tokenizer, resolve_device
+
+    cfg = cfg if isinstance(cfg, RLHFConfig) else load_config(cfg)
+    if num_prompts is not None and num_prompts <= 0:
+        raise ConfigError(f"--num-prompts: must be positive, got {num_prompts}")
+    device = resolve_device(cfg.device)
+    bf16 = cfg.bf16 and device == "cuda"
+    save = Path(cfg.save_dir)
+    notes: list[str] = []
+
+    checkpoints = dict(checkpoints) if checkpoints else default_checkpoints(cfg)
+    if not checkpoints:
+        raise FileNotFoundError(f"{save}: no complete checkpoint (sft/best_model, ppo/iteration_*, ppo/final_model); "
+                                f"pass --checkpoints NAME=DIR")
+    checkpoints = {name: _model_dir(p) for name, p in checkpoints.items()}
+    sft = save / "sft" / "best_model"
+    reference = str(sft) if is_complete(sft) else cfg.model_name
+    if reference == cfg.model_name:
+        notes.append(f"no complete SFT checkpoint: reference and win-rate baseline are model_name {cfg.model_name}")
+    rm_dir = save / "reward_model" / "best_model"
+    reward_model = str(rm_dir) if is_complete(rm_dir) else None
+    if reward_model is None:
+        notes.append(f"no complete reward model at {rm_dir}: rm_score and win_rate_vs_sft skipped")
+    gold = gold or cfg.reward_fn
+    gold_fn = load_fn(gold) if gold else None
+
+    tok = load_tokenizer(cfg.tokenizer_path or reference)
+    data = resolve_eval_data(cfg, data_path)
+    es = load_eval_set(tok, data, num_prompts, cfg.max_length)
+    ref_model = load_causal_lm(reference, bf16).to(device).eval()
+    rm = RewardScorer(reward_model, tok, bf16, device) if reward_model else None
+
+    cache: dict[str, dict[str, Any]] = {}  # resolved model dir -> raw results, so a dir is evaluated once
+
+    def run(path: str) -> dict[str, Any]:
+        key = str(Path(path).resolve())
+        if key in cache:
+            return cache[key]
+        t0 = time.time()
+        same_as_ref = key == str(Path(reference).resolve())
+        model = ref_model if same_as_ref else load_causal_lm(path, bf16).to(device).eval()
+        batches = sample(model, es, tok, cfg, device, batch_size)
+        responses = decode(tok, batches)
+        lp = seq_logprobs(model, batches, device, cfg.gen_temperature)  # (N,)
+        lp_ref = lp if same_as_ref else seq_logprobs(ref_model, batches, device, cfg.gen_temperature)  # (N,)
+        r: dict[str, Any] = {
+            "responses": responses,
+            "ppl": perplexity(model, es.conversations, tok.pad_token_id, device, batch_size),
+            "kl": lp - lp_ref,  # (N,) per-prompt k1 estimate
+            "lengths": torch.cat([s.action_mask.sum(1) for s in batches]).float(),  # (N,)
+            "rm": rm(batches, es.prompts, responses) if rm else None,  # (N,)
+        }
+        r["seconds"] = time.time() - t0
+        del model
+        cache[key] = r
+        return r
+
+    baseline = run(reference) if rm else None  # the SFT responses that win rates compare against
+    # Not sorted on write: checkpoints stay in training order.
+    results: dict[str, Any] = {"settings": {}, "checkpoints": {}}
+    names = list(checkpoints)
+    bar = tqdm(names, desc="eval", unit="ckpt", disable=not sys.stderr.isatty())
+    for name in bar:
+        bar.set_postfix_str(name)
+        r = run(checkpoints[name])
+        bleu, rouge = text_metrics(r["responses"], es.references)
+        m: dict[str, Any] = {
+            "path": checkpoints[name], "ppl": r["ppl"], "bleu": bleu, "rougeL": rouge,
+            "rm_score": r["rm"].mean().item() if rm else None,
+            "kl_ref": r["kl"].mean().item(),
+            "win_rate_vs_sft": None, "gold": None,
+            "response_length": r["lengths"].mean().item(), "seconds": r["seconds"],
+        }
+        if rm:
+            a, b = r["rm"], baseline["rm"]  # (N,), (N,)
+            m["win_rate_vs_sft"] = ((a > b).float() + 0.5 * (a == b).float()).mean().item()
+        if gold_fn:
+            vals = gold_fn(es.prompt_texts, r["responses"])
+            if len(vals) != len(es):
+                raise ValueError(f"gold {gold} returned {len(vals)} values for {len(es)} responses")
+            m["gold"] = sum(float(v) for v in vals) / len(vals)
+        else:
+            m.pop("gold")
+        if not rm:
+            del m["rm_score"], m["win_rate_vs_sft"]
+        m["samples"] = [{"prompt": es.prompt_texts[i], "reference": es.references[i], "response": r["responses"][i]}
+                        for i in range(min(NUM_SAMPLES_SAVED, len(es)))]
+        results["checkpoints"][name] = m
+        log.info("eval %s: %s", name, {k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
+
+    import sacrebleu
+
+    results["settings"] = {
+        "data": str(data), "num_prompts": len(es), "seed": cfg.seed, "device": device, "bf16": bf16,
+        "batch_size": batch_size, "gen_max_new_tokens": cfg.gen_max_new_tokens,
+        "gen_temperature": cfg.gen_temperature, "gen_top_p": cfg.gen_top_p, "gen_top_k": cfg.gen_top_k,
+        "reference": reference, "win_rate_baseline": reference if rm else None, "reward_model": reward_model,
+        "gold": gold, "kl_estimator": "k1 (sum over response tokens, logprobs at gen_temperature)",
+        "bleu": f"sacrebleu {sacrebleu.__version__} corpus_bleu", "rougeL": "rouge_score rougeL F1, porter stemmer",
+        "notes": notes,
+    }
+    for n in notes:
+        log.warning("eval: %s", n)
+    out = save / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
+    _write_markdown(out / "results.md", results)
+    log.info("eval results: %s, %s", out / "results.json", out / "results.md")
+    return results
+
+
+def cli_eval(args) -> int:
+    """`rlhf-dist eval`: evaluate, write save_dir/eval/, print the table."""
+    from .tracking import setup_logging
+
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.log_level)
+    checkpoints = parse_checkpoint_args(args.checkpoints) if args.checkpoints else None
+    results = evaluate_model(cfg, checkpoints, args.num_prompts, data_path=args.data, gold=args.gold)
+    print(format_table(results))
+    return 0
