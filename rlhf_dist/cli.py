@@ -97,7 +97,10 @@ def _dispatch(args) -> int:
         return 0
     run = {"run": pipe.run_full_pipeline, "sft": pipe.run_sft, "reward": pipe.run_reward_training,
            "ppo": pipe.run_ppo_training}[args.command]
-    result = run()
+    try:
+        result = run()
+    finally:
+        pipe.close()
     logging.getLogger("rlhf_dist").info("outputs: %s", result)
     print(result if not isinstance(result, dict) else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0

@@ -52,6 +52,7 @@ class RLHFPipeline:
     def __init__(self, config: RLHFConfig):
         self.config = config
         self.save_dir = Path(config.save_dir)
+        self.tracker = None
 
     # ------------------------------------------------------------------------------
     def _start(self, stages: tuple[str, ...]) -> str:
@@ -127,11 +128,25 @@ class RLHFPipeline:
                                 "ppo": "ppo/final_model"}[stage]
 
     def _timed(self, stage, fn):
+        """Run a stage with its progress display and W&B logging (both follow its metrics file)."""
+        from .tracking import StageMonitor, Tracker
+
+        if self.tracker is None:
+            self.tracker = Tracker(self.config, self.save_dir)
+        sub = {"sft": "sft", "reward": "reward_model", "ppo": "ppo"}[stage]
+        total = self.config.ppo_iterations if stage == "ppo" else None
+        samples = self.save_dir / "ppo" / "samples.jsonl" if stage == "ppo" else None
         t = time.time()
         log.info("stage %s: start", stage)
-        result = fn()
+        with StageMonitor(stage, self.save_dir / sub / "metrics.jsonl", self.tracker, total, samples):
+            result = fn()
         log.info("stage %s: done in %.1fs -> %s", stage, time.time() - t, result)
         return result
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
 
 
 def create_rlhf_pipeline(config: "dict | str | os.PathLike | RLHFConfig", overrides: list[str] | None = None) -> RLHFPipeline:

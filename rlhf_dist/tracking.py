@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -82,3 +83,148 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# W&B (driver only) and the per-stage progress display, both fed from the metrics files
+# ---------------------------------------------------------------------------------------
+
+def wandb_mode(mode: str) -> str:
+    """auto -> online when an API key is available (environment or netrc), else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+class Tracker:
+    """One W&B run per pipeline, resumed by id across restarts. wandb is imported only when on.
+
+    The API key is never read here: wandb finds it in the environment or netrc itself.
+    """
+
+    def __init__(self, cfg, save_dir: Path):
+        self.run = None
+        self.mode = wandb_mode(cfg.wandb.mode)
+        if self.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+            self.mode = "disabled"
+            return
+        import wandb
+
+        id_file = save_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        w = cfg.wandb
+        self.run = wandb.init(project=w.project, entity=w.entity, name=w.name or save_dir.resolve().name,
+                              group=w.group, tags=list(w.tags), config=redact(cfg.to_dict()), dir=str(save_dir),
+                              id=run_id, resume="allow", mode=self.mode)
+        for prefix, axis in (("sft", "step"), ("reward", "step"), ("ppo", "iteration")):
+            self.run.define_metric(f"{prefix}/{axis}")
+            self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{axis}")
+        logging.getLogger(__name__).info("W&B run %s (%s) in %s", run_id, self.mode, save_dir / "wandb")
+
+    def log(self, prefix: str, row: dict) -> None:
+        if self.run is None:
+            return
+        self.run.log({f"{prefix}/{k}": v for k, v in row.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"})
+
+    def table(self, name: str, rows: list[dict]) -> None:
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        cols = list(rows[0])
+        self.run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class StageMonitor:
+    """Follows a stage's metrics.jsonl from the driver: progress display (tqdm on a TTY, periodic log
+    lines otherwise) and W&B logging. Works the same whether rows come from Ray Train workers or the
+    PPO driver, because the file is the source of truth."""
+
+    AXES = {"sft": ("step", "loss"), "reward": ("step", "accuracy"), "ppo": ("iteration", "reward_mean")}
+
+    def __init__(self, stage: str, metrics_path: Path, tracker: Tracker | None, total: int | None = None,
+                 samples_path: Path | None = None, interval: float = 1.0):
+        import threading
+
+        self.stage, self.path, self.tracker, self.total = stage, Path(metrics_path), tracker, total
+        self.samples_path = samples_path
+        self.interval = interval
+        self._pos = {self.path: self.path.stat().st_size if self.path.exists() else 0}
+        if samples_path is not None:
+            self._pos[samples_path] = samples_path.stat().st_size if samples_path.exists() else 0
+        self._stop = threading.Event()
+        self._bar = None
+        self._last_log = 0.0
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"monitor-{stage}")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # rows written just before the end
+        if self._bar is not None:
+            self._bar.close()
+
+    def _new_rows(self, path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        with open(path, encoding="utf-8") as f:
+            f.seek(self._pos[path])
+            data = f.read()
+        end = data.rfind("\n") + 1  # only whole lines
+        self._pos[path] += len(data[:end].encode("utf-8"))
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        axis, key = self.AXES[self.stage]
+        log = logging.getLogger("rlhf_dist.progress")
+        for row in self._new_rows(self.path):
+            if row.get("summary"):
+                continue
+            if self.tracker is not None:
+                self.tracker.log(self.stage, row)
+            total = self.total or row.get("total_steps")
+            done = row.get(axis, 0)
+            value = row.get(key)
+            if sys.stderr.isatty():
+                if self._bar is None:
+                    from tqdm import tqdm
+
+                    self._bar = tqdm(total=total, desc=self.stage, unit=axis, dynamic_ncols=True)
+                self._bar.total = total
+                self._bar.n = done
+                if value is not None:
+                    self._bar.set_postfix({key: f"{value:.4g}"}, refresh=False)
+                self._bar.refresh()
+            elif time.time() - self._last_log > 10 or (total and done >= total):
+                self._last_log = time.time()
+                pct = f" ({100 * done / total:.0f}%)" if total else ""
+                log.info("%s: %s %s/%s%s %s=%s", self.stage, axis, done, total or "?", pct, key,
+                         f"{value:.4g}" if isinstance(value, (int, float)) else value)
+        if self.samples_path is not None and self.tracker is not None:
+            rows = self._new_rows(self.samples_path)
+            if rows:
+                self.tracker.table(f"{self.stage}/samples", rows)

@@ -66,3 +66,13 @@ def test_cli_error_has_no_traceback(tmp_path, capsys):
     assert main(["check", str(p)]) == 2
     err = capsys.readouterr().err
     assert "ppo_epochs" in err and "Traceback" not in err
+
+
+def test_config_docs_are_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=root)
+    assert r.returncode == 0, "docs/config.md is stale: run python scripts/gen_config_docs.py"
