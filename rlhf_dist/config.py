@@ -78,8 +78,10 @@ class ClusterConfig(_Strict):
     address: str | None = None
     """An existing cluster, e.g. "ray://head:10001" or "auto". RAY_ADDRESS in the environment also works."""
     bind_host: str = "127.0.0.1"
-    """Interface a locally started Ray binds to. 0.0.0.0 exposes Ray's ports: anyone who can reach
-    them can run code as you. Only change it on a trusted network."""
+    """Node address of a locally started Ray (its dashboard/job server stays on 127.0.0.1). Anything
+    else advertises Ray on that network: anyone who can reach Ray's ports can run code as you. Some of
+    Ray's own services listen on all interfaces whatever this says, so a firewall and Ray's token
+    authentication are what protect a machine on an untrusted network."""
     num_cpus: PositiveInt | None = None
     """CPUs of a locally started Ray (default: all)."""
     num_gpus: NonNegInt | None = None

@@ -170,7 +170,8 @@ def doctor(cfg: RLHFConfig) -> int:
         print(f"device: {cfg.device} -> {device} (decided in the driver process, i.e. where this runs)")
     except ModelError as e:
         device = cfg.device  # plan what the config asks for, and report that this driver cannot run it
-        problems.append(f"{e} (the driver decides the device: run it on a node with a GPU)")
+        problems.append(f"{e}: the driver decides the device, so run it (and doctor) where it will run, e.g. "
+                        "`ray job submit --entrypoint-resources '{\"rlhf_driver\": 1}' -- rlhf-dist doctor ...`")
         print(f"device: {cfg.device} -> ERROR: {e}")
 
     with ray_session(cfg):
@@ -199,16 +200,20 @@ def doctor(cfg: RLHFConfig) -> int:
             members = [s for s in slots if s.bundle == i]
             names = " + ".join(f"{s.role}-{s.rank}" for s in members)
             print(f"  bundle {i}: {_fmt_res(bundle):<40} {names:<28} -> {where(host)}")
-            if host is None:
+            if host is None and cfg.roles.strategy != "STRICT_PACK":
                 problems.append(f"role {names} (bundle {i} {_fmt_res(bundle)}) cannot be placed: "
                                 f"{missing_resources(bundle, free)}")
-            elif cfg.roles.strategy != "STRICT_PACK":
+            elif host is not None and cfg.roles.strategy != "STRICT_PACK":
                 _take(bundle, free[host])
         need: dict[str, float] = {}
         for b in bundles:
             for k, v in b.items():
                 need[k] = need.get(k, 0.0) + v
         print(f"  total: {_fmt_res(need)}")
+        if cfg.roles.strategy == "STRICT_PACK" and hosts and hosts[0] is None:
+            names = ", ".join(f"{s.role}-{s.rank}" for s in slots)
+            problems.append(f"roles {names}: STRICT_PACK needs all of {_fmt_res(need)} on one node: "
+                            f"{missing_resources(need, nodes)}")
 
         print("\n== SFT / reward model (Ray Train workers; run before PPO, each stage on its own)")
         train = {"CPU": cfg.train_cpus_per_worker,

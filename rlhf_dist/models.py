@@ -24,15 +24,21 @@ class ModelError(ValueError):
     pass
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda, then mps, then cpu. Logs the choice."""
+def resolve_device(device: str, cluster_gpus: float | None = None) -> str:
+    """`auto` -> cuda, then mps, then cpu. Logs the choice.
+
+    With `cluster_gpus` (the Ray cluster's GPU count) CUDA is judged by the cluster, not by this
+    process: a job's driver often runs on a head node without a GPU.
+    """
+    has_cuda = torch.cuda.is_available() if cluster_gpus is None else cluster_gpus > 0
     if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ModelError("device: cuda requested but no CUDA device is visible")
+        if device == "cuda" and not has_cuda:
+            raise ModelError("device: cuda requested but no CUDA device is visible"
+                             + ("" if cluster_gpus is None else " in the Ray cluster"))
         if device == "mps" and not torch.backends.mps.is_available():
             raise ModelError("device: mps requested but MPS is not available")
         return device
-    chosen = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    chosen = "cuda" if has_cuda else "mps" if torch.backends.mps.is_available() else "cpu"
     log.info("device auto -> %s", chosen)
     return chosen
 

@@ -55,15 +55,19 @@ class RLHFPipeline:
         self.tracker = None
 
     # ------------------------------------------------------------------------------
-    def _start(self, stages: tuple[str, ...]) -> str:
-        from .models import resolve_device
-
+    def _start(self, stages: tuple[str, ...]) -> None:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.config.log_level, self.save_dir / "logs")
         write_json_atomic(self.save_dir / "config.json", redact(self.config.to_dict()))
         self.validate_data(stages)
-        device = resolve_device(self.config.device)
-        return device
+
+    def _device(self) -> str:
+        """The training device, judged by the Ray cluster's GPUs (call inside ray_session)."""
+        import ray
+
+        from .models import resolve_device
+
+        return resolve_device(self.config.device, ray.cluster_resources().get("GPU", 0))
 
     def validate_data(self, stages: tuple[str, ...]) -> None:
         """Read every data file the stages need, before any model or Ray worker starts."""
@@ -83,23 +87,23 @@ class RLHFPipeline:
     def run_sft(self) -> Path:
         from .stages import run_supervised
 
-        device = self._start(("sft",))
+        self._start(("sft",))
         with ray_session(self.config):
-            return self._timed("sft", lambda: run_supervised(self.config, "sft", device))
+            return self._timed("sft", lambda: run_supervised(self.config, "sft", self._device()))
 
     def run_reward_training(self) -> Path:
         from .stages import run_supervised
 
-        device = self._start(("reward",))
+        self._start(("reward",))
         with ray_session(self.config):
-            return self._timed("reward", lambda: run_supervised(self.config, "reward", device))
+            return self._timed("reward", lambda: run_supervised(self.config, "reward", self._device()))
 
     def run_ppo_training(self) -> Path:
         from .ppo import run_ppo
 
-        device = self._start(("ppo",))
+        self._start(("ppo",))
         with ray_session(self.config):
-            return self._timed("ppo", lambda: run_ppo(self.config, device))
+            return self._timed("ppo", lambda: run_ppo(self.config, self._device()))
 
     def run_full_pipeline(self) -> dict[str, Path]:
         """SFT -> RM -> PPO. A stage whose output is already complete is not run again."""
@@ -108,9 +112,10 @@ class RLHFPipeline:
 
         cfg = self.config
         stages = ("sft", "reward", "ppo") if cfg.reward_model_weight != 0 else ("sft", "ppo")
-        device = self._start(stages)
+        self._start(stages)
         out: dict[str, Path] = {}
         with ray_session(cfg):
+            device = self._device()
             for stage in stages:
                 done = self.stage_output(stage)
                 if is_complete(done):

@@ -51,6 +51,7 @@ class Roles:
     reference: list
     reward: list
     info: list[dict] = field(default_factory=list)
+    placement_group: object = None
 
 
 @dataclass
@@ -104,7 +105,7 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
         else:
             a = spawn(RewardWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reward, inputs.tokenizer)
         by_role[s.role].append(a)
-    roles = Roles(**by_role)
+    roles = Roles(**by_role, placement_group=pg)
     for kind, model_dir in (("policy", inputs.policy), ("critic", inputs.critic)):
         group = getattr(roles, kind)
         addr, port = wait(group[0].address.remote(), kind, "setup", cfg.call_timeout_s)
@@ -301,3 +302,5 @@ def _stop(roles: Roles) -> None:
     for group in (roles.rollout, roles.policy, roles.critic, roles.reference, roles.reward):
         for a in group:
             ray.kill(a)
+    # Give the bundles back, or the next stage on this Ray (e.g. another run's SFT) waits forever.
+    ray.util.remove_placement_group(roles.placement_group)

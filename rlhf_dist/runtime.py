@@ -69,24 +69,28 @@ def plan_placement(cfg, gpus_available: int) -> tuple[list[dict], list[Slot]]:
         for rank in range(spec.num_workers):
             host = shared.get(role)
             if host is not None:
+                # Colocated: the actor joins its host's bundle and shares its GPUs (that is the saving);
+                # CPUs and custom resources add up, since each actor still runs its own threads.
                 b = host_bundle[(host, rank % getattr(roles, host).num_workers)]
-                bundles[b] = {k: bundles[b].get(k, 0) + v for k, v in
-                              {"CPU": spec.num_cpus, **({"GPU": gpus} if gpus else {}), **spec.resources}.items()}
-                bundles[b]["GPU"] = max(bundles[b].get("GPU", 0), gpus) if gpus else bundles[b].get("GPU", 0)
-                if not bundles[b]["GPU"]:
-                    bundles[b].pop("GPU")
-                slots.append(Slot(role, rank, b, spec.num_cpus, 0.0 if gpus else 0.0, dict(spec.resources)))
+                merged = dict(bundles[b])
+                merged["CPU"] = merged.get("CPU", 0) + spec.num_cpus
+                for k, v in spec.resources.items():
+                    merged[k] = max(merged.get(k, 0), v)
+                if gpus and "GPU" not in merged:
+                    merged["GPU"] = gpus
+                bundles[b] = merged
+                slots.append(Slot(role, rank, b, spec.num_cpus, 0.0, {}))
                 continue
             bundle = {"CPU": spec.num_cpus, **({"GPU": gpus} if gpus else {}), **spec.resources}
             host_bundle[(role, rank)] = len(bundles)
             slots.append(Slot(role, rank, len(bundles), spec.num_cpus, gpus, dict(spec.resources)))
             bundles.append(bundle)
-    # A colocated actor shares its host's GPU fraction: split it evenly between the actors in the bundle.
     for b, bundle in enumerate(bundles):
-        members = [s for s in slots if s.bundle == b]
-        if "GPU" in bundle and len(members) > 1:
-            for s in members:
-                s.num_gpus = bundle["GPU"] / len(members)
+        members = [x for x in slots if x.bundle == b]
+        if len(members) > 1:
+            for x in members:  # equal shares of the bundle's GPUs, and of its custom resources
+                x.num_gpus = bundle.get("GPU", 0.0) / len(members)
+                x.resources = {k: v / len(members) for k, v in bundle.items() if k not in ("CPU", "GPU")}
     return bundles, slots
 
 

@@ -298,7 +298,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": cfg.train_gpus_per_worker} if use_gpu else {})}),
         run_config=RunConfig(name=stage, storage_path=str(Path(cfg.save_dir, "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0)),
     )
     trainer.fit()
     out = Path(cfg.save_dir) / ("sft" if stage == "sft" else "reward_model") / "best_model"

@@ -59,3 +59,30 @@ def test_safe_join_refuses_escapes(tmp_path):
     (tmp_path / "link").symlink_to("/tmp")
     with pytest.raises(CheckpointError, match="outside"):
         safe_join(tmp_path, "link", "x")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create `marker` if ever unpickled
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickled_weights_are_refused_and_never_run(tiny, tmp_path, monkeypatch, name):
+    import pickle
+    import shutil
+
+    from rlhf_dist.models import ModelError, load_causal_lm, load_scalar_model
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    d = tmp_path / "evil"
+    shutil.copytree(tiny["model"], d)
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (d / name).write_bytes(pickle.dumps(_Payload(str(marker))))
+    for load in (load_causal_lm, load_scalar_model):
+        with pytest.raises((ModelError, OSError)):
+            load(str(d))
+    assert not marker.exists()
