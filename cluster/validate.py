@@ -34,9 +34,6 @@ def check_aws(path: Path) -> list[str]:
         errors.append("aws: every node must start with RAY_AUTH_MODE=token")
     if not any("pip install" in c and "-e" in c for c in cfg["worker_setup_commands"]):
         errors.append("aws: worker nodes must install the project")
-    gpu = [t for t, spec in raw["available_node_types"].items() if t != raw["head_node_type"]]
-    if not all(raw["available_node_types"][t]["resources"].get("rlhf_driver") for t in gpu):
-        errors.append("aws: every worker node type needs the rlhf_driver resource (where the driver runs)")
     return errors
 
 

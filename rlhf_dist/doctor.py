@@ -164,16 +164,6 @@ def doctor(cfg: RLHFConfig) -> int:
     print("== versions")
     _versions()
 
-    print("\n== driver device")
-    try:  # the pipeline decides the device in the driver process; so does doctor, here
-        device = resolve_device(cfg.device)
-        print(f"device: {cfg.device} -> {device} (decided in the driver process, i.e. where this runs)")
-    except ModelError as e:
-        device = cfg.device  # plan what the config asks for, and report that this driver cannot run it
-        problems.append(f"{e}: the driver decides the device, so run it (and doctor) where it will run, e.g. "
-                        "`ray job submit --entrypoint-resources '{\"rlhf_driver\": 1}' -- rlhf-dist doctor ...`")
-        print(f"device: {cfg.device} -> ERROR: {e}")
-
     with ray_session(cfg):
         print("\n== ray cluster")
         address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -182,10 +172,15 @@ def doctor(cfg: RLHFConfig) -> int:
         print(f"resources: total {_fmt_res(total)}")
         print(f"           free  {_fmt_res(ray.available_resources())}")
         nodes, ips = _node_table()
+        print("\n== device")
+        try:  # judged by the cluster's GPUs, as the pipeline does
+            device = resolve_device(cfg.device, total.get("GPU", 0))
+            print(f"device: {cfg.device} -> {device}")
+        except ModelError as e:
+            device = cfg.device  # plan what the config asks for, and report that the cluster cannot run it
+            problems.append(str(e))
+            print(f"device: {cfg.device} -> ERROR: {e}")
         gpus = int(total.get("GPU", 0)) if device == "cuda" else 0  # as ppo.start_roles computes it
-        if device != "cuda" and total.get("GPU", 0) > 0:
-            print(f"WARNING: the cluster has {_num(total['GPU'])} GPU(s) but the driver resolved the device to "
-                  f"{device}: every role would run on CPU. Set device: cuda and run the driver on a GPU node.")
 
         def where(node: str | None) -> str:
             return f"node {node[:12]} ({ips.get(node, '?')})" if node else "no node fits"

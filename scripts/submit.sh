@@ -12,8 +12,6 @@
 # Paths in CONFIG (model_name, data, save_dir) must be absolute and on storage every node shares:
 # a relative path would resolve inside each node's unpacked copy of the working directory.
 #
-# RLHF_ENTRYPOINT_RESOURCES='{"rlhf_driver": 1}' runs the driver on a node with that resource. Needed
-# when the head has no GPU: the driver decides the device, and on a CPU head it would pick cpu.
 # Ray's token authentication: the client needs the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN)
 # and RAY_AUTH_MODE=token when the cluster uses it.
 set -euo pipefail
@@ -33,14 +31,10 @@ fi
 cd "$(dirname "$0")/.."
 [ -f "$config" ] || { echo "submit.sh: config not found (relative to the repository root): $config" >&2; exit 2; }
 ray_bin="${RAY_BIN:-ray}"
-extra=()
-if [ -n "${RLHF_ENTRYPOINT_RESOURCES:-}" ]; then
-  extra+=(--entrypoint-resources "$RLHF_ENTRYPOINT_RESOURCES")
-fi
 
 out="$("$ray_bin" job submit --address "$address" --working-dir . \
   --runtime-env-json '{"excludes": ["runs/", ".venv/", ".git/", "wandb/"]}' \
-  "${extra[@]}" --no-wait -- rlhf-dist run "$config" "$@" 2>&1)" || { echo "$out" >&2; exit 1; }
+  --no-wait -- rlhf-dist run "$config" "$@" 2>&1)" || { echo "$out" >&2; exit 1; }
 echo "$out"
 id="$(printf '%s\n' "$out" | grep -o "raysubmit_[A-Za-z0-9]*" | head -n 1 || true)"
 if [ -z "$id" ]; then
