@@ -7,7 +7,7 @@
       sft/metrics.jsonl
       reward_model/best_model/  HF sequence-classification model, num_labels=1
       reward_model/metrics.jsonl
-      ppo/iteration_000NNN/     policy/ (HF), critic/ (HF), state.json (+ learner states)
+      ppo/iteration_000NNN/     policy/, critic/ (HF), {policy,critic}_engine/ (optimizer states), state.json
       ppo/final_model/          the final policy (HF) and critic/
       ppo/metrics.jsonl
 

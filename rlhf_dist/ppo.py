@@ -189,8 +189,10 @@ def run_ppo(cfg: RLHFConfig, device: str) -> Path:
     steps_per_it = cfg.ppo_epochs * (cfg.ppo_batch_size // cfg.ppo_mini_batch_size)
     roles = start_roles(cfg, device, inputs, cfg.ppo_iterations * steps_per_it)
     version = state.get("version", 0)
-    if version:
-        wait([roles.policy[0].set_version.remote(version)], "policy", "setup", cfg.call_timeout_s)
+    if resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
+        for kind in ("policy", "critic"):
+            wait([a.load_state.remote(str(resume_from / f"{kind}_engine")) for a in getattr(roles, kind)], kind,
+                 "setup", cfg.call_timeout_s)
         _sync(cfg, roles, version)
     metrics = MetricsWriter(ppo_dir / "metrics.jsonl")
     samples_log = MetricsWriter(ppo_dir / "samples.jsonl")
@@ -292,6 +294,8 @@ def _save_iteration(cfg: RLHFConfig, roles: Roles, out: Path, tokenizer_dir: str
     with atomic_dir(out) as tmp:
         wait([a.save.remote(str(tmp / "policy"), tokenizer_dir) for a in roles.policy], "policy", "checkpoint", T)
         wait([a.save.remote(str(tmp / "critic"), tokenizer_dir) for a in roles.critic], "critic", "checkpoint", T)
+        wait([a.save_state.remote(str(tmp / "policy_engine")) for a in roles.policy], "policy", "checkpoint", T)
+        wait([a.save_state.remote(str(tmp / "critic_engine")) for a in roles.critic], "critic", "checkpoint", T)
         write_json_atomic(tmp / "state.json", state)
     log.info("ppo: checkpoint %s", out)
 

@@ -361,9 +361,6 @@ class Learner(RoleWorker):
     def signature(self) -> list:
         return param_signature(self.engine.module)
 
-    def set_version(self, version: int) -> None:
-        self.version = version
-
     @torch.no_grad()
     def forward(self, samples) -> torch.Tensor:
         """Old logprobs (policy) or values (critic) for a slice of the batch: (b, R)."""
@@ -424,6 +421,16 @@ class Learner(RoleWorker):
             self.version += 1
             out["version"] = self.version
         return out
+
+    def save_state(self, out_dir: str) -> None:
+        """Optimizer and scheduler state for an exact resume (DeepSpeed's own format; a collective)."""
+        self.engine.save_checkpoint(out_dir, tag="engine", client_state={"version": self.version})
+
+    def load_state(self, in_dir: str) -> None:
+        # DeepSpeed's loader unpickles: the driver calls this only on the run's own checkpoint, after
+        # its manifest (sha256 of every file) has been verified.
+        _, client = self.engine.load_checkpoint(in_dir, tag="engine")
+        self.version = client["version"]
 
     def send_weights(self) -> int:
         return self.sync.broadcast() if self.sync is not None else 0
