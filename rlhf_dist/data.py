@@ -46,7 +46,7 @@ class ReadStats:
                 f"{self.truncated} rows truncated")
 
 
-def iter_jsonl(path: str | Path, stats: ReadStats, bad_rows: str = "error") -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: str | Path, stats: ReadStats) -> Iterator[tuple[str, Any]]:
     """Yield (`file:line`, decoded JSON value) for each non-blank line."""
     p = Path(path)
     if not p.is_file():
@@ -176,7 +176,7 @@ def read_dataset(path: str | Path, kind: str, bad_rows: str = "error", max_bad_f
     parse = PARSERS[kind]
     stats = ReadStats()
     rows = []
-    for where, value in iter_jsonl(path, stats, bad_rows):
+    for where, value in iter_jsonl(path, stats):
         try:
             if isinstance(value, RowError):
                 raise value

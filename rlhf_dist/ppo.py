@@ -17,7 +17,7 @@ import torch
 from .algo import AdaptiveKLController, FixedKLController
 from .checkpoint import atomic_dir, complete_iterations, is_complete, write_json_atomic
 from .config import RLHFConfig
-from .data import ReadStats, read_dataset, tokenize_prompts
+from .data import read_dataset, tokenize_prompts
 from .experience import experience_stats, make_experience
 from .models import load_tokenizer
 from .rollout import merge_samples, slice_samples
@@ -26,9 +26,6 @@ from .runtime import (Learner, ReferenceWorker, RewardWorker, RolloutWorker, cre
 from .tracking import MetricsWriter
 
 log = logging.getLogger(__name__)
-
-PHASES = ("rollout", "experience", "advantages", "learner", "sync", "checkpoint")
-
 
 class Timers:
     def __init__(self):

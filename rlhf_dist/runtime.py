@@ -53,17 +53,16 @@ def plan_placement(cfg, gpus_available: int) -> tuple[list[dict], list[Slot]]:
     With `roles.colocate`, reference shares the policy learner's bundle and reward the critic's.
     """
     roles = cfg.roles
-    active = [r for r in ROLES]
-    n_actors = sum(getattr(roles, r).num_workers for r in active)
+    n_actors = sum(getattr(roles, r).num_workers for r in ROLES)
     auto_gpu = 0.0
-    if gpus_available > 0 and all(getattr(roles, r).num_gpus == 0 for r in active):
+    if gpus_available > 0 and all(getattr(roles, r).num_gpus == 0 for r in ROLES):
         auto_gpu = min(1.0, gpus_available / n_actors)
         auto_gpu = 1.0 / max(1, int(1 / auto_gpu + 1e-9)) if auto_gpu < 1 else 1.0
     bundles: list[dict] = []
     slots: list[Slot] = []
     shared = {"reference": "policy", "reward": "critic"} if roles.colocate else {}
     host_bundle: dict[tuple[str, int], int] = {}
-    for role in active:
+    for role in ROLES:
         spec = getattr(roles, role)
         gpus = spec.num_gpus or auto_gpu
         for rank in range(spec.num_workers):

@@ -29,7 +29,7 @@ def test_failure_leaves_previous_and_no_temp(tmp_path):
 
 def test_disk_full_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*ckpt.*No space"):
-        with atomic_dir(tmp_path / "ckpt") as tmp:
+        with atomic_dir(tmp_path / "ckpt"):
             raise OSError(28, "No space left on device")
     assert list(tmp_path.iterdir()) == []
 

@@ -3,7 +3,6 @@
 import json
 import struct
 
-import pytest
 
 from rlhf_dist.config import load_config
 from rlhf_dist.tracking import StageMonitor, Tracker, wandb_mode
