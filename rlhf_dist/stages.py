@@ -208,12 +208,15 @@ def supervised_worker(config: dict) -> None:
         if not improved:
             return False
         best = value
+        save_model()
+        log.info("%s: new best model (%s %.4f) at step %d", stage, key, value, step)
+        return True
+
+    def save_model() -> None:
         state = full_state_dict(engine)  # collective under ZeRO-3
         if rank == 0:
             with atomic_dir(task.out_dir / "best_model") as tmp:
                 save_hf(engine.module, task.tokenizer, tmp, state_dict=state)
-            log.info("%s: new best model (%s %.4f) at step %d", stage, key, value, step)
-        return True
 
     if task.eval:
         ev = evaluate()
@@ -241,7 +244,7 @@ def supervised_worker(config: dict) -> None:
             step += 1
             tokens_seen += tokens
             rec = {"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": loss_sum / max(count, 1),
-                   "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+                   "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
                    "total_steps": total}
             if stage == "reward":
@@ -257,7 +260,7 @@ def supervised_worker(config: dict) -> None:
                 log.info("%s: step %d/%d %s", stage, step, total, _fmt(rec))
         ray.train.report({"epoch": epoch + 1, "step": step, **({"best": best} if best is not None else {})})
     if not task.eval:  # nothing to select on: the last model is the best we have
-        maybe_save_best({"eval_loss": -float(step), "eval_accuracy": float(step)})
+        save_model()
     if rank == 0:
         elapsed = time.time() - t_start
         metrics.write({"summary": True, "steps": step, "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed,
@@ -266,14 +269,6 @@ def supervised_worker(config: dict) -> None:
         log.info("%s: done, %d steps in %.1fs, %.0f tokens/s, best %s", stage, step, elapsed, tokens_seen / elapsed, best)
     if dist.is_initialized():
         dist.barrier()
-
-
-def _grad_norm(engine) -> float:
-    try:
-        g = engine.get_global_grad_norm()
-        return float(g) if g is not None else float("nan")
-    except Exception:  # older DeepSpeed without it
-        return float("nan")
 
 
 def _fmt(rec: dict) -> str:
