@@ -10,6 +10,7 @@
       ppo/iteration_000NNN/     policy/, critic/ (HF), {policy,critic}_engine/ (optimizer states), state.json
       ppo/final_model/          the final policy (HF) and critic/
       ppo/metrics.jsonl
+      ray_train/{sft,reward}/   Ray Train runs: checkpoints to resume SFT/RM from (DeepSpeed states, RNG, loop state)
 
 Every checkpoint directory is written to a temporary sibling, then `manifest.json` (sha256 of every
 file) and the `COMPLETE` marker are written last, then it is renamed into place. A directory
@@ -130,6 +131,21 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def remove_stale_temps(parent: str | os.PathLike) -> list[Path]:
+    """Delete the temporary directories of saves that a crash interrupted (`.NAME.tmp-*`, `.NAME.old-*`)."""
+    d = Path(parent)
+    if not d.is_dir():
+        return []
+    stale = sorted(p for p in d.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
+    for p in stale:
+        log.warning("removing %s, left by an interrupted save", p)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:

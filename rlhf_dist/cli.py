@@ -9,6 +9,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .health import HealthError
 from .models import ModelError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError)
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         # A user's mistake: one clear line, no traceback.
         print(f"rlhf-dist: error: {e}", file=sys.stderr)
         return 2
+    except HealthError as e:
+        # The run stopped itself (KL limit, non-finite weights, too many bad steps); checkpoints are intact.
+        print(f"rlhf-dist: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rlhf-dist: interrupted", file=sys.stderr)
         return 130

@@ -194,6 +194,24 @@ class RLHFConfig(_Strict):
     sync_timeout_s: PositiveFloat = 300.0
     """Timeout of the weight-sync collective."""
 
+    # --- faults and health ----------------------------------------------------------
+    max_restarts: NonNegInt = 3
+    """Restarts of a killed actor: a PPO rollout, reference or reward actor (it reloads the current
+    weights and the iteration is redone), or an SFT/RM Ray Train worker group (it resumes from its
+    last checkpoint)."""
+    max_learner_restarts: NonNegInt = 2
+    """Times PPO reloads its last complete checkpoint after a policy or critic learner dies."""
+    max_bad_steps: PositiveInt = 3
+    """Abort PPO after this many iterations in a row whose update was skipped for non-finite rewards,
+    advantages, losses or gradient norms."""
+    kl_max: PositiveFloat | None = None
+    """Stop PPO when the batch KL to the reference exceeds this; the last good checkpoint is kept. Unset = no limit."""
+    grad_spike_factor: PositiveFloat = 10.0
+    """Log an alarm when a learner's gradient norm exceeds this many times its median over the last 20 iterations."""
+    train_save_steps: NonNegInt = 0
+    """SFT/RM: save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
+    steps; 0 = at the end of each epoch."""
+
     # --- outputs --------------------------------------------------------------------
     save_dir: str = "runs/default"
     save_interval: PositiveInt = 5
@@ -237,6 +255,12 @@ class RLHFConfig(_Strict):
             errors.append("reward_model_weight: 0 needs a reward_fn, or PPO has no reward")
         if self.reward_fn and not re.fullmatch(r"[\w.]+:\w+", self.reward_fn):
             errors.append(f"reward_fn: {self.reward_fn!r} is not of the form module:function")
+        if ".." in Path(self.save_dir).parts:
+            errors.append(f"save_dir: {self.save_dir!r} must not contain '..'")
+        for name in ("name", "group"):
+            v = getattr(self.wandb, name)
+            if v is not None and (v in (".", "..") or re.search(r"[/\\\x00]", v)):
+                errors.append(f"wandb.{name}: {v!r} must be a plain name, without '/' or '..'")
         if self.bf16 and self.device == "cpu":
             errors.append("bf16: bf16 training needs a GPU; the CPU path runs in float32")
         if errors:

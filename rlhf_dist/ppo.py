@@ -5,6 +5,7 @@ the timers and the metrics: rollout -> experience -> advantages -> learner -> sy
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -15,15 +16,17 @@ from pathlib import Path
 import torch
 
 from .algo import AdaptiveKLController, FixedKLController
-from .checkpoint import atomic_dir, complete_iterations, is_complete, write_json_atomic
+from .checkpoint import (atomic_dir, complete_iterations, is_complete, remove_stale_temps, safe_join, verify,
+                         write_json_atomic)
 from .config import RLHFConfig
 from .data import read_dataset, tokenize_prompts
 from .experience import experience_stats, make_experience
 from .models import load_tokenizer
 from .rollout import merge_samples, slice_samples
-from .runtime import (Learner, ReferenceWorker, RewardWorker, RolloutWorker, create_placement_group, plan_placement,
-                      spawn, wait)
-from .tracking import MetricsWriter
+from .health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
+from .runtime import (ROLES, Learner, ReferenceWorker, RewardWorker, RoleFailure, RolloutWorker, create_placement_group,
+                      plan_placement, spawn, wait)
+from .tracking import MetricsWriter, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,8 @@ class Inputs:
 
 
 def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
-    save = Path(cfg.save_dir)
-    sft = save / "sft" / "best_model"
-    rm = save / "reward_model" / "best_model"
+    sft = safe_join(cfg.save_dir, "sft", "best_model")
+    rm = safe_join(cfg.save_dir, "reward_model", "best_model")
     reference = str(sft) if is_complete(sft) else cfg.model_name
     if not is_complete(sft):
         log.warning("ppo: no complete SFT checkpoint at %s; starting from model_name %s", sft, cfg.model_name)
@@ -92,15 +94,17 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
     pg = create_placement_group(bundles, cfg.roles.strategy, cfg.call_timeout_s)
     conf = dict(cfg.to_dict(), _cwd=os.getcwd())
     by_role: dict[str, list] = {r: [] for r in ("rollout", "policy", "critic", "reference", "reward")}
+    restarts = cfg.max_restarts  # frozen roles come back by themselves; learners hold optimizer state
     for s in slots:
         if s.role == "rollout":
-            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.policy)
+            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.policy, max_restarts=restarts)
         elif s.role in ("policy", "critic"):
             a = spawn(Learner, s, pg, s.role, s.rank, getattr(cfg.roles, s.role).num_workers, conf, s.num_cpus, device)
         elif s.role == "reference":
-            a = spawn(ReferenceWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reference)
+            a = spawn(ReferenceWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reference, max_restarts=restarts)
         else:
-            a = spawn(RewardWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reward, inputs.tokenizer)
+            a = spawn(RewardWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reward, inputs.tokenizer,
+                      max_restarts=restarts)
         by_role[s.role].append(a)
     roles = Roles(**by_role, placement_group=pg)
     for kind, model_dir in (("policy", inputs.policy), ("critic", inputs.critic)):
@@ -155,130 +159,282 @@ class PromptSampler:
         return out
 
 
+class LearnerLost(RuntimeError):
+    """A policy or critic learner died: its optimizer state is gone, so the run reloads a checkpoint."""
+
+
 def run_ppo(cfg: RLHFConfig, device: str) -> Path:
-    save = Path(cfg.save_dir)
-    ppo_dir = save / "ppo"
+    """PPO from the last complete iteration checkpoint (or the start). A dead learner makes it reload
+    that checkpoint and go on, at most `max_learner_restarts` times."""
+    ppo_dir = safe_join(cfg.save_dir, "ppo")
     ppo_dir.mkdir(parents=True, exist_ok=True)
-    done = complete_iterations(ppo_dir)
-    resume_from = done[-1] if done else None
-    state = {}
-    if resume_from is not None:
-        import json
+    reloads = actor_restarts = 0
+    while True:
+        remove_stale_temps(ppo_dir)
+        run = PPORun(cfg, device, ppo_dir, reloads, actor_restarts)
+        try:
+            return run.train()
+        except HealthError as e:
+            log.error("ppo: stopped: %s", e)
+            raise
+        except LearnerLost as e:
+            actor_restarts = run.actor_restarts
+            if reloads >= cfg.max_learner_restarts:
+                raise RoleFailure(f"{e}; gave up after {reloads} learner restarts (max_learner_restarts)") from e
+            reloads += 1
+            log.warning("ppo: %s; reloading the last complete checkpoint (learner restart %d of %d)", e, reloads,
+                        cfg.max_learner_restarts)
 
-        from .checkpoint import verify
 
-        verify(resume_from)
-        state = json.loads((resume_from / "state.json").read_text())
-        log.info("ppo: resuming from %s (iteration %d)", resume_from, state["iteration"])
-    inputs = resolve_inputs(cfg, resume_from)
-    tok = load_tokenizer(inputs.tokenizer)
-    rows, stats = read_dataset(cfg.ppo_data_path, "prompt", cfg.bad_rows, cfg.max_bad_fraction)
-    prompt_ids = tokenize_prompts(tok, rows, cfg.max_length - cfg.gen_max_new_tokens, cfg.truncate, stats)
-    prompts = [r.prompt for r in rows]
-    log.info("ppo: %d prompts (%s)", len(prompts), stats.summary())
+class PPORun:
+    """One attempt at the PPO stage: resume state, the roles, and the iteration loop."""
 
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-              else FixedKLController(cfg.kl_coef))
-    if "kl_ctl" in state:
-        kl_ctl.load_state_dict(state["kl_ctl"])
-    sampler = PromptSampler(len(prompts), cfg.seed, state.get("cursor", 0))
-    start_it = state.get("iteration", 0)
-    steps_per_it = cfg.ppo_epochs * (cfg.ppo_batch_size // cfg.ppo_mini_batch_size)
-    roles = start_roles(cfg, device, inputs, cfg.ppo_iterations * steps_per_it)
-    version = state.get("version", 0)
-    if resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
-        for kind in ("policy", "critic"):
-            wait([a.load_state.remote(str(resume_from / f"{kind}_engine")) for a in getattr(roles, kind)], kind,
-                 "setup", cfg.call_timeout_s)
-        _sync(cfg, roles, version)
-    metrics = MetricsWriter(ppo_dir / "metrics.jsonl")
-    samples_log = MetricsWriter(ppo_dir / "samples.jsonl")
-    T = cfg.call_timeout_s
-    try:
-        for it in range(start_it, cfg.ppo_iterations):
-            timers = Timers()
-            t_iter = time.perf_counter()
-            ids = sampler.next(cfg.ppo_batch_size)
-            with timers.phase("rollout"):
-                parts = split(len(ids), len(roles.rollout))
-                refs = [a.generate.remote([prompt_ids[i] for i in ids[s:e]], ids[s:e], cfg.seed * 100003 + it * 101 + k,
-                                          tok.pad_token_id, tok.eos_token_id)
-                        for k, (a, (s, e)) in enumerate(zip(roles.rollout, parts))]
-                samples = merge_samples(wait(refs, "rollout", "rollout", T), tok.pad_token_id)
-            with timers.phase("experience"):
-                # All four forwards run at once, each on its own actors.
-                def fan(group, method, *extra):
-                    return [getattr(a, method).remote(slice_samples(samples, s, e), *extra)
-                            for a, (s, e) in zip(group, split(len(samples), len(group)))]
-                r_old = fan(roles.policy, "forward")
-                r_val = fan(roles.critic, "forward")
-                r_ref = fan(roles.reference, "logprobs")
-                r_rew = [a.score.remote(slice_samples(samples, s, e), [prompts[i] for i in samples.sample_ids[s:e]])
-                         for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
-                old_logp = torch.cat(wait(r_old, "policy", "experience", T))  # (B, R)
-                values = torch.cat(wait(r_val, "critic", "experience", T))  # (B, R)
-                ref_logp = torch.cat(wait(r_ref, "reference", "experience", T))  # (B, R)
-                rew = wait(r_rew, "reward", "experience", T)
-                scores = torch.cat([r["score"] for r in rew])  # (B,)
-                responses = [t for r in rew for t in r["responses"]]
-            with timers.phase("advantages"):
-                exp = make_experience(samples, old_logp, ref_logp, values, scores, kl_coef=kl_ctl.value,
-                                      kl_estimator=cfg.kl_estimator, gamma=cfg.ppo_gamma, lam=cfg.ppo_lam,
-                                      whiten=cfg.ppo_whiten_advantages)
-                est = experience_stats(exp)
+    def __init__(self, cfg: RLHFConfig, device: str, ppo_dir: Path, learner_restarts: int = 0, actor_restarts: int = 0):
+        self.cfg, self.device, self.dir = cfg, device, ppo_dir
+        self.learner_restarts, self.actor_restarts = learner_restarts, actor_restarts
+        done = complete_iterations(ppo_dir)
+        self.resume_from = done[-1] if done else None
+        state = {}
+        if self.resume_from is not None:
+            verify(self.resume_from)
+            state = json.loads((self.resume_from / "state.json").read_text())
+            log.info("ppo: resuming from %s (iteration %d)", self.resume_from, state["iteration"])
+        self.start_it = state.get("iteration", 0)
+        # Rows after the checkpoint are redone; drop them so every iteration is in the log once.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_metrics(ppo_dir / name, "iteration", self.start_it)
+        self.inputs = resolve_inputs(cfg, self.resume_from)
+        self.tok = load_tokenizer(self.inputs.tokenizer)
+        rows, stats = read_dataset(cfg.ppo_data_path, "prompt", cfg.bad_rows, cfg.max_bad_fraction)
+        self.prompt_ids = tokenize_prompts(self.tok, rows, cfg.max_length - cfg.gen_max_new_tokens, cfg.truncate, stats)
+        self.prompts = [r.prompt for r in rows]
+        log.info("ppo: %d prompts (%s)", len(self.prompts), stats.summary())
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else FixedKLController(cfg.kl_coef))
+        if "kl_ctl" in state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.sampler = PromptSampler(len(self.prompts), cfg.seed, state.get("cursor", 0))
+        self.version = state.get("version", 0)
+        self.bad_steps = BadStepCounter(cfg.max_bad_steps)
+        self.spikes = {k: SpikeDetector(cfg.grad_spike_factor) for k in ("policy", "critic")}
+        self.roles: Roles | None = None
+
+    # ------------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg = self.cfg
+        steps_per_it = cfg.ppo_epochs * (cfg.ppo_batch_size // cfg.ppo_mini_batch_size)
+        metrics = MetricsWriter(self.dir / "metrics.jsonl")
+        samples_log = MetricsWriter(self.dir / "samples.jsonl")
+        try:
+            self.roles = start_roles(cfg, self.device, self.inputs, cfg.ppo_iterations * steps_per_it)
+            self.pids = {(i["role"], i["rank"]): i["pid"] for i in self.roles.info}
+            if self.resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
+                for kind in ("policy", "critic"):
+                    self._wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
+                                for a in getattr(self.roles, kind)], kind, "setup")
+                self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
+            for it in range(self.start_it, cfg.ppo_iterations):
+                rec, log_rows = self.iteration(it)
+                metrics.write(rec)
+                for row in log_rows:
+                    samples_log.write(row)
+            final = self.dir / "final_model"
+            with atomic_dir(final) as tmp:
+                self._wait([a.save.remote(str(tmp), self.inputs.tokenizer) for a in self.roles.policy], "policy",
+                           "checkpoint")
+                self._wait([a.save.remote(str(tmp / "critic"), self.inputs.tokenizer) for a in self.roles.critic],
+                           "critic", "checkpoint")
+            log.info("ppo: final model at %s", final)
+            return final
+        except RoleFailure as e:
+            lost = [f"{r}-{k}" for r, k in self._dead_actors() if r in ("policy", "critic")] if self.roles else []
+            if lost:
+                raise LearnerLost(f"{', '.join(lost)} died ({e})") from e
+            raise
+        finally:
+            metrics.close()
+            samples_log.close()
+            if self.roles is not None:
+                _stop(self.roles)
+
+    def iteration(self, it: int) -> tuple[dict, list[dict]]:
+        """rollout -> experience -> advantages -> learner -> sync -> checkpoint, with the health guards."""
+        cfg = self.cfg
+        timers = Timers()
+        t_iter = time.perf_counter()
+        ids = self.sampler.next(cfg.ppo_batch_size)
+        # Rollout and experience change no state, so a restarted actor just means doing them again.
+        samples, old_logp, values, ref_logp, rew = self._retrying("experience", lambda: self.collect(it, ids, timers))
+        scores = torch.cat([r["score"] for r in rew])  # (B,)
+        responses = [t for r in rew for t in r["responses"]]
+        with timers.phase("advantages"):
+            exp = make_experience(samples, old_logp, ref_logp, values, scores, kl_coef=self.kl_ctl.value,
+                                  kl_estimator=cfg.kl_estimator, gamma=cfg.ppo_gamma, lam=cfg.ppo_lam,
+                                  whiten=cfg.ppo_whiten_advantages)
+            est = experience_stats(exp)
+        rec: dict = {"iteration": it + 1}
+        bad = nonfinite_rows(scores=scores, advantages=exp.advantages, returns=exp.returns,
+                             old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, values=exp.values)
+        if cfg.kl_max is not None and est["kl"] > cfg.kl_max:
+            raise HealthError(f"ppo: KL {est['kl']:.4f} > kl_max {cfg.kl_max} at iteration {it + 1}; stopping. "
+                              f"Last good checkpoint: {self._last_checkpoint()}")
+        pstats = cstats = {}
+        if bad:
+            why = "non-finite " + ", ".join(f"{k} (sample ids {[samples.sample_ids[i] for i in v]})"
+                                            for k, v in bad.items())
+            log.warning("ppo: iteration %d: %s; update skipped", it + 1, why)
+            rec["skipped"] = 1
+            self.bad_steps.record(True, why)
+        else:
             with timers.phase("learner"):
-                seed = cfg.seed * 7919 + it
-                r_pol = [a.train.remote(exp, seed) for a in roles.policy]
-                r_cri = [a.train.remote(exp, seed) for a in roles.critic]
-                pstats = wait(r_pol, "policy", "learner", T)[0]
-                cstats = wait(r_cri, "critic", "learner", T)[0]
-            version = pstats["version"]
+                pstats, cstats = self.learn(exp, cfg.seed * 7919 + it)
+            self.check_learners(it, pstats, cstats, rec)
+            self.version = pstats["version"]
             with timers.phase("sync"):
-                moved = _sync(cfg, roles, version)
-            kl_ctl.update(est["kl"], cfg.ppo_batch_size)
-            with timers.phase("checkpoint"):
-                if (it + 1) % cfg.save_interval == 0 or it + 1 == cfg.ppo_iterations:
-                    _save_iteration(cfg, roles, ppo_dir / f"iteration_{it + 1:06d}", inputs.tokenizer, {
-                        "iteration": it + 1, "cursor": sampler.cursor, "version": version,
-                        "kl_ctl": kl_ctl.state_dict()})
-            seconds = time.perf_counter() - t_iter
-            gen_tokens = float(samples.action_mask.sum())
-            rec = {"iteration": it + 1, **est, "kl_coef": kl_ctl.value,
-                   **{k: pstats[k] for k in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm",
-                                             "first_ratio_mean", "first_ratio_dev_max") if k in pstats},
-                   "value_loss": cstats.get("value_loss"), "value_clip_frac": cstats.get("value_clip_frac"),
-                   "critic_grad_norm": cstats.get("grad_norm"),
-                   "rollout_logprob_diff": float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max()),
-                   "weight_version": version, "rollout_version": samples.version, "sync_bytes": moved,
-                   "seconds": seconds, "tokens_per_s": gen_tokens / seconds, "samples_per_s": len(samples) / seconds,
-                   **{f"time/{k}": v for k, v in timers.seconds.items()}}
-            for r in rew:
-                for key in ("rm_score", "fn_score"):
-                    if key in r:
-                        rec.setdefault(key, []).append(r[key])
-            for key in ("rm_score", "fn_score"):
-                if key in rec:
-                    rec[key] = float(torch.cat(rec[key]).mean())
-            metrics.write(rec)
-            if it % cfg.wandb.sample_every == 0 or it + 1 == cfg.ppo_iterations:
-                kl_seq = (exp.kl * exp.action_mask).sum(1)
-                for j in range(min(4, len(responses))):
-                    samples_log.write({"iteration": it + 1, "prompt": prompts[samples.sample_ids[j]][-1]["content"],
-                                       "response": responses[j], "reward": float(scores[j]), "kl": float(kl_seq[j])})
-            log.info("ppo: iteration %d/%d reward %.3f kl %.4f policy_loss %.4f value_loss %.4f len %.1f %.2fs (%s)",
-                     it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss", 0.0),
-                     rec.get("value_loss") or 0.0, est["response_length"], seconds,
-                     " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
-        final = ppo_dir / "final_model"
-        with atomic_dir(final) as tmp:
-            wait([a.save.remote(str(tmp), inputs.tokenizer) for a in roles.policy], "policy", "checkpoint", T)
-            wait([a.save.remote(str(tmp / "critic"), inputs.tokenizer) for a in roles.critic], "critic", "checkpoint", T)
-        log.info("ppo: final model at %s", final)
-        return final
-    finally:
-        metrics.close()
-        samples_log.close()
-        _stop(roles)
+                moved = self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
+            self.kl_ctl.update(est["kl"], cfg.ppo_batch_size)
+            rec["sync_bytes"] = moved
+        with timers.phase("checkpoint"):
+            if (it + 1) % cfg.save_interval == 0 or it + 1 == cfg.ppo_iterations:
+                _save_iteration(cfg, self.roles, self.dir / f"iteration_{it + 1:06d}", self.inputs.tokenizer, {
+                    "iteration": it + 1, "cursor": self.sampler.cursor, "version": self.version,
+                    "kl_ctl": self.kl_ctl.state_dict()})
+        seconds = time.perf_counter() - t_iter
+        rec.update({**est, "kl_coef": self.kl_ctl.value,
+                    **{k: pstats[k] for k in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm",
+                                              "first_ratio_mean", "first_ratio_dev_max") if k in pstats},
+                    "value_loss": cstats.get("value_loss"), "value_clip_frac": cstats.get("value_clip_frac"),
+                    "critic_grad_norm": cstats.get("grad_norm"),
+                    "rollout_logprob_diff": float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max()),
+                    "weight_version": self.version, "rollout_version": samples.version,
+                    "actor_restarts": self.actor_restarts, "learner_restarts": self.learner_restarts,
+                    "bad_steps": self.bad_steps.total, "seconds": seconds,
+                    "tokens_per_s": float(samples.action_mask.sum()) / seconds, "samples_per_s": len(samples) / seconds,
+                    **{f"time/{k}": v for k, v in timers.seconds.items()}})
+        for key in ("rm_score", "fn_score"):
+            if key in rew[0]:
+                rec[key] = float(torch.cat([r[key] for r in rew]).mean())
+        rows = []
+        if it % cfg.wandb.sample_every == 0 or it + 1 == cfg.ppo_iterations:
+            kl_seq = (exp.kl * exp.action_mask).sum(1)
+            rows = [{"iteration": it + 1, "prompt": self.prompts[samples.sample_ids[j]][-1]["content"],
+                     "response": responses[j], "reward": float(scores[j]), "kl": float(kl_seq[j])}
+                    for j in range(min(4, len(responses)))]
+        log.info("ppo: iteration %d/%d reward %.3f kl %.4f policy_loss %.4f value_loss %.4f len %.1f %.2fs (%s)",
+                 it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss") or 0.0,
+                 rec.get("value_loss") or 0.0, est["response_length"], seconds,
+                 " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
+        return rec, rows
+
+    def collect(self, it: int, ids: list[int], timers: Timers):
+        """The rollout and experience phases: samples, then the four forwards at once on their own actors."""
+        roles, tok, prompts = self.roles, self.tok, self.prompts
+        with timers.phase("rollout"):
+            parts = split(len(ids), len(roles.rollout))
+            refs = [a.generate.remote([self.prompt_ids[i] for i in ids[s:e]], ids[s:e],
+                                      self.cfg.seed * 100003 + it * 101 + k, tok.pad_token_id, tok.eos_token_id)
+                    for k, (a, (s, e)) in enumerate(zip(roles.rollout, parts))]
+            samples = merge_samples(self._wait(refs, "rollout", "rollout"), tok.pad_token_id)
+        with timers.phase("experience"):
+            def fan(group, method):
+                return [getattr(a, method).remote(slice_samples(samples, s, e))
+                        for a, (s, e) in zip(group, split(len(samples), len(group)))]
+            r_old = fan(roles.policy, "forward")
+            r_val = fan(roles.critic, "forward")
+            r_ref = fan(roles.reference, "logprobs")
+            r_rew = [a.score.remote(slice_samples(samples, s, e), [prompts[i] for i in samples.sample_ids[s:e]])
+                     for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
+            old_logp = torch.cat(self._wait(r_old, "policy", "experience"))  # (B, R)
+            values = torch.cat(self._wait(r_val, "critic", "experience"))  # (B, R)
+            ref_logp = torch.cat(self._wait(r_ref, "reference", "experience"))  # (B, R)
+            rew = self._wait(r_rew, "reward", "experience")
+        return samples, old_logp, values, ref_logp, rew
+
+    def learn(self, exp, seed: int) -> tuple[dict, dict]:
+        r_pol = [a.train.remote(exp, seed) for a in self.roles.policy]
+        r_cri = [a.train.remote(exp, seed) for a in self.roles.critic]
+        pstats = self._wait(r_pol, "policy", "learner")
+        cstats = self._wait(r_cri, "critic", "learner")
+        for group in (pstats, cstats):  # sample ids with a non-finite loss, from every rank
+            group[0]["nonfinite_ids"] = sorted({i for s in group for i in s["nonfinite_ids"]})
+        return pstats[0], cstats[0]
+
+    def check_learners(self, it: int, pstats: dict, cstats: dict, rec: dict) -> None:
+        """Skipped optimizer steps count as bad steps; non-finite weights stop the run; spikes raise an alarm."""
+        why = []
+        for kind, st in (("policy", pstats), ("critic", cstats)):
+            if not st["params_finite"]:
+                raise HealthError(f"ppo: {kind} has non-finite parameters after iteration {it + 1}; stopping "
+                                  f"without saving them. Last good checkpoint: {self._last_checkpoint()}")
+            if st["skipped_steps"] or st["nonfinite_ids"]:
+                why.append(f"{kind}: {st['skipped_steps']} optimizer steps skipped for a non-finite gradient norm, "
+                           f"non-finite loss on sample ids {st['nonfinite_ids']}")
+            median = self.spikes[kind].update(st["grad_norm"])
+            if median is not None:
+                log.warning("ppo: ALARM iteration %d: %s grad norm %.4g is %.1fx its running median %.4g", it + 1, kind,
+                            st["grad_norm"], st["grad_norm"] / max(median, 1e-12), median)
+                rec[f"{kind}_grad_spike"] = 1
+        if why:
+            log.warning("ppo: iteration %d: %s", it + 1, "; ".join(why))
+            rec["skipped"] = 1
+        self.bad_steps.record(bool(why), "; ".join(why))
+
+    # ------------------------------------------------------------------------------
+    def _wait(self, refs, role: str, phase: str):
+        return wait(refs, role, phase, self.cfg.call_timeout_s)
+
+    def _last_checkpoint(self) -> str:
+        done = complete_iterations(self.dir)
+        return str(done[-1]) if done else "none (no iteration was saved yet)"
+
+    def _retrying(self, phase: str, fn):
+        """Run `fn`; when a restartable actor died under it, wait for Ray to restart it, restore it and run again."""
+        for attempt in range(self.cfg.max_restarts + 1):
+            try:
+                return fn()
+            except RoleFailure as e:
+                dead = self._dead_actors()
+                if any(role in ("policy", "critic") for role, _ in dead):
+                    raise LearnerLost(f"{'/'.join(f'{r}-{k}' for r, k in dead)} died during phase '{phase}'") from e
+                if not dead or attempt == self.cfg.max_restarts:
+                    raise
+                self.actor_restarts += len(dead)
+                log.warning("ppo: %s restarted after dying during phase '%s' (actor restarts so far: %d); redoing it",
+                            ", ".join(f"{r}-{k}" for r, k in dead), phase, self.actor_restarts)
+                if any(role == "rollout" for role, _ in dead):
+                    # A restarted rollout worker holds its initial weights: rebuild the sync group, send the current ones.
+                    join_weight_sync(self.cfg, self.roles)
+                    _sync(self.cfg, self.roles, self.version)
+
+    def _dead_actors(self) -> list[tuple[str, int]]:
+        """Actors that died since the last look: gone (no restarts left) or restarted under a new pid."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        def pid_of(actor, known: int) -> int | None:  # None: gone for good
+            deadline = time.time() + self.cfg.call_timeout_s
+            while True:
+                try:
+                    return ray.get(actor.info.remote(), timeout=10)["pid"]
+                except ActorUnavailableError:  # Ray is restarting it
+                    if time.time() > deadline:
+                        return None
+                    time.sleep(0.2)
+                except GetTimeoutError:  # alive but busy (e.g. hung): not a death, nothing to restore
+                    return known
+                except RayActorError:
+                    return None
+
+        dead = []
+        for role in ROLES:
+            for rank, actor in enumerate(getattr(self.roles, role)):
+                pid = pid_of(actor, self.pids[(role, rank)])
+                if pid is None:
+                    dead.append((role, rank))
+                elif pid != self.pids[(role, rank)]:
+                    self.pids[(role, rank)] = pid
+                    dead.append((role, rank))
+        return dead
 
 
 def _sync(cfg: RLHFConfig, roles: Roles, version: int) -> int:

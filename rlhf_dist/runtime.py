@@ -29,7 +29,11 @@ class PhaseTimeout(RuntimeError):
 
 
 class RoleFailure(RuntimeError):
-    """An actor died or raised; names the role and the phase."""
+    """An actor died (`died`) or raised; names the role and the phase."""
+
+    def __init__(self, message: str, died: bool = False):
+        super().__init__(message)
+        self.died = died
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def wait(refs, role: str, phase: str, timeout: float):
     except GetTimeoutError:
         raise PhaseTimeout(f"{role}: phase '{phase}' timed out after {timeout:.0f}s") from None
     except RayActorError as e:
-        raise RoleFailure(f"{role}: actor died during phase '{phase}': {e.__class__.__name__}") from e
+        raise RoleFailure(f"{role}: actor died during phase '{phase}': {e.__class__.__name__}", died=True) from e
     except RayTaskError as e:
         raise RoleFailure(f"{role}: phase '{phase}' failed: {e.cause!r}") from e
 
@@ -387,6 +391,8 @@ class Learner(RoleWorker):
         stats_sum: dict[str, float] = {}
         n_steps = 0
         first: dict[str, float] = {}
+        skipped_before = self.engine.skipped_steps
+        nonfinite_ids: list[int] = []
         for j, idx in enumerate(minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
             mb = exp.select(idx)
             tokens = float(mb.action_mask.sum())
@@ -401,6 +407,10 @@ class Learner(RoleWorker):
                                            entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, weight=w)
                 else:
                     loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, weight=w)
+                if not torch.isfinite(loss):
+                    nonfinite_ids += micro.sample_ids
+                # A non-finite loss gives non-finite gradients; DeepSpeed's ZeRO-1/2 optimizer then skips
+                # the whole optimizer step (counted in engine.skipped_steps), so no NaN reaches the weights.
                 self.engine.backward(loss)
                 self.engine.step()
                 for k, v in st.items():
@@ -414,12 +424,19 @@ class Learner(RoleWorker):
         keys = sorted(stats_sum)
         totals = all_reduce_sum([stats_sum[k] for k in keys])
         out = {k: v / (n_steps * self.world) for k, v in zip(keys, totals)}
+        out["skipped_steps"] = self.engine.skipped_steps - skipped_before
+        out["nonfinite_ids"] = sorted(set(nonfinite_ids))
+        out["params_finite"] = self.params_finite()
         if self.kind == "policy":
             out["first_ratio_mean"] = first.get("ratio_mean", 1.0)
             out["first_ratio_dev_max"] = first.get("ratio_dev_max", 0.0)
             self.version += 1
             out["version"] = self.version
         return out
+
+    def params_finite(self) -> bool:
+        """Every parameter finite (under ZeRO-3 only this rank's gathered parameters are seen)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
 
     def save_state(self, out_dir: str) -> None:
         """Optimizer and scheduler state for an exact resume (DeepSpeed's own format; a collective)."""
@@ -440,6 +457,8 @@ class Learner(RoleWorker):
         from .models import load_tokenizer, save_hf
 
         state = full_state_dict(self.engine)
+        if not all(bool(torch.isfinite(t).all()) for t in (state or {}).values() if t.is_floating_point()):
+            raise FloatingPointError(f"{self.role}: non-finite parameters; refusing to write them to {out_dir}")
         if self.rank == 0:
             save_hf(self.engine.module, load_tokenizer(tokenizer_dir), out_dir, state_dict=state)
 

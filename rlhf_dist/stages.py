@@ -8,9 +8,11 @@ or micro-batches and gradient accumulation, follow the same trajectory.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 
 from .algo import logprobs_from_logits, pairwise_ranking_loss
-from .checkpoint import atomic_dir, is_complete
+from .checkpoint import atomic_dir, is_complete, remove_stale_temps, safe_join
 from .config import RLHFConfig, load_config
 from .data import (Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences,
                    tokenize_sft)
@@ -112,7 +114,7 @@ class Task:
 
 def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
     """(model dir, why) for a stage: each stage starts from the previous stage's best model when present."""
-    sft_best = Path(cfg.save_dir) / "sft" / "best_model"
+    sft_best = safe_join(cfg.save_dir, "sft", "best_model")
     if stage == "reward" and is_complete(sft_best):
         return str(sft_best), "the SFT checkpoint"
     return cfg.model_name, "model_name (no SFT checkpoint in save_dir)" if stage == "reward" else "model_name"
@@ -130,7 +132,7 @@ def build_task(cfg: RLHFConfig, stage: str, world: int) -> Task:
         batch_fn = lambda it: sft_batch(it, tok.pad_token_id)
         loss_fn, count_fn = sft_loss, sft_count
         epochs, bs, micro, lr, warm = cfg.sft_epochs, cfg.sft_batch_size, cfg.sft_micro_batch_size, cfg.sft_lr, cfg.sft_warmup_ratio
-        out, higher = save / "sft", False
+        out, higher = safe_join(save, "sft"), False
     else:
         rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
         items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
@@ -142,7 +144,7 @@ def build_task(cfg: RLHFConfig, stage: str, world: int) -> Task:
         loss_fn = lambda m, b, n: reward_loss(m, b, n, cfg.reward_center_coef)
         count_fn = reward_count
         epochs, bs, micro, lr, warm = cfg.reward_epochs, cfg.reward_batch_size, cfg.reward_micro_batch_size, cfg.reward_lr, cfg.reward_warmup_ratio
-        out, higher = save / "reward_model", True
+        out, higher = safe_join(save, "reward_model"), True
     check_special_tokens(tok, model.get_input_embeddings().weight.shape[0])
     log.info("%s: starting from %s (%s); data: %s", stage, model_dir, why, stats.summary())
     train_idx, eval_idx = split_eval(len(items), cfg.eval_fraction, cfg.seed)
@@ -157,7 +159,7 @@ def supervised_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from .distributed import all_reduce_sum, enter_workdir, full_state_dict, make_engine, set_threads
-    from .tracking import MetricsWriter, setup_logging
+    from .tracking import MetricsWriter, setup_logging, truncate_metrics
 
     enter_workdir(config.pop("_cwd"))
     stage = config.pop("_stage")
@@ -179,11 +181,19 @@ def supervised_worker(config: dict) -> None:
                          bf16=cfg.bf16)
     device = engine.device
     to_dev = lambda b: {k: v.to(device) for k, v in b.items()}
-    metrics = MetricsWriter(task.out_dir / "metrics.jsonl") if rank == 0 else None
     best = None
     step = 0
     t_start = time.time()
     tokens_seen = 0.0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = load_train_state(engine, Path(d), rank, world)
+        step, best, tokens_seen = state["step"], state["best"], state["tokens_seen"]
+        log.info("%s: resuming from Ray Train checkpoint %s at step %d of %d", stage, resumed.path, step, total)
+        if rank == 0:
+            truncate_metrics(task.out_dir / "metrics.jsonl", "step", step)
+    metrics = MetricsWriter(task.out_dir / "metrics.jsonl") if rank == 0 else None
 
     def evaluate() -> dict[str, float]:
         engine.eval()
@@ -218,16 +228,16 @@ def supervised_worker(config: dict) -> None:
             with atomic_dir(task.out_dir / "best_model") as tmp:
                 save_hf(engine.module, task.tokenizer, tmp, state_dict=state)
 
-    if task.eval:
+    if task.eval and resumed is None:
         ev = evaluate()
         if rank == 0:
             metrics.write({"step": 0, "epoch": 0, **ev})
         log.info("%s: before training %s", stage, _fmt(ev))
     engine.train()
-    for epoch in range(task.epochs):
-        order = list(range(len(task.train)))
+    for epoch in range(step // steps_per_epoch, task.epochs):
+        order = list(range(len(task.train)))  # the data order is a function of (seed, epoch): resumable
         random.Random(cfg.seed + epoch).shuffle(order)
-        for s in range(steps_per_epoch):
+        for s in range(step % steps_per_epoch if epoch == step // steps_per_epoch else 0, steps_per_epoch):
             global_items = [task.train[i] for i in order[s * task.batch_size:(s + 1) * task.batch_size]]
             norm = task.count(global_items) / (world * accum)  # DeepSpeed averages over ranks and micro-steps
             per_rank = task.batch_size // world
@@ -258,7 +268,10 @@ def supervised_worker(config: dict) -> None:
                 metrics.write(rec)
             if step == 1 or step % 10 == 0 or last_of_epoch:
                 log.info("%s: step %d/%d %s", stage, step, total, _fmt(rec))
-        ray.train.report({"epoch": epoch + 1, "step": step, **({"best": best} if best is not None else {})})
+            save_every = cfg.train_save_steps or steps_per_epoch
+            if step % save_every == 0 or step == total:
+                report_train_state(engine, {"step": step, "best": best, "tokens_seen": tokens_seen, "world": world,
+                                            "epoch": epoch + (s + 1) / steps_per_epoch}, rank)
     if not task.eval:  # nothing to select on: the last model is the best we have
         save_model()
     if rank == 0:
@@ -271,6 +284,53 @@ def supervised_worker(config: dict) -> None:
         dist.barrier()
 
 
+def report_train_state(engine, state: dict, rank: int) -> None:
+    """Report a Ray Train checkpoint every rank contributes to (a collective): DeepSpeed's weights and
+    optimizer shards, this rank's torch RNG state, a sha256 manifest of this rank's files, and (rank 0)
+    the loop state. Ray Train merges the ranks' files and registers the checkpoint once all have reported."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    from .checkpoint import sha256_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        engine.save_checkpoint(str(d), tag="engine", client_state={})
+        save_file({"torch": torch.get_rng_state()}, d / f"rng.rank{rank}.safetensors")
+        if rank == 0:
+            (d / "state.json").write_text(json.dumps(state))
+        files = sorted(p for p in d.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(d)): sha256_file(p) for p in files}
+        (d / f"manifest.rank{rank}.json").write_text(json.dumps(manifest, indent=1))
+        ray.train.report({"step": state["step"], "epoch": state["epoch"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def load_train_state(engine, d: Path, rank: int, world: int) -> dict:
+    """Verify every rank's manifest, then load the DeepSpeed state (its loader unpickles, so only files
+    whose sha256 matches what this run wrote get to it) and this rank's RNG state."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, sha256_file
+
+    state = json.loads((d / "state.json").read_text())
+    if state["world"] != world:
+        raise CheckpointError(f"{d} was written by {state['world']} workers, this run has {world}; resume with "
+                              f"the same number of workers, or delete {d.parent} to start the stage over")
+    for r in range(world):
+        m = d / f"manifest.rank{r}.json"
+        if not m.is_file():
+            raise CheckpointError(f"{d}: incomplete checkpoint, {m.name} is missing")
+        for rel, digest in json.loads(m.read_text()).items():
+            f = d / rel
+            actual = sha256_file(f) if f.is_file() else "missing"
+            if actual != digest:
+                raise CheckpointError(f"{f}: sha256 mismatch: expected {digest}, got {actual}")
+    engine.load_checkpoint(str(d), tag="engine")
+    torch.set_rng_state(load_file(d / f"rng.rank{rank}.safetensors")["torch"])
+    return state
+
+
 def _fmt(rec: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
                     if k not in ("total_steps",))
@@ -278,7 +338,7 @@ def _fmt(rec: dict) -> str:
 
 def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     """Run the SFT or reward stage as a Ray Train TorchTrainer job; returns its best_model directory."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = cfg.sft_workers if stage == "sft" else cfg.reward_workers
@@ -287,16 +347,20 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     # Ray Train gives up on a worker group that has not started in 60 s; a loaded machine needs longer.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.call_timeout_s)))
     config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _cwd=os.getcwd())
+    remove_stale_temps(safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model"))
     trainer = TorchTrainer(
         supervised_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": cfg.train_gpus_per_worker} if use_gpu else {})}),
-        run_config=RunConfig(name=stage, storage_path=str(Path(cfg.save_dir, "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0)),
+        # The same name and storage on a rerun: Ray Train finds the last checkpoint and the loop resumes from it.
+        # A dead worker group restarts from it too (max_failures); a group that cannot start is an error.
+        run_config=RunConfig(name=stage, storage_path=str(safe_join(cfg.save_dir, "ray_train").resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.max_restarts, controller_failure_limit=0)),
     )
     trainer.fit()
-    out = Path(cfg.save_dir) / ("sft" if stage == "sft" else "reward_model") / "best_model"
+    out = safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model", "best_model")
     if not is_complete(out):
         raise RuntimeError(f"{stage}: the job finished but {out} is not a complete checkpoint")
     return out

@@ -78,6 +78,19 @@ class MetricsWriter:
         self._f.close()
 
 
+def truncate_metrics(path: str | os.PathLike, key: str, upto: int) -> None:
+    """Drop the rows whose `key` is above `upto` (work after the checkpoint a run resumes from, to be redone)."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get(key, 0) <= upto]
+    if len(keep) < len(lines):
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, p)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
@@ -187,6 +200,8 @@ class StageMonitor:
     def _new_rows(self, path: Path) -> list[dict]:
         if not path.exists():
             return []
+        if path.stat().st_size < self._pos[path]:  # truncated by a resume: follow from its new end
+            self._pos[path] = path.stat().st_size
         with open(path, encoding="utf-8") as f:
             f.seek(self._pos[path])
             data = f.read()

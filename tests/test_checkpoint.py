@@ -86,3 +86,24 @@ def test_pickled_weights_are_refused_and_never_run(tiny, tmp_path, monkeypatch, 
         with pytest.raises((ModelError, OSError)):
             load(str(d))
     assert not marker.exists()
+
+
+def test_stale_temps_of_an_interrupted_save_are_removed(tmp_path):
+    from rlhf_dist.checkpoint import remove_stale_temps
+
+    (tmp_path / ".iteration_000004.tmp-1234abcd").mkdir()
+    (tmp_path / ".iteration_000004.tmp-1234abcd" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / ".final_model.old-99").mkdir()
+    (tmp_path / "iteration_000002").mkdir()
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [".final_model.old-99", ".iteration_000004.tmp-1234abcd"]
+    assert [p.name for p in tmp_path.iterdir()] == ["iteration_000002"]
+
+
+def test_stage_outputs_cannot_leave_save_dir_through_a_symlink(tmp_path):
+    """A `ppo` symlink planted in save_dir pointing elsewhere is refused before anything is written."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run" / "ppo").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="resolves outside"):
+        safe_join(tmp_path / "run", "ppo")

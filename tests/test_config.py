@@ -32,6 +32,10 @@ def test_seed_field_names_load(tmp_path):
     ({"sft_batch_size": 6, "sft_workers": 4}, "sft_batch_size"),
     ({"gen_max_new_tokens": 600, "max_length": 512}, "gen_max_new_tokens"),
     ({"reward_fn": "not a function"}, "reward_fn"),
+    ({"save_dir": "runs/../../etc"}, "save_dir"),
+    ({"wandb": {"name": "../../x"}}, "wandb.name"),
+    ({"wandb": {"group": "a/b"}}, "wandb.group"),
+    ({"kl_max": 0}, "kl_max"),
 ])
 def test_bad_values_name_the_field(bad, needle):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,59 @@
+"""`rlhf-dist run CONFIG`, except that the driver SIGKILLs itself at a chosen point (a real crash).
+
+    python tests/fault_driver.py CONFIG sft-checkpoint        after SFT's first Ray Train checkpoint is registered
+    python tests/fault_driver.py CONFIG after-learner:N       in PPO iteration N: learners updated, nothing synced or saved
+    python tests/fault_driver.py CONFIG mid-save:NAME         while writing ppo/NAME: files written, no manifest yet
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rlhf_dist import cli, ppo
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(config: str, where: str) -> None:
+    kind, _, arg = where.partition(":")
+    if kind == "sft-checkpoint":
+        snapshot = Path(json.loads(Path(config).read_text())["save_dir"], "ray_train", "sft",
+                        "checkpoint_manager_snapshot.json")
+
+        def watch():
+            while not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
+                time.sleep(0.05)
+            die()
+
+        threading.Thread(target=watch, daemon=True).start()
+    elif kind == "after-learner":
+        check = ppo.PPORun.check_learners
+
+        def check_then_die(self, it, *args):
+            if it + 1 == int(arg):
+                die()
+            return check(self, it, *args)
+
+        ppo.PPORun.check_learners = check_then_die
+    elif kind == "mid-save":
+        write = ppo.write_json_atomic
+
+        def write_or_die(path, obj):
+            if Path(path).parent.name.startswith(f".{arg}.tmp-"):
+                die()
+            return write(path, obj)
+
+        ppo.write_json_atomic = write_or_die
+    else:
+        raise SystemExit(f"unknown fault point {where!r}")
+
+
+if __name__ == "__main__":
+    arm(sys.argv[1], sys.argv[2])
+    sys.exit(cli.main(["run", sys.argv[1]]))

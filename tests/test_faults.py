@@ -1,0 +1,140 @@
+"""PPO under faults: killed actors and learners, hangs, and the health guards.
+
+Faults are real: `faults.install` runs in every Ray worker and SIGKILLs the process, hangs it, or makes
+a loss NaN at a chosen call. Recovered runs must end where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import faults
+from conftest import base_config
+from rlhf_dist.health import HealthError
+from rlhf_dist.ppo import run_ppo
+from rlhf_dist.runtime import PhaseTimeout, RoleFailure
+from rlhf_dist.tracking import read_metrics
+
+pytestmark = pytest.mark.timeout(600)
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def fault_ray(tmp_path_factory):
+    import ray
+
+    plan = tmp_path_factory.mktemp("faults") / "plan.json"
+    faults.plan(plan, [])
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             runtime_env={"worker_process_setup_hook": "faults.install",
+                          "env_vars": {faults.ENV: str(plan), "PYTHONPATH": str(TESTS)}})
+    yield plan
+    ray.shutdown()
+
+
+def ppo_config(tiny, save_dir, **kw):
+    from rlhf_dist.config import load_config
+
+    kw = {"ppo_iterations": 4, "save_interval": 2, "ppo_batch_size": 8, "ppo_mini_batch_size": 4,
+          "gen_max_new_tokens": 8, "ppo_lr_policy": 5e-4, "reward_fn": "rlhf_dist.demo:positivity_reward",
+          "reward_model_weight": 0.0, **kw}
+    return load_config(base_config(tiny, save_dir, **kw))
+
+
+def run(plan, tiny, save_dir, fault_list, **kw):
+    faults.plan(plan, fault_list)
+    logging.getLogger("rlhf_dist").setLevel(logging.INFO)
+    t = time.time()
+    try:
+        return run_ppo(ppo_config(tiny, save_dir, **kw), "cpu")
+    finally:
+        print(f"{save_dir.name}: {time.time() - t:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def baseline(fault_ray, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    run(fault_ray, tiny, out, [])
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = read_metrics(a / "ppo" / "metrics.jsonl"), read_metrics(b / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in rb] == [1, 2, 3, 4]  # each iteration logged once: nothing applied twice
+    for x, y in zip(ra, rb):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "weight_version"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["iteration"], key)
+    wa = load_file(a / "ppo" / "final_model" / "model.safetensors")
+    wb = load_file(b / "ppo" / "final_model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_actors_and_learner_recover(fault_ray, tiny, tmp_path, baseline, caplog):
+    """Rollout, reference and reward actors SIGKILLed mid-iteration are restarted and the iteration redone;
+    a SIGKILLed policy learner makes the run reload iteration_000002. The end state equals the baseline."""
+    kills = [{"target": "rlhf_dist.runtime:RolloutWorker.generate", "call": 2, "action": "kill"},  # iteration 2
+             {"target": "rlhf_dist.runtime:ReferenceWorker.logprobs", "call": 2, "action": "kill"},  # iteration 2
+             {"target": "rlhf_dist.runtime:RewardWorker.score", "call": 3, "action": "kill"},  # 2, on the redo
+             {"target": "rlhf_dist.runtime:Learner.train", "call": 3, "action": "kill"}]  # iteration 3
+    run(fault_ray, tiny, tmp_path, kills)
+    assert_same_run(baseline, tmp_path)
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    for name, d in (("baseline", baseline), ("faulted", tmp_path)):
+        print(name, "s/iteration:", [round(r["seconds"], 2) for r in read_metrics(d / "ppo" / "metrics.jsonl")])
+    assert rows[1]["actor_restarts"] == 3 and rows[1]["learner_restarts"] == 0
+    assert rows[-1]["actor_restarts"] == 3 and rows[-1]["learner_restarts"] == 1
+    text = caplog.text
+    for line in ("rollout-0 restarted after dying during phase 'experience'",
+                 "reference-0 restarted after dying during phase 'experience'",
+                 "reward-0 restarted after dying during phase 'experience'",
+                 "reloading the last complete checkpoint (learner restart 1 of 2)", "resuming from"):
+        assert line in text, line
+
+
+def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
+    hang = [{"target": "rlhf_dist.runtime:RolloutWorker.receive_weights", "call": 1, "action": "hang"}]
+    t = time.time()
+    with pytest.raises((PhaseTimeout, RoleFailure), match=r"rollout.*'sync'|sync.*timed out"):
+        run(fault_ray, tiny, tmp_path, hang, sync_timeout_s=4.0, ppo_iterations=1)
+    assert time.time() - t < 120
+
+
+def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
+    hang = [{"target": "rlhf_dist.runtime:RewardWorker.score", "call": 1, "action": "hang"}]
+    with pytest.raises(PhaseTimeout, match=r"reward: phase 'experience' timed out after 30s"):
+        run(fault_ray, tiny, tmp_path, hang, call_timeout_s=30.0, ppo_iterations=1)
+
+
+def test_nonfinite_loss_and_reward_skip_the_update(fault_ray, tiny, tmp_path, caplog):
+    """A NaN policy loss (iteration 1) and NaN rewards (iteration 3) skip those updates; the run goes on
+    and no non-finite weight is saved."""
+    nan = [{"target": "rlhf_dist.learner:policy_loss", "call": 1, "action": "nan"}]
+    run(fault_ray, tiny, tmp_path, nan, reward_fn="faults_rewards:positivity_or_nan")
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    assert [r.get("skipped", 0) for r in rows] == [1, 0, 1, 0]
+    assert rows[-1]["bad_steps"] == 2
+    text = caplog.text
+    assert "1 optimizer steps skipped for a non-finite gradient norm, non-finite loss on sample ids [" in text
+    assert "non-finite scores (sample ids [" in text
+    for f in ("final_model/model.safetensors", "iteration_000004/policy/model.safetensors"):
+        for k, v in load_file(tmp_path / "ppo" / f).items():
+            assert torch.isfinite(v).all(), (f, k)
+
+
+def test_bad_steps_in_a_row_abort(fault_ray, tiny, tmp_path):
+    with pytest.raises(HealthError, match="2 bad steps in a row"):
+        run(fault_ray, tiny, tmp_path, [], reward_fn="faults_rewards:always_nan", max_bad_steps=2)
+
+
+def test_kl_hard_stop_keeps_last_good_checkpoint(fault_ray, tiny, tmp_path, caplog):
+    with pytest.raises(HealthError, match=r"KL .* > kl_max 1e-06 at iteration 2.*iteration_000001"):
+        run(fault_ray, tiny, tmp_path, [], kl_max=1e-6, save_interval=1)
+    assert not (tmp_path / "ppo" / "iteration_000002").exists()
+    assert "ppo: stopped: ppo: KL" in caplog.text
