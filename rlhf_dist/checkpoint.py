@@ -85,8 +85,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e} "
+        os_error = e if isinstance(e, OSError) else getattr(e, "cause", None)  # also raised in a remote writer
+        if isinstance(os_error, OSError):
+            raise CheckpointError(f"could not write checkpoint {final}: {os_error.strerror or os_error} "
                                   f"(temporary files removed; the previous checkpoint is kept)") from e
         raise
 

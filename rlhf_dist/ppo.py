@@ -190,6 +190,7 @@ class PPORun:
     """One attempt at the PPO stage: resume state, the roles, and the iteration loop."""
 
     def __init__(self, cfg: RLHFConfig, device: str, ppo_dir: Path, learner_restarts: int = 0, actor_restarts: int = 0):
+        self.t_start = time.perf_counter()
         self.cfg, self.device, self.dir = cfg, device, ppo_dir
         self.learner_restarts, self.actor_restarts = learner_restarts, actor_restarts
         done = complete_iterations(ppo_dir)
@@ -233,6 +234,8 @@ class PPORun:
                     self._wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
                                 for a in getattr(self.roles, kind)], kind, "setup")
                 self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
+                log.info("ppo: resumed at iteration %d in %.1fs (roles started, states loaded, weights synced)",
+                         self.start_it, time.perf_counter() - self.t_start)
             for it in range(self.start_it, cfg.ppo_iterations):
                 rec, log_rows = self.iteration(it)
                 metrics.write(rec)
@@ -393,18 +396,20 @@ class PPORun:
             try:
                 return fn()
             except RoleFailure as e:
+                t = time.perf_counter()
                 dead = self._dead_actors()
                 if any(role in ("policy", "critic") for role, _ in dead):
                     raise LearnerLost(f"{'/'.join(f'{r}-{k}' for r, k in dead)} died during phase '{phase}'") from e
                 if not dead or attempt == self.cfg.max_restarts:
                     raise
                 self.actor_restarts += len(dead)
-                log.warning("ppo: %s restarted after dying during phase '%s' (actor restarts so far: %d); redoing it",
-                            ", ".join(f"{r}-{k}" for r, k in dead), phase, self.actor_restarts)
                 if any(role == "rollout" for role, _ in dead):
                     # A restarted rollout worker holds its initial weights: rebuild the sync group, send the current ones.
                     join_weight_sync(self.cfg, self.roles)
                     _sync(self.cfg, self.roles, self.version)
+                log.warning("ppo: %s restarted after dying during phase '%s' (actor restarts so far: %d; back in "
+                            "%.1fs); redoing it", ", ".join(f"{r}-{k}" for r, k in dead), phase, self.actor_restarts,
+                            time.perf_counter() - t)
 
     def _dead_actors(self) -> list[tuple[str, int]]:
         """Actors that died since the last look: gone (no restarts left) or restarted under a new pid."""

@@ -31,9 +31,9 @@ class PhaseTimeout(RuntimeError):
 class RoleFailure(RuntimeError):
     """An actor died (`died`) or raised; names the role and the phase."""
 
-    def __init__(self, message: str, died: bool = False):
+    def __init__(self, message: str, died: bool = False, cause: BaseException | None = None):
         super().__init__(message)
-        self.died = died
+        self.died, self.cause = died, cause  # cause: the exception the remote call raised
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def wait(refs, role: str, phase: str, timeout: float):
     except RayActorError as e:
         raise RoleFailure(f"{role}: actor died during phase '{phase}': {e.__class__.__name__}", died=True) from e
     except RayTaskError as e:
-        raise RoleFailure(f"{role}: phase '{phase}' failed: {e.cause!r}") from e
+        raise RoleFailure(f"{role}: phase '{phase}' failed: {e.cause!r}", cause=e.cause) from e
 
 
 # ---------------------------------------------------------------------------------------

@@ -289,21 +289,23 @@ def report_train_state(engine, state: dict, rank: int) -> None:
     optimizer shards, this rank's torch RNG state, a sha256 manifest of this rank's files, and (rank 0)
     the loop state. Ray Train merges the ranks' files and registers the checkpoint once all have reported."""
     import ray.train
+    from ray.train import CheckpointUploadMode
     from safetensors.torch import save_file
 
     from .checkpoint import sha256_file
 
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        engine.save_checkpoint(str(d), tag="engine", client_state={})
-        save_file({"torch": torch.get_rng_state()}, d / f"rng.rank{rank}.safetensors")
-        if rank == 0:
-            (d / "state.json").write_text(json.dumps(state))
-        files = sorted(p for p in d.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(d)): sha256_file(p) for p in files}
-        (d / f"manifest.rank{rank}.json").write_text(json.dumps(manifest, indent=1))
-        ray.train.report({"step": state["step"], "epoch": state["epoch"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    d = Path(tempfile.mkdtemp(prefix="rlhf-dist-ckpt-"))
+    engine.save_checkpoint(str(d), tag="engine", client_state={})
+    save_file({"torch": torch.get_rng_state()}, d / f"rng.rank{rank}.safetensors")
+    if rank == 0:
+        (d / "state.json").write_text(json.dumps(state))
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(d)): sha256_file(p) for p in files}
+    (d / f"manifest.rank{rank}.json").write_text(json.dumps(manifest, indent=1))
+    # Asynchronous: a synchronous report waits its turn with the controller (about 1.7 s a call here,
+    # measured); the upload runs beside training and the local copy is deleted after it.
+    ray.train.report({"step": state["step"], "epoch": state["epoch"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
 
 
 def load_train_state(engine, d: Path, rank: int, world: int) -> dict:

@@ -1,4 +1,5 @@
 """`rlhf-dist run CONFIG`, except that the driver SIGKILLs itself at a chosen point (a real crash).
+Start it in a new session: it kills its own process group.
 
     python tests/fault_driver.py CONFIG sft-checkpoint        after SFT's first Ray Train checkpoint is registered
     python tests/fault_driver.py CONFIG after-learner:N       in PPO iteration N: learners updated, nothing synced or saved
@@ -17,7 +18,9 @@ from rlhf_dist import cli, ppo
 
 
 def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this driver's process group: the driver and the local Ray it started (its workers exit
+    when their raylet is gone), as when the driver's machine or container dies."""
+    os.killpg(0, signal.SIGKILL)
 
 
 def arm(config: str, where: str) -> None:

@@ -1,4 +1,5 @@
-"""A driver SIGKILLed mid-SFT, mid-PPO-iteration and mid-save; each time the same command resumes.
+"""A driver SIGKILLed mid-SFT, mid-PPO-iteration and mid-save; each time the same command resumes
+(this is also the test that PPO and SFT resume is exact).
 The run that crashed three times ends with the same SFT model, PPO metrics and PPO weights as a run
 that never crashed."""
 
@@ -41,9 +42,10 @@ def start(cfg_path: Path, fault: str | None) -> tuple[int, float]:
 
 
 def write_config(tiny, save_dir: Path) -> Path:
-    cfg = base_config(tiny, save_dir, sft_epochs=2, ppo_iterations=4, save_interval=2, ppo_batch_size=8,
-                      ppo_mini_batch_size=4, gen_max_new_tokens=8, ppo_lr_policy=5e-4,
-                      reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0,
+    # Small SFT batches: enough steps (270) that the kill lands between two SFT checkpoints.
+    cfg = base_config(tiny, save_dir, sft_epochs=1, sft_batch_size=4, train_save_steps=50, ppo_iterations=4,
+                      save_interval=2, ppo_batch_size=8, ppo_mini_batch_size=4, gen_max_new_tokens=8,
+                      ppo_lr_policy=5e-4, reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0,
                       cluster={"num_cpus": 2}, wandb={"mode": "disabled"})
     path = save_dir.parent / f"{save_dir.name}.json"
     path.write_text(json.dumps(cfg))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import faults
 from conftest import base_config
+from rlhf_dist.checkpoint import CheckpointError
 from rlhf_dist.health import HealthError
 from rlhf_dist.ppo import run_ppo
 from rlhf_dist.runtime import PhaseTimeout, RoleFailure
@@ -91,11 +92,25 @@ def test_killed_actors_and_learner_recover(fault_ray, tiny, tmp_path, baseline, 
     assert rows[1]["actor_restarts"] == 3 and rows[1]["learner_restarts"] == 0
     assert rows[-1]["actor_restarts"] == 3 and rows[-1]["learner_restarts"] == 1
     text = caplog.text
+    print("\n".join(line for line in text.splitlines() if "back in" in line or "resumed at" in line))
     for line in ("rollout-0 restarted after dying during phase 'experience'",
                  "reference-0 restarted after dying during phase 'experience'",
                  "reward-0 restarted after dying during phase 'experience'",
                  "reloading the last complete checkpoint (learner restart 1 of 2)", "resuming from"):
         assert line in text, line
+
+
+def test_disk_full_during_save_then_resume(fault_ray, tiny, tmp_path, baseline):
+    """The policy's second save (iteration 4) hits ENOSPC: a clear error with the path, no temp files
+    left, and running again resumes from iteration_000002 to the baseline's end state."""
+    full = [{"target": "rlhf_dist.models:save_hf", "call": 2, "action": "enospc"}]
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*iteration_000004: No space left on "
+                                              r"device \(temporary files removed; the previous checkpoint is kept\)"):
+        run(fault_ray, tiny, tmp_path, full)
+    assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["iteration_000002", "metrics.jsonl",
+                                                                    "samples.jsonl"]
+    run(fault_ray, tiny, tmp_path, [])
+    assert_same_run(baseline, tmp_path)
 
 
 def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
@@ -108,8 +123,8 @@ def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
 
 def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
     hang = [{"target": "rlhf_dist.runtime:RewardWorker.score", "call": 1, "action": "hang"}]
-    with pytest.raises(PhaseTimeout, match=r"reward: phase 'experience' timed out after 30s"):
-        run(fault_ray, tiny, tmp_path, hang, call_timeout_s=30.0, ppo_iterations=1)
+    with pytest.raises(PhaseTimeout, match=r"reward: phase 'experience' timed out after 20s"):
+        run(fault_ray, tiny, tmp_path, hang, call_timeout_s=20.0, ppo_iterations=1)
 
 
 def test_nonfinite_loss_and_reward_skip_the_update(fault_ray, tiny, tmp_path, caplog):
