@@ -167,6 +167,10 @@ class RLHFConfig(_Strict):
     ppo_entropy_coef: NonNegFloat = 0.0
     ppo_max_grad_norm: PositiveFloat = 1.0
     ppo_whiten_advantages: bool = True
+    ppo_recompute_old_logprobs: bool = False
+    """false: PPO's old logprobs are the rollout's sampling logprobs (the same weights, synced every
+    iteration; one forward pass fewer). true: the policy learner recomputes them, as OpenRLHF and verl
+    do; worth it when the rollout runs another precision or engine than the learner."""
     critic_init: Literal["sft", "reward"] = "sft"
     """Initialise the critic from the SFT policy (default) or from the reward model."""
 
@@ -187,6 +191,9 @@ class RLHFConfig(_Strict):
     gen_top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     gen_top_k: NonNegInt = 0
     """0 = no top-k filtering."""
+    gen_min_new_tokens: NonNegInt = 0
+    """eos cannot be sampled before this many new tokens (HF's min_new_tokens); benchmarks use it to fix
+    response lengths. The recorded logprobs stay those of the policy's unmodified softmax."""
 
     roles: RolesConfig = RolesConfig()
     call_timeout_s: PositiveFloat = 600.0
@@ -249,6 +256,9 @@ class RLHFConfig(_Strict):
                     f"ppo_mini_batch_size: {self.ppo_mini_batch_size} is not a multiple of "
                     f"ppo_micro_batch_size ({micro}) x roles.{role}.num_workers ({n})"
                 )
+        if self.gen_min_new_tokens > self.gen_max_new_tokens:
+            errors.append(f"gen_min_new_tokens: {self.gen_min_new_tokens} must be <= gen_max_new_tokens "
+                          f"({self.gen_max_new_tokens})")
         if self.gen_max_new_tokens >= self.max_length:
             errors.append(f"gen_max_new_tokens: {self.gen_max_new_tokens} must be < max_length ({self.max_length})")
         if self.reward_model_weight == 0 and not self.reward_fn:

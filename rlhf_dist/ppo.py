@@ -241,6 +241,12 @@ class PPORun:
                 metrics.write(rec)
                 for row in log_rows:
                     samples_log.write(row)
+            peaks = self._wait([a.peak_memory_mb.remote() for r in ROLES for a in getattr(self.roles, r)], "all",
+                               "checkpoint")
+            names = [f"{r}-{k}" for r in ROLES for k in range(len(getattr(self.roles, r)))]
+            metrics.write({"summary": True, "seconds": time.perf_counter() - self.t_start,
+                           "peak_memory_mb": dict(zip(names, peaks))})
+            log.info("ppo: peak memory (MB) %s", " ".join(f"{n}={m:.0f}" for n, m in zip(names, peaks)))
             final = self.dir / "final_model"
             with atomic_dir(final) as tmp:
                 self._wait([a.save.remote(str(tmp), self.inputs.tokenizer) for a in self.roles.policy], "policy",
@@ -308,12 +314,13 @@ class PPORun:
                                               "first_ratio_mean", "first_ratio_dev_max") if k in pstats},
                     "value_loss": cstats.get("value_loss"), "value_clip_frac": cstats.get("value_clip_frac"),
                     "critic_grad_norm": cstats.get("grad_norm"),
-                    "rollout_logprob_diff": float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max()),
                     "weight_version": self.version, "rollout_version": samples.version,
                     "actor_restarts": self.actor_restarts, "learner_restarts": self.learner_restarts,
                     "bad_steps": self.bad_steps.total, "seconds": seconds,
                     "tokens_per_s": float(samples.action_mask.sum()) / seconds, "samples_per_s": len(samples) / seconds,
                     **{f"time/{k}": v for k, v in timers.seconds.items()}})
+        if cfg.ppo_recompute_old_logprobs:  # the rollout's weights are the learner's: a broken sync shows here
+            rec["rollout_logprob_diff"] = float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max())
         for key in ("rm_score", "fn_score"):
             if key in rew[0]:
                 rec[key] = float(torch.cat([r[key] for r in rew]).mean())
@@ -342,12 +349,13 @@ class PPORun:
             def fan(group, method):
                 return [getattr(a, method).remote(slice_samples(samples, s, e))
                         for a, (s, e) in zip(group, split(len(samples), len(group)))]
-            r_old = fan(roles.policy, "forward")
+            r_old = fan(roles.policy, "forward") if self.cfg.ppo_recompute_old_logprobs else None
             r_val = fan(roles.critic, "forward")
             r_ref = fan(roles.reference, "logprobs")
             r_rew = [a.score.remote(slice_samples(samples, s, e), [prompts[i] for i in samples.sample_ids[s:e]])
                      for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
-            old_logp = torch.cat(self._wait(r_old, "policy", "experience"))  # (B, R)
+            old_logp = (torch.cat(self._wait(r_old, "policy", "experience")) if r_old is not None
+                        else samples.rollout_logprobs)  # (B, R)
             values = torch.cat(self._wait(r_val, "critic", "experience"))  # (B, R)
             ref_logp = torch.cat(self._wait(r_ref, "reference", "experience"))  # (B, R)
             rew = self._wait(r_rew, "reward", "experience")

@@ -41,13 +41,17 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None, ban: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (N, V) -> token (N,), logprob (N,) of that token under softmax(logits / temperature).
 
-    The logprob ignores top-k/top-p truncation, as the learner scores with the same plain softmax.
+    The logprob ignores top-k/top-p truncation and the `ban`ned token, as the learner scores with the
+    same plain softmax: the rollout's logprobs can stand in for the learner's old logprobs.
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
     filtered = logp
+    if ban is not None:
+        filtered = filtered.clone()
+        filtered[:, ban] = float("-inf")
     if top_k and top_k < logp.shape[-1]:
         kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]  # (N, 1)
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
@@ -56,16 +60,123 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
         cum = sorted_lp.exp().cumsum(-1)
         drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
         filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
-    token = torch.multinomial(filtered.exp(), 1, generator=generator).squeeze(1)  # (N,)
+    # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per vocabulary
+    # entry, which took 12% of a decode step here (scripts/bench_ppo.py --decode).
+    cdf = filtered.exp().cumsum(-1)  # (N, V)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]  # (N, 1)
+    token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (N,)
     return token, logp.gather(1, token[:, None]).squeeze(1)
+
+
+class CacheDecoder:
+    """One decode step through the model's own forward and a transformers DynamicCache (any architecture)."""
+
+    def __init__(self, model, cache, attn: torch.Tensor):
+        self.model, self.cache, self.attn = model, cache, attn  # attn (n, P + t)
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.cache.batch_select_indices(idx)
+        self.attn = self.attn[idx]
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tok (n,), pos (n,) -> next-token logits (n, V)."""
+        self.attn = torch.cat([self.attn, self.attn.new_ones((tok.shape[0], 1))], dim=1)
+        return self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos[:, None],
+                          past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+
+class StaticDecoder:
+    """A tight decode step for Llama-family models on a preallocated (static) KV cache.
+
+    It uses the model's own weights (by reference, so a weight sync is seen at once) through plain
+    functional calls, and skips what the generic forward redoes every step: module dispatch, building a
+    4D mask, recomputing the rotary table and concatenating the cache. The prompt goes through the
+    regular forward (prefill), whose cache is copied in once. Measured in scripts/bench_ppo.py --decode.
+    """
+
+    ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+    @classmethod
+    def supports(cls, model, total_len: int) -> bool:
+        window = getattr(model.config, "sliding_window", None)
+        return (type(model).__name__ in cls.ARCHITECTURES and not model.training
+                and (not window or not getattr(model.config, "use_sliding_window", True) or total_len <= window))
+
+    def __init__(self, model, cache, attn: torch.Tensor, max_new_tokens: int):
+        base = model.model
+        n, P = attn.shape
+        L = P + max_new_tokens
+        self.embed, self.lm_head = base.embed_tokens.weight, model.lm_head.weight
+        self.norm = (base.norm.weight, base.norm.variance_epsilon)
+        self.layers = [(l.input_layernorm.weight, l.input_layernorm.variance_epsilon,
+                        l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
+                        l.post_attention_layernorm.weight, l.post_attention_layernorm.variance_epsilon,
+                        l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj, l.mlp.act_fn) for l in base.layers]
+        self.head_dim, self.scale = base.layers[0].self_attn.head_dim, base.layers[0].self_attn.scaling
+        positions = torch.arange(L, device=attn.device)[None]  # (1, L)
+        cos, sin = base.rotary_emb(cache.layers[0].keys, positions)  # (1, L, D) each, the model's own RoPE
+        self.cos, self.sin = cos[0], sin[0]  # (L, D)
+        self.k, self.v = [], []
+        for layer in cache.layers:
+            k = layer.keys.new_zeros((n, layer.keys.shape[1], L, layer.keys.shape[3]))  # (n, kvH, L, D)
+            v = torch.zeros_like(k)
+            k[:, :, :P], v[:, :, :P] = layer.keys, layer.values
+            self.k.append(k)
+            self.v.append(v)
+        self.mask = torch.zeros((n, L), dtype=torch.bool, device=attn.device)  # (n, L) attendable slots
+        self.mask[:, :P] = attn.bool()
+        self.t = P
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.k = [k[idx] for k in self.k]
+        self.v = [v[idx] for v in self.v]
+        self.mask = self.mask[idx]
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (n, h, 1, D) rotated by the half-split convention of Llama's apply_rotary_pos_emb."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tok (n,), pos (n,) -> next-token logits (n, V)."""
+        import torch.nn.functional as F
+
+        n, t, D = tok.shape[0], self.t, self.head_dim
+        self.mask[:, t] = True
+        masked = ~self.mask[:, None, None, : t + 1]  # (n, 1, 1, t+1)
+        cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # (n, 1, 1, D)
+        h = F.embedding(tok, self.embed)  # (n, H): 2-D activations take the cheaper matmul path
+        H = (h.shape[-1],)
+        for i, (w1, e1, q_proj, k_proj, v_proj, o_proj, w2, e2, gate, up, down, act) in enumerate(self.layers):
+            x = F.rms_norm(h, H, w1, e1)
+            q = F.linear(x, q_proj.weight, q_proj.bias).view(n, -1, 1, D)  # (n, Hq, 1, D)
+            k = F.linear(x, k_proj.weight, k_proj.bias).view(n, -1, 1, D)  # (n, kvH, 1, D)
+            v = F.linear(x, v_proj.weight, v_proj.bias).view(n, -1, D)  # (n, kvH, D)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k[i][:, :, t] = k[:, :, 0]
+            self.v[i][:, :, t] = v
+            # One query token: plain matmuls beat the flash kernel at these sizes. Query heads are grouped
+            # per key/value head (as HF's repeat_kv orders them), which covers grouped-query attention.
+            qg = q.reshape(n, k.shape[1], -1, D)  # (n, kvH, G, D)
+            scores = qg @ self.k[i][:, :, : t + 1].transpose(-1, -2) * self.scale  # (n, kvH, G, t+1)
+            o = scores.masked_fill(masked, float("-inf")).softmax(-1) @ self.v[i][:, :, : t + 1]  # (n, kvH, G, D)
+            h = h + F.linear(o.reshape(n, -1), o_proj.weight, o_proj.bias)
+            x = F.rms_norm(h, H, w2, e2)
+            h = h + F.linear(act(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias),
+                             down.weight, down.bias)
+        self.t += 1
+        return F.linear(F.rms_norm(h, H, *self.norm), self.lm_head)  # (n, V)
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 0,
              generator: torch.Generator | None = None, sample_ids: list[int] | None = None,
-             version: int = 0) -> Samples:
-    """Sample one response per prompt. Finished rows leave the batch (their KV cache rows are dropped)."""
+             version: int = 0, static: bool = True) -> Samples:
+    """Sample one response per prompt. Finished rows leave the batch (their KV cache rows are dropped).
+    eos cannot be sampled before `min_new_tokens` (as in HF `min_new_tokens`; benchmarks use it to fix lengths).
+    `static`: use the StaticDecoder where the architecture allows (same numbers, less overhead)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -79,11 +190,13 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     pos = position_ids_from_mask(attn)  # (B, P)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]  # (B, V)
+    decoder = (StaticDecoder(model, cache, attn, max_new_tokens) if static and StaticDecoder.supports(model, P + max_new_tokens)
+               else CacheDecoder(model, cache, attn))
     alive = torch.arange(B, device=device)  # (n,) rows still generating
-    alive_attn = attn  # (n, P + t)
     next_pos = pos[:, -1] + 1  # (n,)
     for t in range(max_new_tokens):
-        tok, lp = sample_token(logits, temperature, top_p, top_k, generator)  # (n,), (n,)
+        ban = eos_id if t < min_new_tokens else None
+        tok, lp = sample_token(logits, temperature, top_p, top_k, generator, ban)  # (n,), (n,)
         tokens[alive, t] = tok
         logps[alive, t] = lp
         lengths[alive] = t + 1
@@ -94,11 +207,9 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
             if not bool(keep.any()):
                 break
             idx = keep.nonzero().squeeze(1)
-            cache.batch_select_indices(idx)
-            alive, tok, alive_attn, next_pos = alive[idx], tok[idx], alive_attn[idx], next_pos[idx]
-        alive_attn = torch.cat([alive_attn, alive_attn.new_ones((alive.numel(), 1))], dim=1)
-        logits = model(input_ids=tok[:, None], attention_mask=alive_attn, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # (n, V)
+            decoder.select(idx)
+            alive, tok, next_pos = alive[idx], tok[idx], next_pos[idx]
+        logits = decoder.step(tok, next_pos)  # (n, V)
         next_pos = next_pos + 1
     R = int(lengths.max())
     action_mask = (torch.arange(R, device=device)[None, :] < lengths[:, None]).long()  # (B, R)

@@ -60,9 +60,10 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512, model_max_length: i
 
 
 def build_tiny(out_dir, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 4,
-               num_heads: int = 4, intermediate_size: int = 256,
-               max_position_embeddings: int = 256) -> dict[str, Path]:
+               num_heads: int = 4, intermediate_size: int = 256, max_position_embeddings: int = 256,
+               extra_texts: tuple[str, ...] = ()) -> dict[str, Path]:
     """Write demo data to out_dir/data and a tokenizer + random Llama to out_dir/model (deterministic).
+    `extra_texts` join the demo text for the tokenizer: a larger vocab_size needs more text to reach.
 
     Returns {"model", "data", "sft", "prefs", "prompts", "eval"} paths.
     """
@@ -71,7 +72,7 @@ def build_tiny(out_dir, seed: int = 0, vocab_size: int = 512, hidden_size: int =
 
     out = Path(out_dir)
     data = generate_demo_data(out / "data", seed)
-    tok = build_tokenizer(_texts([data[k] for k in ("sft", "prefs", "prompts", "eval")]), vocab_size,
+    tok = build_tokenizer(_texts([data[k] for k in ("sft", "prefs", "prompts", "eval")]) + list(extra_texts), vocab_size,
                           model_max_length=max_position_embeddings)
     model_dir = out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,10 @@ def base_config(tiny, save_dir, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+def iteration_rows(save_dir) -> list[dict]:
+    """PPO metric rows, one per iteration (without the summary row)."""
+    from rlhf_dist.tracking import read_metrics
+
+    return [r for r in read_metrics(Path(save_dir) / "ppo" / "metrics.jsonl") if not r.get("summary")]

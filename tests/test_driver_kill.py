@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config
+from conftest import base_config, iteration_rows
 from rlhf_dist.tracking import read_metrics
 
 pytestmark = pytest.mark.timeout(900)
@@ -82,7 +82,7 @@ def test_driver_killed_three_times_resumes_exactly(tiny, tmp_path):
         wa, wb = load_file(a / rel), load_file(b / rel)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{rel} {k}")
-    ra, rb = read_metrics(a / "ppo" / "metrics.jsonl"), read_metrics(b / "ppo" / "metrics.jsonl")
+    ra, rb = iteration_rows(a), iteration_rows(b)
     assert [r["iteration"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss", "weight_version"):

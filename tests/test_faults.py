@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 import faults
-from conftest import base_config
+from conftest import base_config, iteration_rows
 from rlhf_dist.checkpoint import CheckpointError
 from rlhf_dist.health import HealthError
 from rlhf_dist.ppo import run_ppo
 from rlhf_dist.runtime import PhaseTimeout, RoleFailure
-from rlhf_dist.tracking import read_metrics
 
 pytestmark = pytest.mark.timeout(600)
 TESTS = Path(__file__).parent
@@ -66,7 +65,9 @@ def baseline(fault_ray, tiny, tmp_path_factory):
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    ra, rb = read_metrics(a / "ppo" / "metrics.jsonl"), read_metrics(b / "ppo" / "metrics.jsonl")
+    ra, rb = iteration_rows(a), iteration_rows(b)
+    for r in ra + rb:  # old logprobs from the rollout: the first mini-batch is exactly on-policy
+        assert abs(r["first_ratio_mean"] - 1) < 1e-4 and r["first_ratio_dev_max"] < 1e-4, r["iteration"]
     assert [r["iteration"] for r in rb] == [1, 2, 3, 4]  # each iteration logged once: nothing applied twice
     for x, y in zip(ra, rb):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss", "weight_version"):
@@ -86,9 +87,9 @@ def test_killed_actors_and_learner_recover(fault_ray, tiny, tmp_path, baseline, 
              {"target": "rlhf_dist.runtime:Learner.train", "call": 3, "action": "kill"}]  # iteration 3
     run(fault_ray, tiny, tmp_path, kills)
     assert_same_run(baseline, tmp_path)
-    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    rows = iteration_rows(tmp_path)
     for name, d in (("baseline", baseline), ("faulted", tmp_path)):
-        print(name, "s/iteration:", [round(r["seconds"], 2) for r in read_metrics(d / "ppo" / "metrics.jsonl")])
+        print(name, "s/iteration:", [round(r["seconds"], 2) for r in iteration_rows(d)])
     assert rows[1]["actor_restarts"] == 3 and rows[1]["learner_restarts"] == 0
     assert rows[-1]["actor_restarts"] == 3 and rows[-1]["learner_restarts"] == 1
     text = caplog.text
@@ -132,7 +133,7 @@ def test_nonfinite_loss_and_reward_skip_the_update(fault_ray, tiny, tmp_path, ca
     and no non-finite weight is saved."""
     nan = [{"target": "rlhf_dist.learner:policy_loss", "call": 1, "action": "nan"}]
     run(fault_ray, tiny, tmp_path, nan, reward_fn="faults_rewards:positivity_or_nan")
-    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    rows = iteration_rows(tmp_path)
     assert [r.get("skipped", 0) for r in rows] == [1, 0, 1, 0]
     assert rows[-1]["bad_steps"] == 2
     text = caplog.text

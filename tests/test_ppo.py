@@ -7,25 +7,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config
+from conftest import base_config, iteration_rows
 from rlhf_dist.checkpoint import is_complete
 from rlhf_dist.pipeline import create_rlhf_pipeline
-from rlhf_dist.tracking import read_metrics
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
 def ppo_run(tiny, tmp_path_factory, local_ray):
-    """SFT, then PPO against the rule-based positivity reward only (no reward model)."""
+    """SFT, then PPO against the rule-based positivity reward only (no reward model). The policy learner
+    recomputes the old logprobs, so they can be compared with the rollout's."""
     save = tmp_path_factory.mktemp("ppo") / "run"
     cfg = base_config(tiny, save, sft_epochs=4, ppo_iterations=8, ppo_batch_size=32, ppo_mini_batch_size=16,
-                      ppo_epochs=2, ppo_lr_policy=1e-3, kl_coef=0.01, save_interval=4,
+                      ppo_epochs=2, ppo_lr_policy=1e-3, kl_coef=0.01, save_interval=4, ppo_recompute_old_logprobs=True,
                       reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0)
     pipe = create_rlhf_pipeline(cfg)
     pipe.run_sft()
     pipe.run_ppo_training()
-    return save, read_metrics(save / "ppo" / "metrics.jsonl")
+    return save, iteration_rows(save)
 
 
 def test_on_policy_first_minibatch(ppo_run):
@@ -76,7 +76,7 @@ def test_full_pipeline_cli(tiny, tmp_path, local_ray):
     assert main(["run", str(path)]) == 0
     for d in ("sft/best_model", "reward_model/best_model", "ppo/iteration_000001", "ppo/final_model"):
         assert is_complete(save / d), d
-    rows = read_metrics(save / "ppo" / "metrics.jsonl")
+    rows = iteration_rows(save)
     assert len(rows) == 2 and all("rm_score" in r for r in rows)
     assert main(["run", str(path)]) == 0
     log = (save / "logs" / "run.log").read_text()
