@@ -98,9 +98,16 @@ class StaticDecoder:
 
     @classmethod
     def supports(cls, model, total_len: int) -> bool:
+        """Only plain modules: an adapter (e.g. a LoRA layer in place of nn.Linear) or a forward hook
+        changes what a module computes, which the functional step would bypass."""
         window = getattr(model.config, "sliding_window", None)
-        return (type(model).__name__ in cls.ARCHITECTURES and not model.training
-                and (not window or not getattr(model.config, "use_sliding_window", True) or total_len <= window))
+        if type(model).__name__ not in cls.ARCHITECTURES or model.training:
+            return False
+        if window and getattr(model.config, "use_sliding_window", True) and total_len > window:
+            return False
+        mods = list(model.modules())
+        return (all(type(m) is torch.nn.Linear for m in mods if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in mods))
 
     def __init__(self, model, cache, attn: torch.Tensor, max_new_tokens: int):
         base = model.model

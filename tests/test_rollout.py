@@ -38,14 +38,58 @@ def test_generation_matches_scoring_and_stops_at_eos(model_tok):
     assert ((lp - s.rollout_logprobs).abs() * s.action_mask).max() < 1e-4
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention
+def test_static_decoder_matches_the_model_forward(tiny, kv_heads):
+    """The StaticDecoder and the generic forward + DynamicCache pick the same greedy tokens with the same
+    logprobs, with left padding and rows leaving the batch at eos."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from rlhf_dist.rollout import StaticDecoder
+
+    cfg = AutoConfig.from_pretrained(tiny["model"])
+    cfg.num_key_value_heads = kv_heads
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    tok = load_tokenizer(str(tiny["model"]))
+    ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 3)
+    assert StaticDecoder.supports(model, 64)
+    outs = [generate(model, ps, pad_id=tok.pad_token_id, eos_id=cfg.eos_token_id, max_new_tokens=24, top_k=1,
+                     static=static) for static in (True, False)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert (outs[0].rollout_logprobs - outs[1].rollout_logprobs).abs().max() < 1e-5
+    with torch.no_grad():
+        lp = response_logprobs(model, outs[0].sequences, outs[0].attention_mask, outs[0].prompt_len)
+    assert ((lp - outs[0].rollout_logprobs).abs() * outs[0].action_mask).max() < 1e-4
+
+
+def test_min_new_tokens_bans_eos_but_keeps_policy_logprobs(model_tok):
+    model, tok = model_tok
+    ps = prompts(tok, ["Hi", "Describe the cat."] * 4)
+    # A bias that makes eos near-certain: without the ban every row would stop at once.
+    eos_bias = torch.zeros(model.config.vocab_size)
+    eos_bias[tok.eos_token_id] = 20.0
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: out + eos_bias)
+    try:
+        s = generate(model, ps, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10,
+                     min_new_tokens=6, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            lp = response_logprobs(model, s.sequences, s.attention_mask, s.prompt_len)
+    finally:
+        handle.remove()
+    lengths = s.action_mask.sum(1)
+    assert (lengths == 7).all()  # 6 forced tokens, then eos (the hook also makes this the generic-forward path)
+    assert ((lp - s.rollout_logprobs).abs() * s.action_mask).max() < 1e-4  # logprobs of the unbanned softmax
+
+
 def test_left_padding_does_not_change_results(model_tok):
     model, tok = model_tok
     short, long_ = prompts(tok, ["Hi", "What do you think of this movie? Tell me more."])
     with torch.no_grad():
+        # Greedy (top_k=1): this random model has near-tied logits, so even a low temperature samples.
         s_batch = generate(model, [short, long_], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                           max_new_tokens=8, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+                           max_new_tokens=8, top_k=1)
         s_alone = generate(model, [short], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=8,
-                           temperature=1e-3, generator=torch.Generator().manual_seed(0))
+                           top_k=1)
     n = int(s_alone.action_mask[0].sum())
     assert s_batch.responses[0, :n].tolist() == s_alone.responses[0, :n].tolist()
 
