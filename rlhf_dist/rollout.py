@@ -88,10 +88,12 @@ class CacheDecoder:
 class StaticDecoder:
     """A tight decode step for Llama-family models on a preallocated (static) KV cache.
 
-    It uses the model's own weights (by reference, so a weight sync is seen at once) through plain
-    functional calls, and skips what the generic forward redoes every step: module dispatch, building a
-    4D mask, recomputing the rotary table and concatenating the cache. The prompt goes through the
-    regular forward (prefill), whose cache is copied in once. Measured in scripts/bench_ppo.py --decode.
+    The prompt goes through the regular forward (prefill), whose cache is copied in once. Each step then
+    skips what the generic forward redoes: module dispatch, building a 4D mask, recomputing the rotary
+    table, concatenating the cache. The weights are copied once per `generate` call (a few ms; a weight
+    sync never lands inside a call) into the layout a step wants: q/k/v and gate/up fused into one matrix
+    each, every matrix transposed to (in, out) so a step's matmuls read them contiguously. Measured in
+    scripts/bench_ppo.py --decode (docs/benchmarks.md).
     """
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -105,75 +107,92 @@ class StaticDecoder:
             return False
         if window and getattr(model.config, "use_sliding_window", True) and total_len > window:
             return False
+        if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:  # the step rotates whole heads
+            return False
         mods = list(model.modules())
         return (all(type(m) is torch.nn.Linear for m in mods if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__)
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in mods))
 
     def __init__(self, model, cache, attn: torch.Tensor, max_new_tokens: int):
-        base = model.model
+        base, cfg = model.model, model.config
         n, P = attn.shape
         L = P + max_new_tokens
-        self.embed, self.lm_head = base.embed_tokens.weight, model.lm_head.weight
+        attn0 = base.layers[0].self_attn
+        self.head_dim, self.scale = attn0.head_dim, attn0.scaling
+        self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.embed = base.embed_tokens.weight  # (V, H)
+        self.lm_head = model.lm_head.weight.t().contiguous()  # (H, V)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.layers = [(l.input_layernorm.weight, l.input_layernorm.variance_epsilon,
-                        l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
-                        l.post_attention_layernorm.weight, l.post_attention_layernorm.variance_epsilon,
-                        l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj, l.mlp.act_fn) for l in base.layers]
-        self.head_dim, self.scale = base.layers[0].self_attn.head_dim, base.layers[0].self_attn.scaling
-        positions = torch.arange(L, device=attn.device)[None]  # (1, L)
-        cos, sin = base.rotary_emb(cache.layers[0].keys, positions)  # (1, L, D) each, the model's own RoPE
-        self.cos, self.sin = cos[0], sin[0]  # (L, D)
+        self.layers = [self._pack(layer) for layer in base.layers]
+        cos, sin = base.rotary_emb(cache.layers[0].keys, torch.arange(L, device=attn.device)[None])  # (1, L, D)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the sign goes into the table once.
+        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # (L, D)
         self.k, self.v = [], []
         for layer in cache.layers:
-            k = layer.keys.new_zeros((n, layer.keys.shape[1], L, layer.keys.shape[3]))  # (n, kvH, L, D)
+            k = layer.keys.new_zeros((n, self.hkv, L, self.head_dim))  # (n, kvH, L, D)
             v = torch.zeros_like(k)
             k[:, :, :P], v[:, :, :P] = layer.keys, layer.values
             self.k.append(k)
             self.v.append(v)
-        self.mask = torch.zeros((n, L), dtype=torch.bool, device=attn.device)  # (n, L) attendable slots
-        self.mask[:, :P] = attn.bool()
+        # Additive attention bias: -inf on left-padding slots; None (no op per step) when nothing is padded.
+        pad = torch.nn.functional.pad(attn == 0, (0, max_new_tokens))  # (n, L)
+        self.bias = (torch.zeros((n, 1, 1, L), dtype=k.dtype, device=attn.device).masked_fill_(
+            pad[:, None, None, :], float("-inf")) if bool(pad.any()) else None)  # (n, 1, 1, L)
         self.t = P
+
+    @staticmethod
+    def _pack(layer) -> tuple:
+        a, m = layer.self_attn, layer.mlp
+
+        def fused(*linears):  # (in, sum of outs) weight and bias (or None)
+            w = torch.cat([l.weight for l in linears]).t().contiguous()
+            b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
+            return w, b
+
+        return (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                fused(a.q_proj, a.k_proj, a.v_proj), fused(a.o_proj),
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                fused(m.gate_proj, m.up_proj), fused(m.down_proj), m.act_fn)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, wb: tuple) -> torch.Tensor:
+        w, b = wb
+        return x @ w if b is None else torch.addmm(b, x, w)
 
     def select(self, idx: torch.Tensor) -> None:
         self.k = [k[idx] for k in self.k]
         self.v = [v[idx] for v in self.v]
-        self.mask = self.mask[idx]
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (n, h, 1, D) rotated by the half-split convention of Llama's apply_rotary_pos_emb."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        if self.bias is not None:
+            self.bias = self.bias[idx]
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok (n,), pos (n,) -> next-token logits (n, V)."""
         import torch.nn.functional as F
 
-        n, t, D = tok.shape[0], self.t, self.head_dim
-        self.mask[:, t] = True
-        masked = ~self.mask[:, None, None, : t + 1]  # (n, 1, 1, t+1)
-        cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # (n, 1, 1, D)
+        n, t, D, hq, hkv = tok.shape[0], self.t, self.head_dim, self.hq, self.hkv
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, D)
+        bias = None if self.bias is None else self.bias[..., : t + 1]  # (n, 1, 1, t+1)
         h = F.embedding(tok, self.embed)  # (n, H): 2-D activations take the cheaper matmul path
         H = (h.shape[-1],)
-        for i, (w1, e1, q_proj, k_proj, v_proj, o_proj, w2, e2, gate, up, down, act) in enumerate(self.layers):
-            x = F.rms_norm(h, H, w1, e1)
-            q = F.linear(x, q_proj.weight, q_proj.bias).view(n, -1, 1, D)  # (n, Hq, 1, D)
-            k = F.linear(x, k_proj.weight, k_proj.bias).view(n, -1, 1, D)  # (n, kvH, 1, D)
-            v = F.linear(x, v_proj.weight, v_proj.bias).view(n, -1, D)  # (n, kvH, D)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.k[i][:, :, t] = k[:, :, 0]
-            self.v[i][:, :, t] = v
+        for i, (w1, e1, qkv, o_proj, w2, e2, gate_up, down, act) in enumerate(self.layers):
+            y = self._linear(F.rms_norm(h, H, w1, e1), qkv).view(n, hq + 2 * hkv, D)  # (n, Hq + 2 kvH, D)
+            qk = y[:, : hq + hkv]  # (n, Hq + kvH, D): q and k heads rotate together
+            qk = qk * cos + qk.view(n, hq + hkv, 2, D // 2).flip(2).view(n, hq + hkv, D) * sin
+            self.k[i][:, :, t] = qk[:, hq:]
+            self.v[i][:, :, t] = y[:, hq + hkv:]
             # One query token: plain matmuls beat the flash kernel at these sizes. Query heads are grouped
             # per key/value head (as HF's repeat_kv orders them), which covers grouped-query attention.
-            qg = q.reshape(n, k.shape[1], -1, D)  # (n, kvH, G, D)
-            scores = qg @ self.k[i][:, :, : t + 1].transpose(-1, -2) * self.scale  # (n, kvH, G, t+1)
-            o = scores.masked_fill(masked, float("-inf")).softmax(-1) @ self.v[i][:, :, : t + 1]  # (n, kvH, G, D)
-            h = h + F.linear(o.reshape(n, -1), o_proj.weight, o_proj.bias)
-            x = F.rms_norm(h, H, w2, e2)
-            h = h + F.linear(act(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias),
-                             down.weight, down.bias)
+            qg = qk[:, :hq].reshape(n, hkv, hq // hkv, D)  # (n, kvH, G, D)
+            scores = qg @ self.k[i][:, :, : t + 1].transpose(-1, -2)  # (n, kvH, G, t+1)
+            scores = scores * self.scale if bias is None else torch.add(bias, scores, alpha=self.scale)
+            att = scores.softmax(-1) @ self.v[i][:, :, : t + 1]  # (n, kvH, G, D)
+            h = h + self._linear(att.reshape(n, hq * D), o_proj)
+            gu = self._linear(F.rms_norm(h, H, w2, e2), gate_up)  # (n, 2I)
+            g, u = gu.chunk(2, dim=-1)
+            h = h + self._linear(act(g) * u, down)
         self.t += 1
-        return F.linear(F.rms_norm(h, H, *self.norm), self.lm_head)  # (n, V)
+        return F.rms_norm(h, H, *self.norm) @ self.lm_head  # (n, V)
 
 
 @torch.no_grad()
