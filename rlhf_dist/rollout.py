@@ -90,13 +90,17 @@ class StaticDecoder:
 
     The prompt goes through the regular forward (prefill), whose cache is copied in once. Each step then
     skips what the generic forward redoes: module dispatch, building a 4D mask, recomputing the rotary
-    table, concatenating the cache. The weights are copied once per `generate` call (a few ms; a weight
-    sync never lands inside a call) into the layout a step wants: q/k/v and gate/up fused into one matrix
-    each, every matrix transposed to (in, out) so a step's matmuls read them contiguously. Measured in
-    scripts/bench_ppo.py --decode (docs/benchmarks.md).
+    table, concatenating the cache.
+
+    Models of at most PACK_MAX_BYTES of weights are copied once per `generate` call (a weight sync never
+    lands inside a call) into the layout a step wants: q/k/v and gate/up fused into one matrix each, every
+    matrix transposed to (in, out). On the benchmark model that made decoding 0.98-1.13x as fast, about
+    1.09x typically (docs/benchmarks.md). Larger models use their own weights by reference: the copy would double the
+    rollout's weight memory for the length of a call.
     """
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    PACK_MAX_BYTES = 256 * 2**20
 
     @classmethod
     def supports(cls, model, total_len: int) -> bool:
@@ -121,9 +125,10 @@ class StaticDecoder:
         self.head_dim, self.scale = attn0.head_dim, attn0.scaling
         self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.embed = base.embed_tokens.weight  # (V, H)
-        self.lm_head = model.lm_head.weight.t().contiguous()  # (H, V)
+        pack = sum(p.numel() * p.element_size() for p in model.parameters()) <= self.PACK_MAX_BYTES
+        self.lm_head = self._linear(pack, model.lm_head)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.layers = [self._pack(layer) for layer in base.layers]
+        self.layers = [self._layer(layer, pack) for layer in base.layers]
         cos, sin = base.rotary_emb(cache.layers[0].keys, torch.arange(L, device=attn.device)[None])  # (1, L, D)
         half = self.head_dim // 2
         # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the sign goes into the table once.
@@ -141,24 +146,26 @@ class StaticDecoder:
             pad[:, None, None, :], float("-inf")) if bool(pad.any()) else None)  # (n, 1, 1, L)
         self.t = P
 
-    @staticmethod
-    def _pack(layer) -> tuple:
+    @classmethod
+    def _layer(cls, layer, pack: bool) -> tuple:
         a, m = layer.self_attn, layer.mlp
-
-        def fused(*linears):  # (in, sum of outs) weight and bias (or None)
-            w = torch.cat([l.weight for l in linears]).t().contiguous()
-            b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
-            return w, b
-
         return (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                fused(a.q_proj, a.k_proj, a.v_proj), fused(a.o_proj),
+                cls._linear(pack, a.q_proj, a.k_proj, a.v_proj), cls._linear(pack, a.o_proj),
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                fused(m.gate_proj, m.up_proj), fused(m.down_proj), m.act_fn)
+                cls._linear(pack, m.gate_proj, m.up_proj), cls._linear(pack, m.down_proj), m.act_fn)
 
     @staticmethod
-    def _linear(x: torch.Tensor, wb: tuple) -> torch.Tensor:
-        w, b = wb
-        return x @ w if b is None else torch.addmm(b, x, w)
+    def _linear(pack: bool, *linears):
+        """-> a function x (n, in) -> the outputs of `linears` side by side (n, sum of outs)."""
+        import torch.nn.functional as F
+
+        if pack:
+            w = torch.cat([l.weight for l in linears]).t().contiguous()  # (in, sum of outs)
+            b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
+            return (lambda x: x @ w) if b is None else (lambda x: torch.addmm(b, x, w))
+        if len(linears) == 1:
+            return lambda x: F.linear(x, linears[0].weight, linears[0].bias)
+        return lambda x: torch.cat([F.linear(x, l.weight, l.bias) for l in linears], dim=-1)
 
     def select(self, idx: torch.Tensor) -> None:
         self.k = [k[idx] for k in self.k]
@@ -176,7 +183,7 @@ class StaticDecoder:
         h = F.embedding(tok, self.embed)  # (n, H): 2-D activations take the cheaper matmul path
         H = (h.shape[-1],)
         for i, (w1, e1, qkv, o_proj, w2, e2, gate_up, down, act) in enumerate(self.layers):
-            y = self._linear(F.rms_norm(h, H, w1, e1), qkv).view(n, hq + 2 * hkv, D)  # (n, Hq + 2 kvH, D)
+            y = qkv(F.rms_norm(h, H, w1, e1)).view(n, hq + 2 * hkv, D)  # (n, Hq + 2 kvH, D)
             qk = y[:, : hq + hkv]  # (n, Hq + kvH, D): q and k heads rotate together
             qk = qk * cos + qk.view(n, hq + hkv, 2, D // 2).flip(2).view(n, hq + hkv, D) * sin
             self.k[i][:, :, t] = qk[:, hq:]
@@ -187,12 +194,12 @@ class StaticDecoder:
             scores = qg @ self.k[i][:, :, : t + 1].transpose(-1, -2)  # (n, kvH, G, t+1)
             scores = scores * self.scale if bias is None else torch.add(bias, scores, alpha=self.scale)
             att = scores.softmax(-1) @ self.v[i][:, :, : t + 1]  # (n, kvH, G, D)
-            h = h + self._linear(att.reshape(n, hq * D), o_proj)
-            gu = self._linear(F.rms_norm(h, H, w2, e2), gate_up)  # (n, 2I)
+            h = h + o_proj(att.reshape(n, hq * D))
+            gu = gate_up(F.rms_norm(h, H, w2, e2))  # (n, 2I)
             g, u = gu.chunk(2, dim=-1)
-            h = h + self._linear(act(g) * u, down)
+            h = h + down(act(g) * u)
         self.t += 1
-        return F.rms_norm(h, H, *self.norm) @ self.lm_head  # (n, V)
+        return self.lm_head(F.rms_norm(h, H, *self.norm))  # (n, V)
 
 
 @torch.no_grad()

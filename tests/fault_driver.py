@@ -2,7 +2,6 @@
 Start it in a new session: it kills its own process group.
 
     python tests/fault_driver.py CONFIG sft-checkpoint        after SFT's first Ray Train checkpoint is registered
-    python tests/fault_driver.py CONFIG after-learner:N       in PPO iteration N: learners updated, nothing synced or saved
     python tests/fault_driver.py CONFIG mid-save:NAME         while writing ppo/NAME: files written, no manifest yet
 """
 
@@ -35,15 +34,6 @@ def arm(config: str, where: str) -> None:
             die()
 
         threading.Thread(target=watch, daemon=True).start()
-    elif kind == "after-learner":
-        check = ppo.PPORun.check_learners
-
-        def check_then_die(self, it, *args):
-            if it + 1 == int(arg):
-                die()
-            return check(self, it, *args)
-
-        ppo.PPORun.check_learners = check_then_die
     elif kind == "mid-save":
         write = ppo.write_json_atomic
 

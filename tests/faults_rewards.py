@@ -11,6 +11,3 @@ def positivity_or_nan(prompts, responses):
     scores = positivity_reward(prompts, responses)
     return [float("nan")] * len(scores) if _calls[0] == 3 else scores
 
-
-def always_nan(prompts, responses):
-    return [float("nan")] * len(responses)

@@ -1,7 +1,7 @@
-"""A driver SIGKILLed mid-SFT, mid-PPO-iteration and mid-save; each time the same command resumes
-(this is also the test that PPO and SFT resume is exact).
-The run that crashed three times ends with the same SFT model, PPO metrics and PPO weights as a run
-that never crashed."""
+"""A driver SIGKILLed mid-SFT and mid-save, after two PPO updates that no checkpoint holds; each time
+the same command resumes (this is also the test that PPO and SFT resume is exact).
+The run that crashed twice ends with the same SFT model, PPO metrics and PPO weights as a run that
+never crashed."""
 
 from __future__ import annotations
 
@@ -52,14 +52,16 @@ def write_config(tiny, save_dir: Path) -> Path:
     return path
 
 
-def test_driver_killed_three_times_resumes_exactly(tiny, tmp_path):
+def test_driver_killed_twice_resumes_exactly(tiny, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     rc, secs = start(write_config(tiny, a), None)
     assert rc == 0
     print(f"uninterrupted: {secs:.1f}s")
 
     cfg_b = write_config(tiny, b)
-    for fault in ("sft-checkpoint", "after-learner:3", "mid-save:iteration_000004"):
+    # The mid-save kill lands after iterations 3 and 4 have updated the learners, before any of that is
+    # saved: the resumed run must redo both updates exactly once.
+    for fault in ("sft-checkpoint", "mid-save:iteration_000004"):
         rc, secs = start(cfg_b, fault)
         assert rc == -signal.SIGKILL, fault
         print(f"killed at {fault}: {secs:.1f}s")
@@ -74,7 +76,7 @@ def test_driver_killed_three_times_resumes_exactly(tiny, tmp_path):
 
     log = (b / "logs" / "run.log").read_text()
     assert "sft: resuming from Ray Train checkpoint" in log
-    assert log.count("ppo: resuming from") == 2  # after the mid-iteration kill and after the mid-save kill
+    assert log.count("ppo: resuming from") == 1  # after the mid-save kill
     assert "left by an interrupted save" in log
     assert not list((b / "ppo").glob(".iteration_*"))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_config
+from conftest import base_config, iteration_rows
 from rlhf_dist.checkpoint import is_complete
 
 pytestmark = pytest.mark.timeout(600)
@@ -208,6 +208,8 @@ def test_pipeline_job_on_two_nodes(cluster, run_config):
     for d in ("sft/best_model", "reward_model/best_model", "ppo/iteration_000001", "ppo/final_model"):
         assert is_complete(save / d), d
     assert (save / "config.json").is_file()
+    rows = iteration_rows(save)
+    assert len(rows) == 2 and all("rm_score" in r for r in rows)  # PPO scored with the trained reward model
 
     placed = {(m[1], int(m[2])): (m[3], int(m[4]))
               for m in re.finditer(r"role (\w+)-(\d+) on node ([0-9a-f]{12}) pid (\d+)", logs)}

@@ -63,21 +63,3 @@ def test_reward_rises(ppo_run):
     for key in ("kl", "policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy", "response_length",
                 "time/rollout", "time/experience", "time/learner", "time/sync", "tokens_per_s", "fn_score"):
         assert all(r[key] is not None for r in rows), key
-
-
-def test_full_pipeline_cli(tiny, tmp_path, local_ray):
-    """`rlhf-dist run`: SFT -> RM -> PPO on the demo task; a second run skips completed stages."""
-    from rlhf_dist.cli import main
-
-    save = tmp_path / "run"
-    cfg = base_config(tiny, save, ppo_iterations=2, save_interval=1)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(cfg))
-    assert main(["run", str(path)]) == 0
-    for d in ("sft/best_model", "reward_model/best_model", "ppo/iteration_000001", "ppo/final_model"):
-        assert is_complete(save / d), d
-    rows = iteration_rows(save)
-    assert len(rows) == 2 and all("rm_score" in r for r in rows)
-    assert main(["run", str(path)]) == 0
-    log = (save / "logs" / "run.log").read_text()
-    assert "sft: already complete" in log and "ppo: already complete" in log

@@ -38,10 +38,11 @@ def test_generation_matches_scoring_and_stops_at_eos(model_tok):
     assert ((lp - s.rollout_logprobs).abs() * s.action_mask).max() < 1e-4
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention
-def test_static_decoder_matches_the_model_forward(tiny, kv_heads):
-    """The StaticDecoder and the generic forward + DynamicCache pick the same greedy tokens with the same
-    logprobs, with left padding and rows leaving the batch at eos."""
+@pytest.mark.parametrize("kv_heads,pack", [(4, True), (2, True), (4, False)])  # 2: grouped-query attention
+def test_static_decoder_matches_the_model_forward(tiny, kv_heads, pack, monkeypatch):
+    """The StaticDecoder (weights packed, or by reference as for large models) and the generic forward +
+    DynamicCache pick the same greedy tokens with the same logprobs, with left padding and rows leaving
+    the batch at eos."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     from rlhf_dist.rollout import StaticDecoder
@@ -53,6 +54,8 @@ def test_static_decoder_matches_the_model_forward(tiny, kv_heads):
     tok = load_tokenizer(str(tiny["model"]))
     ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 3)
     assert StaticDecoder.supports(model, 64)
+    if not pack:
+        monkeypatch.setattr(StaticDecoder, "PACK_MAX_BYTES", 0)
     outs = [generate(model, ps, pad_id=tok.pad_token_id, eos_id=cfg.eos_token_id, max_new_tokens=24, top_k=1,
                      static=static) for static in (True, False)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
