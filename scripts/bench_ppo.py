@@ -35,7 +35,8 @@ PROMPTS, PROMPT_LEN, NEW_TOKENS, MINI_BATCHES = 16, 32, 64, 2
 WARMUP = 1
 CPUS = os.cpu_count() or 2
 
-# rlhf-dist's settings for this machine (each measured in docs/benchmarks.md; --ab KEY=VALUE undoes one):
+# rlhf-dist's settings for this machine (zero_stage and the rollout split are measured in docs/benchmarks.md;
+# --ab KEY=VALUE runs a variant beside them):
 OUR_SETTINGS = {
     # One learner worker per role: ZeRO has nothing to shard, and stage 2's bucketing costs ~0.15 s/iteration.
     "zero_stage": 0,
