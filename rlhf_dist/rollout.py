@@ -95,8 +95,8 @@ class StaticDecoder:
     Models of at most PACK_MAX_BYTES of weights are copied once per `generate` call (a weight sync never
     lands inside a call) into the layout a step wants: q/k/v and gate/up fused into one matrix each, every
     matrix transposed to (in, out). On the benchmark model that made decoding 0.98-1.13x as fast, about
-    1.09x typically (docs/benchmarks.md). Larger models use their own weights by reference: the copy would double the
-    rollout's weight memory for the length of a call.
+    1.09x typically (docs/benchmarks.md). Larger models use their own weights by reference: the copy
+    would double the rollout's weight memory for the length of a call.
     """
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
