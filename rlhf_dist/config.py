@@ -171,6 +171,12 @@ class RLHFConfig(_Strict):
     """false: PPO's old logprobs are the rollout's sampling logprobs (the same weights, synced every
     iteration; one forward pass fewer). true: the policy learner recomputes them, as OpenRLHF and verl
     do; worth it when the rollout runs another precision or engine than the learner."""
+    ppo_overlap_rollout: bool = False
+    """true: the rollout of iteration k+1 runs while iteration k's experience and learner phases run, on
+    the weights from before iteration k's update (one-step off-policy; `rollout_lag` in the metrics). With
+    the rollout's logprobs as old logprobs, PPO's ratio corrects for the lag. Pays where the rollout has
+    devices or cores of its own, or leaves cores idle (docs/benchmarks.md). A resumed run redoes the
+    first rollout on-policy, so it is not bit-identical to an uninterrupted one."""
     critic_init: Literal["sft", "reward"] = "sft"
     """Initialise the critic from the SFT policy (default) or from the reward model."""
 

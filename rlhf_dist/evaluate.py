@@ -158,7 +158,8 @@ def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size
         ids, attn = pad_right([e.input_ids for e in convs[a:b]], pad_id)  # (B, T)
         mask, _ = pad_right([e.loss_mask for e in convs[a:b]], 0)  # (B, T)
         ids, attn = ids.to(device), attn.to(device)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits  # (B, T, V)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
+                       use_cache=False).logits  # (B, T, V)
         lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1): token t+1 given the prefix
         m = mask[:, 1:].to(device).float()  # (B, T-1)
         nll -= (lp.float() * m).sum().item()

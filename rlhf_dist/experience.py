@@ -16,8 +16,9 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     projected to the vocabulary (`logits_to_keep`), the rest of the sequence is context."""
     R = sequences.shape[1] - prompt_len
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                logits_to_keep=R + 1)
-    return out.logits[:, :-1].float() / temperature  # (B, R, V)
+                logits_to_keep=R + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()  # (B, R, V)
+    return logits if temperature == 1.0 else logits / temperature  # skip a pass over (B, R, V) when it is a no-op
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:

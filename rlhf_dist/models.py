@@ -103,7 +103,7 @@ def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     """Per-token scalar outputs of a reward/critic model: (B, T) -> (B, T)."""
     position_ids = position_ids_from_mask(attention_mask)  # (B, T)
     hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids).last_hidden_state  # (B, T, H)
+                             position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
     return model.score(hidden).squeeze(-1).float()  # (B, T)
 
 

@@ -164,6 +164,16 @@ class PromptSampler:
         return out
 
 
+@dataclass
+class Ahead:
+    """The next iteration's rollout, started before this iteration's update (`ppo_overlap_rollout`)."""
+
+    it: int
+    ids: list[int]
+    refs: list
+    samples: object = None  # the merged Samples, once awaited
+
+
 class LearnerLost(RuntimeError):
     """A policy or critic learner died: its optimizer state is gone, so the run reloads a checkpoint."""
 
@@ -224,6 +234,7 @@ class PPORun:
         self.bad_steps = BadStepCounter(cfg.max_bad_steps)
         self.spikes = {k: SpikeDetector(cfg.grad_spike_factor) for k in ("policy", "critic")}
         self.roles: Roles | None = None
+        self.ahead: Ahead | None = None
 
     # ------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -276,9 +287,10 @@ class PPORun:
         cfg = self.cfg
         timers = Timers()
         t_iter = time.perf_counter()
-        ids = self.sampler.next(cfg.ppo_batch_size)
+        ids = self.ahead.ids if self.ahead is not None else self.sampler.next(cfg.ppo_batch_size)
         # Rollout and experience change no state, so a restarted actor just means doing them again.
         samples, old_logp, values, ref_logp, rew = self._retrying("experience", lambda: self.collect(it, ids, timers))
+        lag = self.version - samples.version  # updates between the rollout's weights and the learner's
         scores = torch.cat([r["score"] for r in rew])  # (B,)
         responses = [t for r in rew for t in r["responses"]]
         with timers.phase("advantages"):
@@ -304,6 +316,8 @@ class PPORun:
                 pstats, cstats = self.learn(exp, cfg.seed * 7919 + it)
             self.check_learners(it, pstats, cstats, rec)
             self.version = pstats["version"]
+            with timers.phase("rollout"):  # the part of the next rollout that the update did not hide
+                self._await_ahead()
             with timers.phase("sync"):
                 moved = self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
             self.kl_ctl.update(est["kl"], cfg.ppo_batch_size)
@@ -311,7 +325,9 @@ class PPORun:
         with timers.phase("checkpoint"):
             if (it + 1) % cfg.save_interval == 0 or it + 1 == cfg.ppo_iterations:
                 _save_iteration(cfg, self.roles, self.dir / f"iteration_{it + 1:06d}", self.inputs.tokenizer, {
-                    "iteration": it + 1, "cursor": self.sampler.cursor, "version": self.version,
+                    # A rollout started ahead is redone after a resume: its prompts are not consumed yet.
+                    "iteration": it + 1, "cursor": self.sampler.cursor - (len(self.ahead.ids) if self.ahead else 0),
+                    "version": self.version,
                     "kl_ctl": self.kl_ctl.state_dict()})
         seconds = time.perf_counter() - t_iter
         rec.update({**est, "kl_coef": self.kl_ctl.value,
@@ -319,7 +335,7 @@ class PPORun:
                                               "first_ratio_mean", "first_ratio_dev_max") if k in pstats},
                     "value_loss": cstats.get("value_loss"), "value_clip_frac": cstats.get("value_clip_frac"),
                     "critic_grad_norm": cstats.get("grad_norm"),
-                    "weight_version": self.version, "rollout_version": samples.version,
+                    "weight_version": self.version, "rollout_version": samples.version, "rollout_lag": lag,
                     "actor_restarts": self.actor_restarts, "learner_restarts": self.learner_restarts,
                     "bad_steps": self.bad_steps.total, "seconds": seconds,
                     "tokens_per_s": float(samples.action_mask.sum()) / seconds, "samples_per_s": len(samples) / seconds,
@@ -342,19 +358,23 @@ class PPORun:
         return rec, rows
 
     def collect(self, it: int, ids: list[int], timers: Timers):
-        """The rollout and experience phases: samples, then the four forwards at once on their own actors."""
-        roles, tok, prompts = self.roles, self.tok, self.prompts
+        """The rollout and experience phases: samples (started ahead, or now), then the four forwards at
+        once on their own actors. With ppo_overlap_rollout the next iteration's rollout starts here."""
+        cfg, roles, prompts = self.cfg, self.roles, self.prompts
         with timers.phase("rollout"):
-            parts = split(len(ids), len(roles.rollout))
-            refs = [a.generate.remote([self.prompt_ids[i] for i in ids[s:e]], ids[s:e],
-                                      self.cfg.seed * 100003 + it * 101 + k, tok.pad_token_id, tok.eos_token_id)
-                    for k, (a, (s, e)) in enumerate(zip(roles.rollout, parts))]
-            samples = merge_samples(self._wait(refs, "rollout", "rollout"), tok.pad_token_id)
+            ahead, self.ahead = self.ahead, None  # taken: if its actor died, the retry generates afresh
+            if ahead is not None and ahead.samples is not None:
+                samples = ahead.samples
+            else:
+                samples = self._gather(ahead.refs if ahead is not None else self._launch(it, ids))
+            if cfg.ppo_overlap_rollout and it + 1 < cfg.ppo_iterations:
+                nxt = self.sampler.next(cfg.ppo_batch_size)
+                self.ahead = Ahead(it + 1, nxt, self._launch(it + 1, nxt))
         with timers.phase("experience"):
             def fan(group, method):
                 return [getattr(a, method).remote(slice_samples(samples, s, e))
                         for a, (s, e) in zip(group, split(len(samples), len(group)))]
-            r_old = fan(roles.policy, "forward") if self.cfg.ppo_recompute_old_logprobs else None
+            r_old = fan(roles.policy, "forward") if cfg.ppo_recompute_old_logprobs else None
             r_val = fan(roles.critic, "forward")
             r_ref = fan(roles.reference, "logprobs")
             r_rew = [a.score.remote(slice_samples(samples, s, e), [prompts[i] for i in samples.sample_ids[s:e]])
@@ -365,6 +385,26 @@ class PPORun:
             ref_logp = torch.cat(self._wait(r_ref, "reference", "experience"))  # (B, R)
             rew = self._wait(r_rew, "reward", "experience")
         return samples, old_logp, values, ref_logp, rew
+
+    def _launch(self, it: int, ids: list[int]) -> list:
+        """Start the rollout of iteration `it`: the prompts split across the rollout workers."""
+        tok = self.tok
+        return [a.generate.remote([self.prompt_ids[i] for i in ids[s:e]], ids[s:e],
+                                  self.cfg.seed * 100003 + it * 101 + k, tok.pad_token_id, tok.eos_token_id)
+                for k, (a, (s, e)) in enumerate(zip(self.roles.rollout, split(len(ids), len(self.roles.rollout))))]
+
+    def _gather(self, refs: list):
+        return merge_samples(self._wait(refs, "rollout", "rollout"), self.tok.pad_token_id)
+
+    def _await_ahead(self) -> None:
+        """Finish the rollout started ahead before the weights change under it (the sync needs the rollout
+        idle). A rollout worker that died meanwhile is restarted and the rollout redone on current weights."""
+        ahead = self.ahead
+        if ahead is None or ahead.samples is not None:
+            return
+        pending = [ahead.refs]
+        ahead.samples = self._retrying("rollout", lambda: self._gather(
+            pending.pop() if pending else self._launch(ahead.it, ahead.ids)))
 
     def learn(self, exp, seed: int) -> tuple[dict, dict]:
         r_pol = [a.train.remote(exp, seed) for a in self.roles.policy]

@@ -59,7 +59,8 @@ def sft_count(items: list[Encoded]) -> int:
 def sft_loss(model, batch: dict[str, torch.Tensor], norm: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of assistant-token NLL divided by `norm` (the optimizer step's global token count)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, T)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits  # (B, T, V)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
+                   use_cache=False).logits  # (B, T, V)
     logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1)
     mask = batch["loss_mask"][:, 1:].float()  # (B, T-1)
     nll_sum = -(logp * mask).sum()

@@ -2,8 +2,8 @@
 
     pip install -e .[bench]                     # TRL 1.12, the last release with PPOTrainer
     python scripts/bench_ppo.py --rounds 2      # ours, TRL, ours, TRL: medians over all rounds, and the ratio
-    python scripts/bench_ppo.py --no-trl --ab zero_stage=2 --ab ppo_recompute_old_logprobs=true
-                                                # before/after rows: our config, and with each --ab's overrides
+    python scripts/bench_ppo.py --ab ppo_overlap_rollout=false roles.rollout.num_workers=2
+                                                # also the on-policy variant (each --ab: our config with overrides)
     python scripts/bench_ppo.py --decode        # the rollout's decode loop against transformers `generate`
     python scripts/bench_ppo.py --quick ...     # 3 timed iterations instead of 10, for development
 
@@ -40,10 +40,14 @@ CPUS = os.cpu_count() or 2
 OUR_SETTINGS = {
     # One learner worker per role: ZeRO has nothing to shard, and stage 2's bucketing costs ~0.15 s/iteration.
     "zero_stage": 0,
+    # The next iteration's rollout runs during this one's experience and learner phases (one-step
+    # off-policy). One rollout worker decodes all 16 prompts: a decode step costs about the same for 8 rows
+    # as for 16, so a second worker would only take CPU from the update. The on-policy figure:
+    # --ab ppo_overlap_rollout=false roles.rollout.num_workers=2
+    "ppo_overlap_rollout": True,
     # Single-threaded actors: at these sizes a second thread gains little and a busy core makes it wait.
-    # Two rollout workers decode 8 prompts each on the two cores; the three experience forwards and the two
-    # learners run side by side. Ray's CPU count is logical, so bundles may add up past the cores.
-    "roles": {"rollout": {"num_workers": CPUS, "num_cpus": 1},
+    # Ray's CPU count is logical, so bundles may add up past the cores.
+    "roles": {"rollout": {"num_workers": 1, "num_cpus": 1},
               **{r: {"num_cpus": 1} for r in ("policy", "critic", "reference", "reward")}},
     "cluster": {"num_cpus": 3 * CPUS},
 }

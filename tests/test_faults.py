@@ -6,6 +6,7 @@ a loss NaN at a chosen call. Recovered runs must end where an uninterrupted run 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -149,3 +150,25 @@ def test_kl_hard_stop_keeps_last_good_checkpoint(fault_ray, tiny, tmp_path, capl
         run(fault_ray, tiny, tmp_path, [], kl_max=1e-6, save_interval=1)
     assert not (tmp_path / "ppo" / "iteration_000002").exists()
     assert "ppo: stopped: ppo: KL" in caplog.text
+
+
+def test_overlapped_rollout_lags_one_step_and_recovers(fault_ray, tiny, tmp_path, caplog):
+    """ppo_overlap_rollout: iteration k+1's rollout runs during iteration k's update, on the weights from
+    before it (rollout_lag 1), and the rollout's logprobs make PPO's ratio correct for that. A rollout worker
+    SIGKILLed in such a rollout is restarted and the rollout redone on current weights (lag 0 there), and a
+    checkpoint leaves the prompts of a rollout started ahead unconsumed."""
+    kill = [{"target": "rlhf_dist.runtime:RolloutWorker.generate", "call": 2, "action": "kill"}]  # iteration 2's
+    run(fault_ray, tiny, tmp_path, kill, ppo_overlap_rollout=True)
+    rows = iteration_rows(tmp_path)
+    assert [r["rollout_lag"] for r in rows] == [0, 0, 1, 1]
+    assert [r["weight_version"] - r["rollout_version"] for r in rows] == [1, 1, 2, 2]
+    for r in rows:  # the first mini-batch is on-policy only where the rollout was
+        assert (r["first_ratio_dev_max"] < 1e-4) == (r["rollout_lag"] == 0), r
+    assert rows[-1]["actor_restarts"] == 1
+    assert "rollout-0 restarted after dying during phase 'rollout'" in caplog.text
+    for it in (2, 4):
+        state = json.loads((tmp_path / "ppo" / f"iteration_{it:06d}" / "state.json").read_text())
+        assert state["cursor"] == it * 8
+    start = load_file(Path(tiny["model"]) / "model.safetensors")
+    final = load_file(tmp_path / "ppo" / "final_model" / "model.safetensors")
+    assert all(not torch.equal(start[k], final[k]) for k in start)
