@@ -5,8 +5,10 @@
       logs/run.log              unified run log
       sft/best_model/           HF causal LM (safetensors) + tokenizer
       sft/metrics.jsonl
+      sft/stage_complete.json   written when the stage has finished (best_model is rewritten during it)
       reward_model/best_model/  HF sequence-classification model, num_labels=1
       reward_model/metrics.jsonl
+      reward_model/stage_complete.json
       ppo/iteration_000NNN/     policy/, critic/ (HF), {policy,critic}_engine/ (optimizer states), state.json
       ppo/final_model/          the final policy (HF) and critic/
       ppo/metrics.jsonl
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MARKER = "COMPLETE"
+STAGE_DONE = "stage_complete.json"
 
 
 class CheckpointError(RuntimeError):
@@ -95,6 +98,19 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 def is_complete(path: str | os.PathLike) -> bool:
     p = Path(path)
     return (p / MARKER).is_file() and (p / MANIFEST).is_file()
+
+
+def stage_finished(best_model: str | os.PathLike) -> bool:
+    """An SFT or reward stage ran to its end: its best_model is complete and the stage marker beside it
+    exists. A complete best_model alone may be the best of an interrupted run, saved mid-stage."""
+    p = Path(best_model)
+    return is_complete(p) and (p.parent / STAGE_DONE).is_file()
+
+
+def warn_if_unfinished(best_model: str | os.PathLike, user: str) -> None:
+    if is_complete(best_model) and not stage_finished(best_model):
+        log.warning("%s: %s is the best model so far of a stage that has not finished; rerun that stage "
+                    "(it resumes) to finish it", user, best_model)
 
 
 def verify(path: str | os.PathLike) -> None:

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, is_complete, write_json_atomic
+from .checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
 from .config import RLHFConfig, load_config, redact
 from .data import DataError, read_dataset
 from .tracking import setup_logging
@@ -118,7 +118,8 @@ class RLHFPipeline:
             device = self._device()
             for stage in stages:
                 done = self.stage_output(stage)
-                if is_complete(done):
+                # PPO writes final_model only at its end; SFT and RM rewrite best_model as they go.
+                if is_complete(done) if stage == "ppo" else stage_finished(done):
                     log.info("%s: already complete at %s, not rerun", stage, done)
                     out[stage] = done
                     continue

@@ -17,7 +17,7 @@ import torch
 
 from .algo import AdaptiveKLController, FixedKLController
 from .checkpoint import (atomic_dir, complete_iterations, is_complete, remove_stale_temps, safe_join, verify,
-                         write_json_atomic)
+                         warn_if_unfinished, write_json_atomic)
 from .config import RLHFConfig
 from .data import read_dataset, tokenize_prompts
 from .experience import experience_stats, make_experience
@@ -69,6 +69,9 @@ def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
     sft = safe_join(cfg.save_dir, "sft", "best_model")
     rm = safe_join(cfg.save_dir, "reward_model", "best_model")
     reference = str(sft) if is_complete(sft) else cfg.model_name
+    warn_if_unfinished(sft, "ppo")
+    if cfg.reward_model_weight != 0:
+        warn_if_unfinished(rm, "ppo")
     if not is_complete(sft):
         log.warning("ppo: no complete SFT checkpoint at %s; starting from model_name %s", sft, cfg.model_name)
     reward = None

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from .algo import logprobs_from_logits, pairwise_ranking_loss
-from .checkpoint import atomic_dir, is_complete, remove_stale_temps, safe_join
+from .checkpoint import (STAGE_DONE, atomic_dir, is_complete, remove_stale_temps, safe_join, warn_if_unfinished,
+                         write_json_atomic)
 from .config import RLHFConfig, load_config
 from .data import (Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences,
                    tokenize_sft)
@@ -117,6 +118,7 @@ def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
     """(model dir, why) for a stage: each stage starts from the previous stage's best model when present."""
     sft_best = safe_join(cfg.save_dir, "sft", "best_model")
     if stage == "reward" and is_complete(sft_best):
+        warn_if_unfinished(sft_best, "reward")
         return str(sft_best), "the SFT checkpoint"
     return cfg.model_name, "model_name (no SFT checkpoint in save_dir)" if stage == "reward" else "model_name"
 
@@ -366,4 +368,5 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     out = safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model", "best_model")
     if not is_complete(out):
         raise RuntimeError(f"{stage}: the job finished but {out} is not a complete checkpoint")
+    write_json_atomic(out.parent / STAGE_DONE, {"stage": stage, "best_model": out.name})
     return out

@@ -28,8 +28,14 @@ def arm(config: str, where: str) -> None:
         snapshot = Path(json.loads(Path(config).read_text())["save_dir"], "ray_train", "sft",
                         "checkpoint_manager_snapshot.json")
 
+        def registered() -> bool:
+            try:
+                return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+            except (OSError, ValueError, KeyError):  # not there yet, or caught mid-write
+                return False
+
         def watch():
-            while not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
+            while not registered():
                 time.sleep(0.05)
             die()
 

@@ -1,6 +1,7 @@
 import pytest
 
-from rlhf_dist.checkpoint import CheckpointError, atomic_dir, complete_iterations, is_complete, safe_join, verify
+from rlhf_dist.checkpoint import (STAGE_DONE, CheckpointError, atomic_dir, complete_iterations, is_complete, safe_join,
+                                  stage_finished, verify, write_json_atomic)
 
 
 def test_atomic_dir_seals_and_replaces(tmp_path):
@@ -107,3 +108,14 @@ def test_stage_outputs_cannot_leave_save_dir_through_a_symlink(tmp_path):
     (tmp_path / "run" / "ppo").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match="resolves outside"):
         safe_join(tmp_path / "run", "ppo")
+
+
+def test_a_best_model_saved_mid_stage_is_not_a_finished_stage(tmp_path):
+    """SFT and RM rewrite best_model at every better eval, so a complete best_model may come from an
+    interrupted run. Only the marker written when the job has finished lets a rerun skip the stage."""
+    best = tmp_path / "sft" / "best_model"
+    with atomic_dir(best) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert is_complete(best) and not stage_finished(best)
+    write_json_atomic(best.parent / STAGE_DONE, {"stage": "sft", "best_model": "best_model"})
+    assert stage_finished(best)

@@ -42,8 +42,10 @@ def start(cfg_path: Path, fault: str | None) -> tuple[int, float]:
 
 
 def write_config(tiny, save_dir: Path) -> Path:
-    # Small SFT batches: enough steps (270) that the kill lands between two SFT checkpoints.
-    cfg = base_config(tiny, save_dir, sft_epochs=1, sft_batch_size=4, train_save_steps=50, ppo_iterations=4,
+    # Small SFT batches, two epochs: 540 steps (about 10 s), so that the kill, which waits for Ray Train to
+    # register a checkpoint (seconds after its report), lands mid-SFT. With 270 steps it once landed just
+    # after epoch 1's best_model save, and the rerun wrongly took SFT as finished (now: stage_complete.json).
+    cfg = base_config(tiny, save_dir, sft_epochs=2, sft_batch_size=4, train_save_steps=50, ppo_iterations=4,
                       save_interval=2, ppo_batch_size=8, ppo_mini_batch_size=4, gen_max_new_tokens=8,
                       ppo_lr_policy=5e-4, reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0,
                       cluster={"num_cpus": 2}, wandb={"mode": "disabled"})
