@@ -196,6 +196,7 @@ def supervised_worker(config: dict) -> None:
         log.info("%s: resuming from Ray Train checkpoint %s at step %d of %d", stage, resumed.path, step, total)
         if rank == 0:
             truncate_metrics(task.out_dir / "metrics.jsonl", "step", step)
+    first_step, first_tokens = step, tokens_seen  # this attempt's share, for its own tokens/s
     metrics = MetricsWriter(task.out_dir / "metrics.jsonl") if rank == 0 else None
 
     def evaluate() -> dict[str, float]:
@@ -279,10 +280,12 @@ def supervised_worker(config: dict) -> None:
         save_model()
     if rank == 0:
         elapsed = time.time() - t_start
-        metrics.write({"summary": True, "steps": step, "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed,
-                       "best": best})
+        rate = (tokens_seen - first_tokens) / elapsed
+        metrics.write({"summary": True, "steps": step, "first_step": first_step, "seconds": elapsed,
+                       "tokens_per_s": rate, "best": best})
         metrics.close()
-        log.info("%s: done, %d steps in %.1fs, %.0f tokens/s, best %s", stage, step, elapsed, tokens_seen / elapsed, best)
+        log.info("%s: done, %d steps (%d in this attempt: %.1fs, %.0f tokens/s), best %s", stage, step,
+                 step - first_step, elapsed, rate, best)
     if dist.is_initialized():
         dist.barrier()
 
