@@ -107,6 +107,12 @@ def stage_finished(best_model: str | os.PathLike) -> bool:
     return is_complete(p) and (p.parent / STAGE_DONE).is_file()
 
 
+def mark_stage_finished(best_model: str | os.PathLike) -> None:
+    """Written when an SFT or reward job has returned: from now on a rerun skips the stage."""
+    p = Path(best_model)
+    write_json_atomic(p.parent / STAGE_DONE, {"stage": p.parent.name, "best_model": p.name})
+
+
 def warn_if_unfinished(best_model: str | os.PathLike, user: str) -> None:
     if is_complete(best_model) and not stage_finished(best_model):
         log.warning("%s: %s is the best model so far of a stage that has not finished; rerun that stage "

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from .algo import logprobs_from_logits, pairwise_ranking_loss
-from .checkpoint import (STAGE_DONE, atomic_dir, is_complete, remove_stale_temps, safe_join, warn_if_unfinished,
-                         write_json_atomic)
+from .checkpoint import (atomic_dir, is_complete, mark_stage_finished, remove_stale_temps, safe_join,
+                         warn_if_unfinished)
 from .config import RLHFConfig, load_config
 from .data import (Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences,
                    tokenize_sft)
@@ -371,5 +371,5 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     out = safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model", "best_model")
     if not is_complete(out):
         raise RuntimeError(f"{stage}: the job finished but {out} is not a complete checkpoint")
-    write_json_atomic(out.parent / STAGE_DONE, {"stage": stage, "best_model": out.name})
+    mark_stage_finished(out)
     return out

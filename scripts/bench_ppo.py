@@ -110,7 +110,7 @@ def exact_length_prompts(tok, prompts_file: Path, encode_prompt) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 def run_ours(assets: dict, work: Path, timed: int, overrides: list[str]) -> dict:
-    from rlhf_dist.checkpoint import STAGE_DONE, atomic_dir, write_json_atomic
+    from rlhf_dist.checkpoint import atomic_dir, mark_stage_finished
     from rlhf_dist.config import load_config
     from rlhf_dist.pipeline import ray_session
     from rlhf_dist.ppo import run_ppo
@@ -121,7 +121,7 @@ def run_ours(assets: dict, work: Path, timed: int, overrides: list[str]) -> dict
     for src, dst in ((assets["model"], save / "sft" / "best_model"), (assets["reward"], save / "reward_model" / "best_model")):
         with atomic_dir(dst) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-        write_json_atomic(dst.parent / STAGE_DONE, {"stage": dst.parent.name, "best_model": dst.name})
+        mark_stage_finished(dst)
     cfg = load_config({
         "model_name": assets["model"], "device": "cpu", "seed": 0, "max_length": PROMPT_LEN + NEW_TOKENS,
         "ppo_data_path": assets["prompts"], "ppo_iterations": WARMUP + timed, "ppo_batch_size": PROMPTS,

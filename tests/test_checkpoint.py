@@ -1,7 +1,7 @@
 import pytest
 
-from rlhf_dist.checkpoint import (STAGE_DONE, CheckpointError, atomic_dir, complete_iterations, is_complete, safe_join,
-                                  stage_finished, verify, write_json_atomic)
+from rlhf_dist.checkpoint import (CheckpointError, atomic_dir, complete_iterations, is_complete, mark_stage_finished,
+                                  safe_join, stage_finished, verify)
 
 
 def test_atomic_dir_seals_and_replaces(tmp_path):
@@ -117,5 +117,5 @@ def test_a_best_model_saved_mid_stage_is_not_a_finished_stage(tmp_path):
     with atomic_dir(best) as tmp:
         (tmp / "model.safetensors").write_bytes(b"x")
     assert is_complete(best) and not stage_finished(best)
-    write_json_atomic(best.parent / STAGE_DONE, {"stage": "sft", "best_model": "best_model"})
+    mark_stage_finished(best)
     assert stage_finished(best)
