@@ -113,6 +113,12 @@ def mark_stage_finished(best_model: str | os.PathLike) -> None:
     write_json_atomic(p.parent / STAGE_DONE, {"stage": p.parent.name, "best_model": p.name})
 
 
+def mark_stage_started(best_model: str | os.PathLike) -> None:
+    """Removes the marker when an SFT or reward job starts (again): if it then dies, its best_model may be
+    a mid-run one, and a rerun must not skip the stage because of the marker of an earlier run."""
+    (Path(best_model).parent / STAGE_DONE).unlink(missing_ok=True)
+
+
 def warn_if_unfinished(best_model: str | os.PathLike, user: str) -> None:
     if is_complete(best_model) and not stage_finished(best_model):
         log.warning("%s: %s is the best model so far of a stage that has not finished; rerun that stage "

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .algo import logprobs_from_logits, pairwise_ranking_loss
-from .checkpoint import (atomic_dir, is_complete, mark_stage_finished, remove_stale_temps, safe_join,
+from .checkpoint import (atomic_dir, is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join,
                          warn_if_unfinished)
 from .config import RLHFConfig, load_config
 from .data import (Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences,
@@ -367,8 +367,9 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.max_restarts, controller_failure_limit=0)),
     )
-    trainer.fit()
     out = safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model", "best_model")
+    mark_stage_started(out)
+    trainer.fit()
     if not is_complete(out):
         raise RuntimeError(f"{stage}: the job finished but {out} is not a complete checkpoint")
     mark_stage_finished(out)

@@ -1,7 +1,7 @@
 import pytest
 
 from rlhf_dist.checkpoint import (CheckpointError, atomic_dir, complete_iterations, is_complete, mark_stage_finished,
-                                  safe_join, stage_finished, verify)
+                                  mark_stage_started, safe_join, stage_finished, verify)
 
 
 def test_atomic_dir_seals_and_replaces(tmp_path):
@@ -119,3 +119,5 @@ def test_a_best_model_saved_mid_stage_is_not_a_finished_stage(tmp_path):
     assert is_complete(best) and not stage_finished(best)
     mark_stage_finished(best)
     assert stage_finished(best)
+    mark_stage_started(best)  # an explicit rerun of the stage: a crash in it must not leave the old marker
+    assert is_complete(best) and not stage_finished(best)
