@@ -90,82 +90,84 @@ class StaticDecoder:
 
     The prompt goes through the regular forward (prefill), whose cache is copied in once. Each step then
     skips what the generic forward redoes: module dispatch, building a 4D mask, recomputing the rotary
-    table, concatenating the cache.
+    table, concatenating the cache. The step itself is `decode_step`, a pure function of tensors.
 
     Models of at most PACK_MAX_BYTES of weights are copied once per `generate` call (a weight sync never
     lands inside a call) into the layout a step wants: q/k/v and gate/up fused into one matrix each, every
     matrix transposed to (in, out). On the benchmark model that made decoding 0.98-1.13x as fast, about
     1.09x typically (docs/benchmarks.md). Larger models use their own weights by reference: the copy
     would double the rollout's weight memory for the length of a call.
+
+    `compiled`: the step runs through `torch.compile`, which fuses the elementwise work around the matmuls
+    (norms, rotary, attention, SiLU). Shapes must then stay fixed: finished rows stay in the batch
+    (`fixed_shape`), attention spans the whole cache with the slots after the current one masked, and the
+    cache length is rounded up to a multiple of CACHE_BUCKET, so prompts of other lengths mostly reuse the
+    compiled step. Each new batch size or bucket compiles once per process.
     """
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     PACK_MAX_BYTES = 256 * 2**20
+    CACHE_BUCKET = 64
 
     @classmethod
     def supports(cls, model, total_len: int) -> bool:
         """Only plain modules: an adapter (e.g. a LoRA layer in place of nn.Linear) or a forward hook
         changes what a module computes, which the functional step would bypass."""
-        window = getattr(model.config, "sliding_window", None)
+        cfg = model.config
+        window = getattr(cfg, "sliding_window", None)
         if type(model).__name__ not in cls.ARCHITECTURES or model.training:
             return False
-        if window and getattr(model.config, "use_sliding_window", True) and total_len > window:
+        if window and getattr(cfg, "use_sliding_window", True) and total_len > window:
             return False
-        if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:  # the step rotates whole heads
-            return False
+        if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0 or getattr(cfg, "hidden_act", "silu") != "silu":
+            return False  # the step rotates whole heads and applies SiLU
         mods = list(model.modules())
         return (all(type(m) is torch.nn.Linear for m in mods if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__)
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in mods))
 
-    def __init__(self, model, cache, attn: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, cache, attn: torch.Tensor, max_new_tokens: int, compiled: bool = False):
         base, cfg = model.model, model.config
         n, P = attn.shape
         L = P + max_new_tokens
+        if compiled:
+            L = -(-L // self.CACHE_BUCKET) * self.CACHE_BUCKET
         attn0 = base.layers[0].self_attn
-        self.head_dim, self.scale = attn0.head_dim, attn0.scaling
-        self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.embed = base.embed_tokens.weight  # (V, H)
+        D = attn0.head_dim
+        self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, D)
+        self.scale, self.eps = attn0.scaling, base.norm.variance_epsilon
         pack = sum(p.numel() * p.element_size() for p in model.parameters()) <= self.PACK_MAX_BYTES
-        self.lm_head = self._linear(pack, model.lm_head)
-        self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.layers = [self._layer(layer, pack) for layer in base.layers]
+
+        def proj(*linears):
+            return self._proj(pack, *linears)
+
+        layers = tuple((x.input_layernorm.weight, proj(x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj),
+                        proj(x.self_attn.o_proj), x.post_attention_layernorm.weight,
+                        proj(x.mlp.gate_proj, x.mlp.up_proj), proj(x.mlp.down_proj)) for x in base.layers)
+        self.weights = (base.embed_tokens.weight, layers, base.norm.weight, proj(model.lm_head))  # decode_step's layout
         cos, sin = base.rotary_emb(cache.layers[0].keys, torch.arange(L, device=attn.device)[None])  # (1, L, D)
-        half = self.head_dim // 2
         # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the sign goes into the table once.
-        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # (L, D)
+        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, : D // 2], sin[0, :, D // 2:]], dim=-1)  # (L, D)
         self.k, self.v = [], []
         for layer in cache.layers:
-            k = layer.keys.new_zeros((n, self.hkv, L, self.head_dim))  # (n, kvH, L, D)
+            k = layer.keys.new_zeros((n, self.heads[1], L, D))  # (n, kvH, L, D)
             v = torch.zeros_like(k)
             k[:, :, :P], v[:, :, :P] = layer.keys, layer.values
             self.k.append(k)
             self.v.append(v)
         # Additive attention bias: -inf on left-padding slots; None (no op per step) when nothing is padded.
-        pad = torch.nn.functional.pad(attn == 0, (0, max_new_tokens))  # (n, L)
+        pad = torch.nn.functional.pad(attn == 0, (0, L - P))  # (n, L)
         self.bias = (torch.zeros((n, 1, 1, L), dtype=k.dtype, device=attn.device).masked_fill_(
             pad[:, None, None, :], float("-inf")) if bool(pad.any()) else None)  # (n, 1, 1, L)
-        self.t = P
-
-    @classmethod
-    def _layer(cls, layer, pack: bool) -> tuple:
-        a, m = layer.self_attn, layer.mlp
-        return (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                cls._linear(pack, a.q_proj, a.k_proj, a.v_proj), cls._linear(pack, a.o_proj),
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                cls._linear(pack, m.gate_proj, m.up_proj), cls._linear(pack, m.down_proj), m.act_fn)
+        self.t, self.L, self.fixed_shape = P, L, compiled
+        self.fn = compiled_decode_step() if compiled else decode_step
 
     @staticmethod
-    def _linear(pack: bool, *linears):
-        """-> a function x (n, in) -> the outputs of `linears` side by side (n, sum of outs)."""
-        import torch.nn.functional as F
-
+    def _proj(pack: bool, *linears) -> tuple:
+        """-> (matrices (in, out) whose outputs sit side by side, bias or None)."""
+        b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
         if pack:
-            w = torch.cat([l.weight for l in linears]).t().contiguous()  # (in, sum of outs)
-            b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
-            return (lambda x: x @ w) if b is None else (lambda x: torch.addmm(b, x, w))
-        if len(linears) == 1:
-            return lambda x: F.linear(x, linears[0].weight, linears[0].bias)
-        return lambda x: torch.cat([F.linear(x, l.weight, l.bias) for l in linears], dim=-1)
+            return (torch.cat([l.weight for l in linears]).t().contiguous(),), b
+        return tuple(l.weight.t() for l in linears), b  # views: no copy of a large model's weights
 
     def select(self, idx: torch.Tensor) -> None:
         self.k = [k[idx] for k in self.k]
@@ -175,41 +177,80 @@ class StaticDecoder:
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok (n,), pos (n,) -> next-token logits (n, V)."""
-        import torch.nn.functional as F
-
-        n, t, D, hq, hkv = tok.shape[0], self.t, self.head_dim, self.hq, self.hkv
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, D)
-        bias = None if self.bias is None else self.bias[..., : t + 1]  # (n, 1, 1, t+1)
-        h = F.embedding(tok, self.embed)  # (n, H): 2-D activations take the cheaper matmul path
-        H = (h.shape[-1],)
-        for i, (w1, e1, qkv, o_proj, w2, e2, gate_up, down, act) in enumerate(self.layers):
-            y = qkv(F.rms_norm(h, H, w1, e1)).view(n, hq + 2 * hkv, D)  # (n, Hq + 2 kvH, D)
-            qk = y[:, : hq + hkv]  # (n, Hq + kvH, D): q and k heads rotate together
-            qk = qk * cos + qk.view(n, hq + hkv, 2, D // 2).flip(2).view(n, hq + hkv, D) * sin
-            self.k[i][:, :, t] = qk[:, hq:]
-            self.v[i][:, :, t] = y[:, hq + hkv:]
-            # One query token: plain matmuls beat the flash kernel at these sizes. Query heads are grouped
-            # per key/value head (as HF's repeat_kv orders them), which covers grouped-query attention.
-            qg = qk[:, :hq].reshape(n, hkv, hq // hkv, D)  # (n, kvH, G, D)
-            scores = qg @ self.k[i][:, :, : t + 1].transpose(-1, -2)  # (n, kvH, G, t+1)
-            scores = scores * self.scale if bias is None else torch.add(bias, scores, alpha=self.scale)
-            att = scores.softmax(-1) @ self.v[i][:, :, : t + 1]  # (n, kvH, G, D)
-            h = h + o_proj(att.reshape(n, hq * D))
-            gu = gate_up(F.rms_norm(h, H, w2, e2))  # (n, 2I)
-            g, u = gu.chunk(2, dim=-1)
-            h = h + down(act(g) * u)
+        t = torch.tensor([self.t], device=tok.device)  # (1,) the cache slot this token fills
+        span = self.L if self.fixed_shape else self.t + 1
+        logits = self.fn(tok, pos, t, span, self.fixed_shape, self.weights, self.k, self.v, self.cos, self.sin,
+                         self.bias, self.heads, self.scale, self.eps)
         self.t += 1
-        return self.lm_head(F.rms_norm(h, H, *self.norm))  # (n, V)
+        return logits
+
+
+def _project(x: torch.Tensor, proj: tuple) -> torch.Tensor:
+    mats, b = proj
+    y = x @ mats[0] if len(mats) == 1 else torch.cat([x @ w for w in mats], dim=-1)
+    return y if b is None else y + b
+
+
+def decode_step(tok, pos, t, span: int, mask_future: bool, weights, ks, vs, cos, sin, bias, heads, scale: float,
+                eps: float) -> torch.Tensor:
+    """One token per row through a Llama-family model on a static KV cache -> next-token logits (n, V).
+
+    tok, pos (n,); t (1,): the cache slot this token fills (written in place in every layer's ks/vs,
+    each (n, kvH, L, D)); attention covers the first `span` slots, and `mask_future` hides those after t
+    (a fixed span for torch.compile). cos, sin (L, D); bias (n, 1, 1, L) or None.
+    """
+    import torch.nn.functional as F
+
+    hq, hkv, D = heads
+    n = tok.shape[0]
+    embed, layers, norm, lm_head = weights
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]  # (n, 1, D)
+    b = None if bias is None else bias[..., :span]  # (n, 1, 1, span)
+    if mask_future:
+        future = torch.zeros(span, dtype=cos.dtype, device=cos.device).masked_fill(
+            torch.arange(span, device=cos.device) > t, float("-inf"))  # (span,)
+        b = future if b is None else b + future
+    h = F.embedding(tok, embed)  # (n, H): 2-D activations take the cheaper matmul path
+    H = (h.shape[-1],)
+    for (w1, qkv, o_proj, w2, gate_up, down), k, v in zip(layers, ks, vs):
+        y = _project(F.rms_norm(h, H, w1, eps), qkv).view(n, hq + 2 * hkv, D)  # (n, Hq + 2 kvH, D)
+        qk = y[:, : hq + hkv]  # (n, Hq + kvH, D): q and k heads rotate together
+        qk = qk * c + qk.view(n, hq + hkv, 2, D // 2).flip(2).view(n, hq + hkv, D) * s
+        k.index_copy_(2, t, qk[:, hq:, None])
+        v.index_copy_(2, t, y[:, hq + hkv:, None])
+        # One query token: plain matmuls beat the flash kernel at these sizes. Query heads are grouped per
+        # key/value head (as HF's repeat_kv orders them), which covers grouped-query attention.
+        qg = qk[:, :hq].reshape(n, hkv, hq // hkv, D)  # (n, kvH, G, D)
+        scores = qg @ k[:, :, :span].transpose(-1, -2)  # (n, kvH, G, span)
+        scores = scores * scale if b is None else torch.add(b, scores, alpha=scale)
+        att = scores.softmax(-1) @ v[:, :, :span]  # (n, kvH, G, D)
+        h = h + _project(att.reshape(n, hq * D), o_proj)
+        g, u = _project(F.rms_norm(h, H, w2, eps), gate_up).chunk(2, dim=-1)  # (n, I) each
+        h = h + _project(F.silu(g) * u, down)
+    return _project(F.rms_norm(h, H, norm, eps), lm_head)  # (n, V)
+
+
+_COMPILED_STEP = None
+
+
+def compiled_decode_step():
+    """`decode_step` through torch.compile, made once per process (its compiled graphs are kept per shape)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    return _COMPILED_STEP
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 0,
              generator: torch.Generator | None = None, sample_ids: list[int] | None = None,
-             version: int = 0, static: bool = True) -> Samples:
-    """Sample one response per prompt. Finished rows leave the batch (their KV cache rows are dropped).
+             version: int = 0, static: bool = True, compiled: bool = False) -> Samples:
+    """Sample one response per prompt. Finished rows leave the batch (their KV cache rows are dropped),
+    except with a compiled step, whose shapes stay fixed.
     eos cannot be sampled before `min_new_tokens` (as in HF `min_new_tokens`; benchmarks use it to fix lengths).
-    `static`: use the StaticDecoder where the architecture allows (same numbers, less overhead)."""
+    `static`: use the StaticDecoder where the architecture allows (same numbers, less overhead);
+    `compiled`: run its step through torch.compile (`gen_compile`)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -223,25 +264,28 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     pos = position_ids_from_mask(attn)  # (B, P)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]  # (B, V)
-    decoder = (StaticDecoder(model, cache, attn, max_new_tokens) if static and StaticDecoder.supports(model, P + max_new_tokens)
+    decoder = (StaticDecoder(model, cache, attn, max_new_tokens, compiled) if static and StaticDecoder.supports(model, P + max_new_tokens)
                else CacheDecoder(model, cache, attn))
-    alive = torch.arange(B, device=device)  # (n,) rows still generating
+    fixed = getattr(decoder, "fixed_shape", False)
+    alive = torch.arange(B, device=device)  # (n,) batch rows still in the decoder
+    live = torch.ones(B, dtype=torch.bool, device=device)  # (n,) of those, the ones still generating
     next_pos = pos[:, -1] + 1  # (n,)
     for t in range(max_new_tokens):
         ban = eos_id if t < min_new_tokens else None
         tok, lp = sample_token(logits, temperature, top_p, top_k, generator, ban)  # (n,), (n,)
-        tokens[alive, t] = tok
-        logps[alive, t] = lp
-        lengths[alive] = t + 1
+        tokens[alive, t] = tok.masked_fill(~live, pad_id)
+        logps[alive, t] = lp.masked_fill(~live, 0.0)
+        lengths[alive] += live
         if t == max_new_tokens - 1:
             break
-        keep = tok != eos_id  # (n,)
-        if not bool(keep.all()):
-            if not bool(keep.any()):
+        live = live & (tok != eos_id)
+        if not bool(live.all()):
+            if not bool(live.any()):
                 break
-            idx = keep.nonzero().squeeze(1)
-            decoder.select(idx)
-            alive, tok, next_pos = alive[idx], tok[idx], next_pos[idx]
+            if not fixed:  # drop finished rows; a compiled step keeps them (fixed shapes) and ignores their tokens
+                idx = live.nonzero().squeeze(1)
+                decoder.select(idx)
+                alive, tok, next_pos, live = alive[idx], tok[idx], next_pos[idx], live[idx]
         logits = decoder.step(tok, next_pos)  # (n, V)
         next_pos = next_pos + 1
     R = int(lengths.max())

@@ -224,16 +224,20 @@ def bench_decode(assets: dict, reps: int, threads: int) -> dict:
     ids, attn = left_pad(prompts, assets["pad"])  # (B, P)
     g = torch.Generator().manual_seed(0)
 
-    def ours(static: bool):
+    def ours(static: bool, compiled: bool = False):
         return lambda: generate(model, prompts, pad_id=assets["pad"], eos_id=assets["eos"], max_new_tokens=NEW_TOKENS,
-                                min_new_tokens=NEW_TOKENS, generator=g, static=static)
+                                min_new_tokens=NEW_TOKENS, generator=g, static=static, compiled=compiled)
 
     @torch.no_grad()
     def hf():
         model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=assets["pad"])
 
-    fns = {"ours": ours(True), "ours_generic_forward": ours(False), "hf_generate": hf}
+    fns = {"ours": ours(True), "ours_compiled": ours(True, compiled=True), "ours_generic_forward": ours(False),
+           "hf_generate": hf}
+    t = time.perf_counter()
+    fns["ours_compiled"]()  # torch.compile's first call, timed on its own
+    compile_s = time.perf_counter() - t
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 1):  # interleaved; rep 0 warms up
         for name, fn in fns.items():
@@ -243,6 +247,7 @@ def bench_decode(assets: dict, reps: int, threads: int) -> dict:
                 times[name].append(time.perf_counter() - t)
     tok_s = {k: PROMPTS * NEW_TOKENS / statistics.median(v) for k, v in times.items()}
     return {"threads": threads, "decode_tokens_per_s": tok_s, "ratio": tok_s["ours"] / tok_s["hf_generate"],
+            "ratio_compiled": tok_s["ours_compiled"] / tok_s["hf_generate"], "compile_s": compile_s,
             "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}}
 
 
@@ -308,9 +313,10 @@ def main() -> None:
         if args.decode:
             result = bench_decode(assets, args.reps, args.threads)
             d = result["decode_tokens_per_s"]
-            print(f"decode tokens/s ({args.threads} thread(s)): ours {d['ours']:.0f}, ours with the generic forward "
-                  f"{d['ours_generic_forward']:.0f}, transformers generate {d['hf_generate']:.0f}; "
-                  f"ours / generate {result['ratio']:.2f}x")
+            print(f"decode tokens/s ({args.threads} thread(s)): ours {d['ours']:.0f}, ours compiled "
+                  f"{d['ours_compiled']:.0f} (compile and first call {result['compile_s']:.1f} s), ours with the "
+                  f"generic forward {d['ours_generic_forward']:.0f}, transformers generate {d['hf_generate']:.0f}; "
+                  f"ours / generate {result['ratio']:.2f}x, compiled / generate {result['ratio_compiled']:.2f}x")
         else:
             result = bench_ppo(args, assets, work, timed)
     result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]

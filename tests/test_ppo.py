@@ -17,11 +17,12 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def ppo_run(tiny, tmp_path_factory, local_ray):
     """SFT, then PPO against the rule-based positivity reward only (no reward model). The policy learner
-    recomputes the old logprobs, so they can be compared with the rollout's."""
+    recomputes the old logprobs, so they can be compared with the rollout's, which come from the compiled
+    decode step here (gen_compile; the other PPO tests decode eagerly)."""
     save = tmp_path_factory.mktemp("ppo") / "run"
     cfg = base_config(tiny, save, sft_epochs=4, ppo_iterations=8, ppo_batch_size=32, ppo_mini_batch_size=16,
                       ppo_epochs=2, ppo_lr_policy=1e-3, kl_coef=0.01, save_interval=4, ppo_recompute_old_logprobs=True,
-                      reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0)
+                      reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0, gen_compile=True)
     pipe = create_rlhf_pipeline(cfg)
     pipe.run_sft()
     pipe.run_ppo_training()

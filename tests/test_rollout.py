@@ -65,6 +65,29 @@ def test_static_decoder_matches_the_model_forward(tiny, kv_heads, pack, monkeypa
     assert ((lp - outs[0].rollout_logprobs).abs() * outs[0].action_mask).max() < 1e-4
 
 
+def test_compiled_decode_matches_eager_with_padding_and_early_eos(model_tok):
+    """gen_compile: the torch.compile'd step on its fixed-shape path (finished rows stay in the batch, the
+    whole bucketed cache is attended with later slots masked) picks the same greedy tokens, lengths and
+    logprobs as the eager step that drops finished rows."""
+    from rlhf_dist.rollout import StaticDecoder
+
+    model, tok = model_tok
+    ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 2)
+    assert StaticDecoder.supports(model, 64)
+    kw = dict(pad_id=tok.pad_token_id, max_new_tokens=20, top_k=1)
+    free = generate(model, ps, eos_id=-1, **kw)  # no eos: every row runs 20 tokens
+    # An "eos" that row 0 emits at its 6th token and some other rows never emit, so rows finish at
+    # different steps (the greedy random model repeats itself, so the first occurrence is what counts).
+    eos = int(free.responses[0, 5])
+    ends = [row.tolist().index(eos) + 1 if eos in row.tolist() else 20 for row in free.responses]
+    assert ends[0] <= 6 and max(ends) == 20, ends
+    eager, compiled = (generate(model, ps, eos_id=eos, compiled=c, **kw) for c in (False, True))
+    assert eager.action_mask.sum(1).tolist() == ends
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert torch.equal(compiled.action_mask, eager.action_mask)
+    assert (compiled.rollout_logprobs - eager.rollout_logprobs).abs().max() < 1e-5
+
+
 def test_min_new_tokens_bans_eos_but_keeps_policy_logprobs(model_tok):
     model, tok = model_tok
     ps = prompts(tok, ["Hi", "Describe the cat."] * 4)
