@@ -4,7 +4,7 @@
     python scripts/bench_ppo.py --rounds 2      # ours, TRL, ours, TRL: medians over all rounds, and the ratio
     python scripts/bench_ppo.py --ab ppo_overlap_rollout=false roles.rollout.num_workers=2
                                                 # also the on-policy variant (each --ab: our config with overrides)
-    python scripts/bench_ppo.py --decode        # the rollout's decode loop against transformers `generate`
+    python scripts/bench_ppo.py --decode        # the rollout's decode loop, eager and compiled, against `generate`
     python scripts/bench_ppo.py --quick ...     # 3 timed iterations instead of 10, for development
 
 The workload is fixed: a random Llama (hidden 256, 4 layers, 4 heads, intermediate 688, vocab 2048,
@@ -210,8 +210,8 @@ def run_trl(assets_json: Path) -> dict:
 # ---------------------------------------------------------------------------------------
 
 def bench_decode(assets: dict, reps: int, threads: int) -> dict:
-    """Interleaved repetitions of: rollout.generate (static decoder), the same with the model's own forward
-    and a DynamicCache, and model.generate. Same model, batch, thread count and sampling (temperature 1,
+    """Interleaved repetitions of: rollout.generate (static decoder, eager and compiled), the same with the
+    model's own forward and a DynamicCache, and model.generate. Same model, batch, thread count and sampling (temperature 1,
     no top-k/top-p, exactly 64 new tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
