@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .models import position_ids_from_mask
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,7 +162,7 @@ class StaticDecoder:
         self.bias = (torch.zeros((n, 1, 1, L), dtype=k.dtype, device=attn.device).masked_fill_(
             pad[:, None, None, :], float("-inf")) if bool(pad.any()) else None)  # (n, 1, 1, L)
         self.t, self.L, self.fixed_shape = P, L, compiled
-        self.fn = compiled_decode_step() if compiled else decode_step
+        self.fn = compiled_decode_step(n, L) if compiled else decode_step
 
     @staticmethod
     def _proj(pack: bool, *linears) -> tuple:
@@ -231,13 +234,18 @@ def decode_step(tok, pos, t, span: int, mask_future: bool, weights, ks, vs, cos,
 
 
 _COMPILED_STEP = None
+_COMPILED_SHAPES: set[tuple[int, int]] = set()
 
 
-def compiled_decode_step():
+def compiled_decode_step(rows: int, cache_len: int):
     """`decode_step` through torch.compile, made once per process (its compiled graphs are kept per shape)."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
         _COMPILED_STEP = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    if (rows, cache_len) not in _COMPILED_SHAPES:
+        _COMPILED_SHAPES.add((rows, cache_len))
+        log.info("gen_compile: compiling the decode step for %d rows and a cache of %d tokens (once per shape, "
+                 "seconds on CPU)", rows, cache_len)
     return _COMPILED_STEP
 
 
