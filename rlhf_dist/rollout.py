@@ -74,6 +74,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 class CacheDecoder:
     """One decode step through the model's own forward and a transformers DynamicCache (any architecture)."""
 
+    fixed_shape = False  # finished rows leave the batch
+
     def __init__(self, model, cache, attn: torch.Tensor):
         self.model, self.cache, self.attn = model, cache, attn  # attn (n, P + t)
 
@@ -274,7 +276,6 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                    logits_to_keep=1).logits[:, -1]  # (B, V)
     decoder = (StaticDecoder(model, cache, attn, max_new_tokens, compiled) if static and StaticDecoder.supports(model, P + max_new_tokens)
                else CacheDecoder(model, cache, attn))
-    fixed = getattr(decoder, "fixed_shape", False)
     alive = torch.arange(B, device=device)  # (n,) batch rows still in the decoder
     live = torch.ones(B, dtype=torch.bool, device=device)  # (n,) of those, the ones still generating
     next_pos = pos[:, -1] + 1  # (n,)
@@ -290,7 +291,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
         if not bool(live.all()):
             if not bool(live.any()):
                 break
-            if not fixed:  # drop finished rows; a compiled step keeps them (fixed shapes) and ignores their tokens
+            if not decoder.fixed_shape:  # drop finished rows; a compiled step keeps them (fixed shapes) and ignores their tokens
                 idx = live.nonzero().squeeze(1)
                 decoder.select(idx)
                 alive, tok, next_pos, live = alive[idx], tok[idx], next_pos[idx], live[idx]

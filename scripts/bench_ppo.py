@@ -211,8 +211,8 @@ def run_trl(assets_json: Path) -> dict:
 
 def bench_decode(assets: dict, reps: int, threads: int) -> dict:
     """Interleaved repetitions of: rollout.generate (static decoder, eager and compiled), the same with the
-    model's own forward and a DynamicCache, and model.generate. Same model, batch, thread count and sampling (temperature 1,
-    no top-k/top-p, exactly 64 new tokens)."""
+    model's own forward and a DynamicCache, and model.generate. Same model, batch, thread count and sampling
+    (temperature 1, no top-k/top-p, exactly 64 new tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
 
