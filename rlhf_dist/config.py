@@ -210,7 +210,13 @@ class RLHFConfig(_Strict):
 
     roles: RolesConfig = RolesConfig()
     call_timeout_s: PositiveFloat = 600.0
-    """Timeout of every remote call; a timeout is an error naming the role and the phase."""
+    """Timeout of every remote call once the roles are up, and of the learners' collectives; a timeout is
+    an error naming the role and the phase."""
+    setup_timeout_s: PositiveFloat = 1800.0
+    """Timeout of starting up: placing the PPO roles, loading their weights and building their DeepSpeed
+    engines (whose first start on a machine compiles an op for minutes), restarting a killed actor, and
+    starting a Ray Train worker group. Kept apart from call_timeout_s so that a short call timeout, which
+    finds a hung step sooner, does not fail a slow start."""
     sync_timeout_s: PositiveFloat = 300.0
     """Timeout of the weight-sync collective."""
 

@@ -94,7 +94,7 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
 
     gpus = int(ray.cluster_resources().get("GPU", 0)) if device == "cuda" else 0
     bundles, slots = plan_placement(cfg, gpus)
-    pg = create_placement_group(bundles, cfg.roles.strategy, cfg.call_timeout_s)
+    pg = create_placement_group(bundles, cfg.roles.strategy, cfg.setup_timeout_s)
     conf = dict(cfg.to_dict(), _cwd=os.getcwd())
     by_role: dict[str, list] = {r: [] for r in ("rollout", "policy", "critic", "reference", "reward")}
     restarts = cfg.max_restarts  # frozen roles come back by themselves; learners hold optimizer state
@@ -115,11 +115,11 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
     setups = []
     for kind, model_dir in (("policy", inputs.policy), ("critic", inputs.critic)):
         group = getattr(roles, kind)
-        addr, port = wait(group[0].address.remote(), kind, "setup", cfg.call_timeout_s)
+        addr, port = wait(group[0].address.remote(), kind, "setup", cfg.setup_timeout_s)
         setups.append((kind, [a.setup.remote(addr, port, model_dir, total_steps) for a in group]))
     for kind, refs in setups:
-        wait(refs, kind, "setup", cfg.call_timeout_s)
-    roles.info = wait([a.info.remote() for r in by_role.values() for a in r], "all", "setup", cfg.call_timeout_s)
+        wait(refs, kind, "setup", cfg.setup_timeout_s)
+    roles.info = wait([a.info.remote() for r in by_role.values() for a in r], "all", "setup", cfg.setup_timeout_s)
     for i in roles.info:
         log.info("role %s-%d on node %s pid %d (%d threads, %s)", i["role"], i["rank"], i["node_id"][:12], i["pid"],
                  i["threads"], i["device"])
@@ -250,8 +250,8 @@ class PPORun:
             self.pids = {(i["role"], i["rank"]): i["pid"] for i in self.roles.info}
             if self.resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
                 for kind in ("policy", "critic"):
-                    self._wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
-                                for a in getattr(self.roles, kind)], kind, "setup")
+                    wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
+                      for a in getattr(self.roles, kind)], kind, "setup", cfg.setup_timeout_s)
                 self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
                 log.info("ppo: resumed at iteration %d in %.1fs (roles started, states loaded, weights synced)",
                          self.start_it, time.perf_counter() - self.t_start)
@@ -473,7 +473,7 @@ class PPORun:
         from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
         def pid_of(actor, known: int) -> int | None:  # None: gone for good
-            deadline = time.time() + self.cfg.call_timeout_s
+            deadline = time.time() + self.cfg.setup_timeout_s
             while True:
                 try:
                     return ray.get(actor.info.remote(), timeout=10)["pid"]

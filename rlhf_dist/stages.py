@@ -353,7 +353,11 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     use_gpu = device == "cuda"
     cpus = cfg.train_cpus_per_worker
     # Ray Train gives up on a worker group that has not started in 60 s; a loaded machine needs longer.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.call_timeout_s)))
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.setup_timeout_s)))
+    # The controller takes one queued report per poll, every 2 s by default: checkpoints reported faster than
+    # that piled up, and a tiny SFT stage waited 17 s after its last step for them. Polling is one small remote
+    # call per worker.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _cwd=os.getcwd())
     remove_stale_temps(safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model"))
     trainer = TorchTrainer(
