@@ -5,6 +5,7 @@
     python scripts/bench_ppo.py --ab ppo_overlap_rollout=false roles.rollout.num_workers=2
                                                 # also the on-policy variant (each --ab: our config with overrides)
     python scripts/bench_ppo.py --decode        # the rollout's decode loop, eager and compiled, against `generate`
+    python scripts/bench_ppo.py --calls         # each call of one iteration alone, 1 thread: the work per iteration
     python scripts/bench_ppo.py --quick ...     # 3 timed iterations instead of 10, for development
 
 The workload is fixed: a random Llama (hidden 256, 4 layers, 4 heads, intermediate 688, vocab 2048,
@@ -251,6 +252,72 @@ def bench_decode(assets: dict, reps: int, threads: int) -> dict:
             "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}}
 
 
+def bench_calls(assets: dict, reps: int) -> dict:
+    """Each call of one iteration, alone in this process on one thread, through the functions the actors run:
+    the rollout, the three experience forwards and both updates (2 micro-batches each; a fused torch AdamW
+    step stands in for DeepSpeed's ZeRO-0 one). Their sum is the CPU time an iteration needs on idle cores."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_dist.algo import masked_whiten
+    from rlhf_dist.experience import Experience, response_logprobs, response_values
+    from rlhf_dist.learner import policy_loss, value_loss
+    from rlhf_dist.models import load_scalar_model, sequence_scores
+    from rlhf_dist.rollout import generate
+
+    torch.set_num_threads(1)
+    frozen = lambda m: m.eval().requires_grad_(False)
+    rollout_model, reference = (frozen(AutoModelForCausalLM.from_pretrained(assets["model"])) for _ in range(2))
+    reward = frozen(load_scalar_model(assets["reward"], pad_token_id=assets["pad"]))
+    policy = AutoModelForCausalLM.from_pretrained(assets["model"])
+    critic = load_scalar_model(assets["model"], pad_token_id=assets["pad"])
+    g = torch.Generator().manual_seed(0)
+    prompts = assets["prompt_ids"][:PROMPTS]
+
+    def rollout():
+        return generate(rollout_model, prompts, pad_id=assets["pad"], eos_id=assets["eos"], max_new_tokens=NEW_TOKENS,
+                        min_new_tokens=NEW_TOKENS, generator=g)
+
+    samples = rollout()
+    seq, attn, P = samples.sequences, samples.attention_mask, samples.prompt_len  # (B, P+R)
+    mask = samples.action_mask.float()  # (B, R)
+    exp = Experience(seq, attn, samples.action_mask, P, samples.rollout_logprobs, samples.rollout_logprobs,
+                     torch.zeros_like(mask), torch.zeros(PROMPTS), torch.zeros_like(mask), torch.zeros_like(mask),
+                     masked_whiten(torch.randn(mask.shape, generator=g), mask), torch.randn(mask.shape, generator=g),
+                     samples.sample_ids, 0)
+    micro = PROMPTS // MINI_BATCHES
+    batches = [exp.select(list(range(i, i + micro))) for i in range(0, PROMPTS, micro)]
+
+    def update(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+        return lambda: [(loss_fn(model, mb)[0].backward(), opt.step(), opt.zero_grad(set_to_none=True)) for mb in batches]
+
+    calls = {
+        "rollout (16 x 64 new tokens)": rollout,
+        "reference logprobs": torch.no_grad()(lambda: response_logprobs(reference, seq, attn, P)),
+        "critic values (2 micro-batches)": torch.no_grad()(
+            lambda: [response_values(critic, mb.sequences, mb.attention_mask, P) for mb in batches]),
+        "reward model scores": torch.no_grad()(lambda: sequence_scores(reward, seq, attn)),
+        "policy update (2 micro-batches)": update(policy, lambda m, mb: policy_loss(
+            m, mb, clip_range=0.2, entropy_coef=0.0, temperature=1.0)),
+        "critic update (2 micro-batches)": update(critic, lambda m, mb: value_loss(m, mb, clip_range=0.2)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for rep in range(reps + 1):  # interleaved; rep 0 warms up
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"  {k:<34} {v:.3f} s")
+    total = sum(med.values())
+    print(f"  {'sum: CPU seconds per iteration':<34} {total:.3f} s  (on {CPUS} cores: at least {total / CPUS:.3f} s "
+          f"per iteration)")
+    return {"call_seconds": med, "sum_s": total}
+
+
 # ---------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------
@@ -294,7 +361,8 @@ def main() -> None:
     ap.add_argument("--ab", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                     help="also run rlhf-dist with these overrides, interleaved (a before/after row); repeatable")
     ap.add_argument("--decode", action="store_true", help="benchmark the decode loop only")
-    ap.add_argument("--reps", type=int, default=7, help="decode repetitions per system (default 7)")
+    ap.add_argument("--calls", action="store_true", help="time each call of one iteration alone (1 thread)")
+    ap.add_argument("--reps", type=int, default=7, help="--decode and --calls repetitions (default 7)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for --decode, both systems (default 1)")
     ap.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -317,6 +385,9 @@ def main() -> None:
                   f"{d['ours_compiled']:.0f} (compile and first call {result['compile_s']:.1f} s), ours with the "
                   f"generic forward {d['ours_generic_forward']:.0f}, transformers generate {d['hf_generate']:.0f}; "
                   f"ours / generate {result['ratio']:.2f}x, compiled / generate {result['ratio_compiled']:.2f}x")
+        elif args.calls:
+            print("each call alone, 1 thread, medians:")
+            result = bench_calls(assets, args.reps)
         else:
             result = bench_ppo(args, assets, work, timed)
     result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
