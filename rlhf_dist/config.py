@@ -204,8 +204,8 @@ class RLHFConfig(_Strict):
     """Run the rollout's decode step through torch.compile (Llama, Mistral and Qwen2 models; others decode
     through the model's own forward). It fuses the elementwise work around the matmuls: 1.02-1.12x decode
     tokens/s on the CPU benchmark model (docs/benchmarks.md); not measured on a GPU. Each rollout worker
-    compiles on its first rollout (3-15 s on CPU; torch caches compiled code on disk for later processes)
-    and once more per new batch size or cache-length bucket. Finished rows stay in the batch until all
+    compiles on its first rollout (3-15 s on CPU; torch caches compiled code on disk for later processes),
+    with as many compile processes as it has CPUs, and once more per new batch size or cache-length bucket. Finished rows stay in the batch until all
     rows are done."""
 
     roles: RolesConfig = RolesConfig()

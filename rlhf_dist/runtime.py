@@ -232,6 +232,11 @@ class RolloutWorker(RoleWorker):
 
         self.model = load_causal_lm(model_dir, self.cfg.bf16).to(self.device).eval()
         self.generator = torch.Generator(device=self.device)
+        if self.cfg.gen_compile:
+            from torch._inductor import config as inductor
+
+            # Inductor compiles in a pool of min(32, cores on the node) processes; the actor owns only its CPUs.
+            inductor.compile_threads = self.threads
 
     def _sync_model(self):
         return self.model
