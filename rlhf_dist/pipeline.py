@@ -36,6 +36,7 @@ def ray_session(cfg: RLHFConfig):
         if cfg.cluster.bind_host not in ("127.0.0.1", "localhost"):
             log.warning("cluster.bind_host=%s: Ray's ports are reachable from that network; anyone who can reach "
                         "them can run code on this machine", cfg.cluster.bind_host)
+        env["worker_process_setup_hook"] = "rlhf_dist.tracking.quiet_local_ray_worker"
         ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
                  _node_ip_address=cfg.cluster.bind_host, runtime_env=env, log_to_driver=True,
                  configure_logging=False)

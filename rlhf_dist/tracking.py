@@ -60,6 +60,14 @@ def setup_logging(level: str = "INFO", log_dir: str | os.PathLike | None = None,
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def quiet_local_ray_worker() -> None:
+    """`worker_process_setup_hook` of the local Ray that rlhf-dist starts (without a dashboard). Ray Train's
+    placement-group cleaner asks the dashboard's State API every second whether its controller still lives,
+    and without a dashboard it logs a warning each time. A local Ray ends with its driver, bundles and all,
+    so that watch has nothing to do here: silence it below errors."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 class MetricsWriter:
     """Append one JSON object per line; flushed per line so nothing is lost on a crash."""
 
