@@ -205,8 +205,8 @@ class RLHFConfig(_Strict):
     through the model's own forward). It fuses the elementwise work around the matmuls: 1.02-1.12x decode
     tokens/s on the CPU benchmark model (docs/benchmarks.md); not measured on a GPU. Each rollout worker
     compiles on its first rollout (3-15 s on CPU; torch caches compiled code on disk for later processes),
-    with as many compile processes as it has CPUs, and once more per new batch size or cache-length bucket. Finished rows stay in the batch until all
-    rows are done."""
+    with as many compile processes as it has CPUs, and once more per new batch size or cache-length
+    bucket. Finished rows stay in the batch until all rows are done."""
 
     roles: RolesConfig = RolesConfig()
     call_timeout_s: PositiveFloat = 600.0

@@ -251,7 +251,7 @@ class PPORun:
             if self.resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
                 for kind in ("policy", "critic"):
                     wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
-                      for a in getattr(self.roles, kind)], kind, "setup", cfg.setup_timeout_s)
+                          for a in getattr(self.roles, kind)], kind, "setup", cfg.setup_timeout_s)
                 self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
                 log.info("ppo: resumed at iteration %d in %.1fs (roles started, states loaded, weights synced)",
                          self.start_it, time.perf_counter() - self.t_start)
