@@ -210,6 +210,19 @@ def run_trl(assets_json: Path) -> dict:
 # Decode: our rollout loop against transformers `generate`
 # ---------------------------------------------------------------------------------------
 
+def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each call, the functions taking turns so that a drift in machine speed hits all alike;
+    a first round warms up untimed."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
 def bench_decode(assets: dict, reps: int, threads: int) -> dict:
     """Interleaved repetitions of: rollout.generate (static decoder, eager and compiled), the same with the
     model's own forward and a DynamicCache, and model.generate. Same model, batch, thread count and sampling
@@ -239,13 +252,7 @@ def bench_decode(assets: dict, reps: int, threads: int) -> dict:
     t = time.perf_counter()
     fns["ours_compiled"]()  # torch.compile's first call, timed on its own
     compile_s = time.perf_counter() - t
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(reps + 1):  # interleaved; rep 0 warms up
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if rep:
-                times[name].append(time.perf_counter() - t)
+    times = interleaved(fns, reps)
     tok_s = {k: PROMPTS * NEW_TOKENS / statistics.median(v) for k, v in times.items()}
     return {"threads": threads, "decode_tokens_per_s": tok_s, "ratio": tok_s["ours"] / tok_s["hf_generate"],
             "ratio_compiled": tok_s["ours_compiled"] / tok_s["hf_generate"], "compile_s": compile_s,
@@ -302,14 +309,7 @@ def bench_calls(assets: dict, reps: int) -> dict:
             m, mb, clip_range=0.2, entropy_coef=0.0, temperature=1.0)),
         "critic update (2 micro-batches)": update(critic, lambda m, mb: value_loss(m, mb, clip_range=0.2)),
     }
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for rep in range(reps + 1):  # interleaved; rep 0 warms up
-        for name, fn in calls.items():
-            t = time.perf_counter()
-            fn()
-            if rep:
-                times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in interleaved(calls, reps).items()}
     for k, v in med.items():
         print(f"  {k:<34} {v:.3f} s")
     total = sum(med.values())
