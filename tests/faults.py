@@ -2,7 +2,7 @@
 
 Ray runs `install` in every worker process (`worker_process_setup_hook`). It wraps the methods named
 in the JSON plan at $RLHF_TEST_FAULTS, so that the Nth call in a process kills the process with SIGKILL,
-hangs, fails as if the disk were full, or makes a loss NaN. Each fault fires once per run (a marker file is created atomically), so an
+hangs, is `seconds` late, fails as if the disk were full, or makes a loss NaN. Each fault fires once per run (a marker file is created atomically), so an
 actor that Ray restarts does not die again.
 """
 
@@ -60,6 +60,8 @@ def _wrap(owner, name: str, fault: dict, plan_path: str, index: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif fault["action"] == "hang":
                 time.sleep(3600)
+            elif fault["action"] == "delay":
+                time.sleep(fault["seconds"])
             elif fault["action"] == "enospc":
                 raise OSError(28, "No space left on device")
             elif fault["action"] == "nan":  # a loss function's value becomes NaN

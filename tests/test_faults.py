@@ -124,9 +124,12 @@ def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
 
 
 def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
-    hang = [{"target": "rlhf_dist.runtime:RewardWorker.score", "call": 1, "action": "hang"}]
+    """A hung call fails after call_timeout_s; a learner's setup slower than that is still waited for
+    (setup_timeout_s)."""
+    hang = [{"target": "rlhf_dist.runtime:Learner.setup", "call": 1, "action": "delay", "seconds": 12},
+            {"target": "rlhf_dist.runtime:RewardWorker.score", "call": 1, "action": "hang"}]
     with pytest.raises(PhaseTimeout, match=r"reward: phase 'experience' timed out after 10s"):
-        run(fault_ray, tiny, tmp_path, hang, call_timeout_s=10.0, ppo_iterations=1)
+        run(fault_ray, tiny, tmp_path, hang, call_timeout_s=10.0, setup_timeout_s=120.0, ppo_iterations=1)
 
 
 def test_nonfinite_loss_and_reward_skip_the_update(fault_ray, tiny, tmp_path, caplog):
