@@ -274,7 +274,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     pos = position_ids_from_mask(attn)  # (B, P)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]  # (B, V)
-    decoder = (StaticDecoder(model, cache, attn, max_new_tokens, compiled) if static and StaticDecoder.supports(model, P + max_new_tokens)
+    decoder = (StaticDecoder(model, cache, attn, max_new_tokens, compiled)
+               if static and StaticDecoder.supports(model, P + max_new_tokens)
                else CacheDecoder(model, cache, attn))
     alive = torch.arange(B, device=device)  # (n,) batch rows still in the decoder
     live = torch.ones(B, dtype=torch.bool, device=device)  # (n,) of those, the ones still generating
@@ -291,7 +292,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
         if not bool(live.all()):
             if not bool(live.any()):
                 break
-            if not decoder.fixed_shape:  # drop finished rows; a compiled step keeps them (fixed shapes) and ignores their tokens
+            # Drop finished rows; a compiled step keeps them (fixed shapes) and their tokens are ignored.
+            if not decoder.fixed_shape:
                 idx = live.nonzero().squeeze(1)
                 decoder.select(idx)
                 alive, tok, next_pos, live = alive[idx], tok[idx], next_pos[idx], live[idx]

@@ -248,8 +248,8 @@ class RolloutWorker(RoleWorker):
         c = self.cfg
         return generate(self.model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=c.gen_max_new_tokens,
                         temperature=c.gen_temperature, top_p=c.gen_top_p, top_k=c.gen_top_k,
-                        min_new_tokens=c.gen_min_new_tokens, generator=self.generator, sample_ids=sample_ids, version=self.version,
-                        compiled=c.gen_compile)
+                        min_new_tokens=c.gen_min_new_tokens, generator=self.generator, sample_ids=sample_ids,
+                        version=self.version, compiled=c.gen_compile)
 
     def receive_weights(self, version: int) -> int:
         moved = self.sync.broadcast()

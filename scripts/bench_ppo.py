@@ -273,9 +273,9 @@ def bench_calls(assets: dict, reps: int) -> dict:
     from rlhf_dist.rollout import generate
 
     torch.set_num_threads(1)
-    frozen = lambda m: m.eval().requires_grad_(False)
-    rollout_model, reference = (frozen(AutoModelForCausalLM.from_pretrained(assets["model"])) for _ in range(2))
-    reward = frozen(load_scalar_model(assets["reward"], pad_token_id=assets["pad"]))
+    rollout_model, reference = (AutoModelForCausalLM.from_pretrained(assets["model"]).eval().requires_grad_(False)
+                                for _ in range(2))
+    reward = load_scalar_model(assets["reward"], pad_token_id=assets["pad"]).eval().requires_grad_(False)
     policy = AutoModelForCausalLM.from_pretrained(assets["model"])
     critic = load_scalar_model(assets["model"], pad_token_id=assets["pad"])
     g = torch.Generator().manual_seed(0)
@@ -296,8 +296,15 @@ def bench_calls(assets: dict, reps: int) -> dict:
     batches = [exp.select(list(range(i, i + micro))) for i in range(0, PROMPTS, micro)]
 
     def update(model, loss_fn):
+        """-> one update call: a loss, backward and optimizer step per micro-batch."""
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-        return lambda: [(loss_fn(model, mb)[0].backward(), opt.step(), opt.zero_grad(set_to_none=True)) for mb in batches]
+
+        def call():
+            for mb in batches:
+                loss_fn(model, mb)[0].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return call
 
     calls = {
         "rollout (16 x 64 new tokens)": rollout,

@@ -2,8 +2,8 @@
 
 Ray runs `install` in every worker process (`worker_process_setup_hook`). It wraps the methods named
 in the JSON plan at $RLHF_TEST_FAULTS, so that the Nth call in a process kills the process with SIGKILL,
-hangs, is `seconds` late, fails as if the disk were full, or makes a loss NaN. Each fault fires once per run (a marker file is created atomically), so an
-actor that Ray restarts does not die again.
+hangs, is `seconds` late, fails as if the disk were full, or makes a loss NaN. Each fault fires once per
+run (a marker file is created atomically), so an actor that Ray restarts does not die again.
 """
 
 from __future__ import annotations
