@@ -16,6 +16,7 @@ from .tracking import setup_logging
 log = logging.getLogger(__name__)
 
 STAGES = ("sft", "reward", "ppo")
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train in the driver
 
 
 @contextlib.contextmanager
@@ -37,6 +38,10 @@ def ray_session(cfg: RLHFConfig):
             log.warning("cluster.bind_host=%s: Ray's ports are reachable from that network; anyone who can reach "
                         "them can run code on this machine", cfg.cluster.bind_host)
         env["worker_process_setup_hook"] = "rlhf_dist.tracking.quiet_local_ray_worker"
+        # A preempted node's workers need another node to restart on; on this one node, Ray Train's
+        # preemption watcher is only one more process per SFT/RM stage (and an error line, ray#53727).
+        watcher_set = PREEMPTION_WATCHER in os.environ
+        os.environ.setdefault(PREEMPTION_WATCHER, "0")
         ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
                  _node_ip_address=cfg.cluster.bind_host, runtime_env=env, log_to_driver=True,
                  configure_logging=False)
@@ -45,6 +50,8 @@ def ray_session(cfg: RLHFConfig):
         yield
     finally:
         ray.shutdown()
+        if not address and not watcher_set:
+            del os.environ[PREEMPTION_WATCHER]
 
 
 class RLHFPipeline:
