@@ -49,12 +49,31 @@ def test_doctor_local_plan_fits(capsys):
         assert not ray.is_initialized(), "doctor left its local Ray running"
 
 
-def test_doctor_impossible_plan_names_role_and_resource(tmp_path, capsys):
+def test_local_ray_turns_the_preemption_watcher_off_while_it_runs(monkeypatch):
+    """Ray Train reads the switch in the driver; the process is left as it was."""
+    import os
+
+    import ray
+
+    from rlhf_dist.pipeline import PREEMPTION_WATCHER, ray_session
+
+    assert not ray.is_initialized()  # else ray_session would only join it
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    with ray_session(load_config(_config())):
+        assert os.environ[PREEMPTION_WATCHER] == "0"
+    assert PREEMPTION_WATCHER not in os.environ  # a user's own value is kept: the next test
+
+
+def test_doctor_impossible_plan_names_role_and_resource(tmp_path, capsys, monkeypatch):
     """Through the CLI: a GPU that a CPU run does not have and a custom resource no node has -> exit 3."""
+    import os
+
     import ray
 
     from rlhf_dist.cli import main
+    from rlhf_dist.pipeline import PREEMPTION_WATCHER
 
+    monkeypatch.setenv(PREEMPTION_WATCHER, "1")  # the user's: the local Ray must leave it alone
     before = ray.is_initialized()
     path = tmp_path / "c.json"
     path.write_text(json.dumps(_config()))
@@ -65,6 +84,7 @@ def test_doctor_impossible_plan_names_role_and_resource(tmp_path, capsys):
     fails = [line for line in err.splitlines() if line.startswith("doctor: FAIL")]
     assert any("policy-0" in f and "GPU (needs 8" in f for f in fails), err
     assert any("critic-0" in f and "no_such_node" in f for f in fails), err
+    assert os.environ[PREEMPTION_WATCHER] == "1"
     if not before:
         assert not ray.is_initialized()
 
