@@ -30,28 +30,30 @@ def ray_session(cfg: RLHFConfig):
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     # Ray workers import rlhf_dist; make sure they find this checkout's package and the log format.
     env = {"env_vars": {"RLHF_DIST_LOG_LEVEL": cfg.log_level}}
-    if address:
-        log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        if cfg.cluster.bind_host not in ("127.0.0.1", "localhost"):
-            log.warning("cluster.bind_host=%s: Ray's ports are reachable from that network; anyone who can reach "
-                        "them can run code on this machine", cfg.cluster.bind_host)
-        env["worker_process_setup_hook"] = "rlhf_dist.tracking.quiet_local_ray_worker"
-        # A preempted node's workers need another node to restart on; on this one node, Ray Train's
-        # preemption watcher is only one more process per SFT/RM stage (and an error line, ray#53727).
-        watcher_set = PREEMPTION_WATCHER in os.environ
-        os.environ.setdefault(PREEMPTION_WATCHER, "0")
-        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
-                 _node_ip_address=cfg.cluster.bind_host, runtime_env=env, log_to_driver=True,
-                 configure_logging=False)
-        log.info("started a local Ray (bound to %s) with %s", cfg.cluster.bind_host, ray.cluster_resources())
+    set_here = []  # environment switches set for this session only, removed after it
     try:
+        if address:
+            log.info("connecting to Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        else:
+            if cfg.cluster.bind_host not in ("127.0.0.1", "localhost"):
+                log.warning("cluster.bind_host=%s: Ray's ports are reachable from that network; anyone who can "
+                            "reach them can run code on this machine", cfg.cluster.bind_host)
+            env["worker_process_setup_hook"] = "rlhf_dist.tracking.quiet_local_ray_worker"
+            # A preempted node's workers need another node to restart on; on this one node, Ray Train's
+            # preemption watcher is only one more process per SFT/RM stage (and an error line, ray#53727).
+            if PREEMPTION_WATCHER not in os.environ:
+                os.environ[PREEMPTION_WATCHER] = "0"
+                set_here.append(PREEMPTION_WATCHER)
+            ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
+                     _node_ip_address=cfg.cluster.bind_host, runtime_env=env, log_to_driver=True,
+                     configure_logging=False)
+            log.info("started a local Ray (bound to %s) with %s", cfg.cluster.bind_host, ray.cluster_resources())
         yield
     finally:
         ray.shutdown()
-        if not address and not watcher_set:
-            del os.environ[PREEMPTION_WATCHER]
+        for key in set_here:
+            os.environ.pop(key, None)
 
 
 class RLHFPipeline:
