@@ -30,7 +30,7 @@ def ray_session(cfg: RLHFConfig):
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     # Ray workers import rlhf_dist; make sure they find this checkout's package and the log format.
     env = {"env_vars": {"RLHF_DIST_LOG_LEVEL": cfg.log_level}}
-    set_here = []  # environment switches set for this session only, removed after it
+    watcher_set_here = False  # the switch below, removed again after the session
     try:
         if address:
             log.info("connecting to Ray cluster at %s", address)
@@ -44,7 +44,7 @@ def ray_session(cfg: RLHFConfig):
             # preemption watcher is only one more process per SFT/RM stage (and an error line, ray#53727).
             if PREEMPTION_WATCHER not in os.environ:
                 os.environ[PREEMPTION_WATCHER] = "0"
-                set_here.append(PREEMPTION_WATCHER)
+                watcher_set_here = True
             ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
                      _node_ip_address=cfg.cluster.bind_host, runtime_env=env, log_to_driver=True,
                      configure_logging=False)
@@ -52,8 +52,8 @@ def ray_session(cfg: RLHFConfig):
         yield
     finally:
         ray.shutdown()
-        for key in set_here:
-            os.environ.pop(key, None)
+        if watcher_set_here:
+            os.environ.pop(PREEMPTION_WATCHER, None)
 
 
 class RLHFPipeline:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_dist.pipeline import PREEMPTION_WATCHER
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as rlhf_dist.pipeline.ray_session does locally
+os.environ.setdefault(PREEMPTION_WATCHER, "0")  # as ray_session does on a Ray it starts itself
 
 
 @pytest.fixture(scope="session")
