@@ -24,7 +24,8 @@ from .experience import experience_stats, make_experience
 from .models import load_tokenizer
 from .rollout import merge_samples, slice_samples
 from .health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
-from .runtime import (ROLES, Learner, ReferenceWorker, RewardWorker, RoleFailure, RolloutWorker, create_placement_group,
+from .errors import RoleFailure
+from .runtime import (ROLES, Learner, ReferenceWorker, RewardWorker, RolloutWorker, create_placement_group,
                       plan_placement, spawn, wait)
 from .tracking import MetricsWriter, truncate_metrics
 

@@ -18,22 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import PhaseTimeout, RoleFailure
+
 log = logging.getLogger(__name__)
 
 ROLES = ("rollout", "policy", "critic", "reference", "reward")
 BUCKET_BYTES = 64 << 20  # weight-sync bucket: few enough collectives, small enough to not double peak memory
-
-
-class PhaseTimeout(RuntimeError):
-    """A remote call or collective did not finish in time; names the role and the phase."""
-
-
-class RoleFailure(RuntimeError):
-    """An actor died (`died`) or raised; names the role and the phase."""
-
-    def __init__(self, message: str, died: bool = False, cause: BaseException | None = None):
-        super().__init__(message)
-        self.died, self.cause = died, cause  # cause: the exception the remote call raised
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from conftest import base_config, iteration_rows
 from rlhf_dist.checkpoint import CheckpointError
 from rlhf_dist.health import HealthError
 from rlhf_dist.ppo import run_ppo
-from rlhf_dist.runtime import PhaseTimeout, RoleFailure
+from rlhf_dist.errors import PhaseTimeout, RoleFailure
 
 pytestmark = pytest.mark.timeout(600)
 TESTS = Path(__file__).parent
