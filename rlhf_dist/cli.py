@@ -9,6 +9,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .failures import EXIT, report_failure
 from .health import HealthError
 from .models import ModelError
 
@@ -50,28 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    loaded: dict = {}  # _dispatch puts the config's save_dir here: where run.log, and a traceback, go
     try:
-        return _dispatch(args)
+        return _dispatch(args, loaded)
     except USER_ERRORS as e:
         # A user's mistake: one clear line, no traceback.
         print(f"rlhf-dist: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT["user"]
     except HealthError as e:
         # The run stopped itself (KL limit, non-finite weights, too many bad steps); checkpoints are intact.
         print(f"rlhf-dist: stopped: {e}", file=sys.stderr)
-        return 1
+        return EXIT["stopped"]
     except KeyboardInterrupt:
         print("rlhf-dist: interrupted", file=sys.stderr)
-        return 130
+        return EXIT["interrupted"]
+    except Exception as e:
+        # A role died, a timeout, a collective error, a bug: one line here, the traceback in run.log.
+        return report_failure(e, args.command, loaded.get("save_dir"))
 
 
-def _dispatch(args) -> int:
+def _dispatch(args, loaded: dict) -> int:
     if args.command == "doctor":
         from .config import load_config
         from .doctor import doctor
         from .tracking import setup_logging
 
         cfg = load_config(args.config, args.overrides)
+        loaded["save_dir"] = cfg.save_dir
         setup_logging(cfg.log_level)
         return doctor(cfg)
     if args.command == "init-tiny":
@@ -93,6 +99,7 @@ def _dispatch(args) -> int:
     from .pipeline import create_rlhf_pipeline
 
     pipe = create_rlhf_pipeline(args.config, args.overrides)
+    loaded["save_dir"] = pipe.config.save_dir
     if args.command == "check":
         from .tracking import setup_logging
 

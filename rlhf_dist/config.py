@@ -36,9 +36,14 @@ class RoleResources(_Strict):
     num_workers: PositiveInt = 1
     """Actors in this role. Learners with >1 worker form a DeepSpeed data-parallel group."""
     num_gpus: NonNegFloat = 0.0
-    """GPUs per actor; 0 on a CPU machine. With `device: auto` and CUDA present, a role left at 0 gets 1/N of a GPU."""
-    num_cpus: PositiveFloat = 1.0
-    """CPUs per actor; the actor's torch thread count is set to this (rounded, at least 1)."""
+    """GPUs per actor. With CUDA and every role at 0, each bundle gets 1/k of a GPU (k actors per GPU,
+    enough to hold them all); else a role at 0 runs on the CPU. On CUDA a policy or critic with several
+    workers needs a whole GPU each (NCCL refuses two ranks of one group on one GPU): checked before the run."""
+    num_cpus: PositiveFloat | None = None
+    """CPUs per actor, also its torch thread count (rounded, at least 1). Unset = auto: the cluster's CPUs
+    (the local Ray's, or the cluster's) less what roles set here ask, split evenly over the actors left
+    unset, rounded down to 0.01, at most 8 and at least 0.1 (smaller where whole actors must fit one node).
+    The resolved plan is logged before PPO starts; `rlhf-dist doctor` prints it."""
     resources: dict[str, float] = msgspec.field(default_factory=dict)
     """Custom Ray resources per actor, e.g. {"node_a": 0.1} to pin a role to a node."""
 
@@ -61,7 +66,8 @@ class WandbConfig(_Strict):
     """Weights & Biases tracking. The API key is read only from the environment or netrc."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto = online when WANDB_API_KEY is set, else offline."""
+    """auto = WANDB_MODE / WANDB_DISABLED=true when set, else online when an API key is set (environment
+    or netrc), else offline. Online falls back to offline (sync later) when W&B cannot be reached."""
     project: str = "rlhf-dist"
     entity: str | None = None
     name: str | None = None
@@ -103,8 +109,9 @@ class RLHFConfig(_Strict):
     """Longest sequence in tokens (prompt + response)."""
     zero_stage: Annotated[int, msgspec.Meta(ge=0, le=3)] = 2
     """DeepSpeed ZeRO stage for every trained model."""
-    bf16: bool = False
-    """Train and generate in bfloat16 (GPU only; the CPU path stays in float32)."""
+    bf16: Literal["auto"] | bool = "auto"
+    """Train and generate in bfloat16. auto: bf16 on CUDA, float32 elsewhere (logged at start); true
+    without a GPU is an error. A role placed on the CPU in a GPU run (0 GPUs) stays in float32."""
 
     # --- data handling ------------------------------------------------------------------
     bad_rows: Literal["error", "skip"] = "error"
@@ -157,6 +164,11 @@ class RLHFConfig(_Strict):
     """Samples per optimizer step; ppo_batch_size must be a multiple."""
     ppo_micro_batch_size: PositiveInt | None = None
     """Per-learner-worker micro-batch (gradient accumulation); default = mini-batch / workers."""
+    ppo_forward_micro_batch_size: PositiveInt | None = None
+    """Samples per forward pass of the no-gradient forwards: the reference's logprobs, the reward model's
+    scores and the learners' old logprobs and values. Bounds their activation memory, which otherwise
+    grows with the batch; default = the policy learner's micro-batch (ppo_micro_batch_size or
+    mini-batch / policy workers)."""
     ppo_epochs: PositiveInt = 1
     ppo_lr_policy: PositiveFloat = 1e-5
     ppo_lr_value: PositiveFloat = 1e-5
@@ -167,10 +179,11 @@ class RLHFConfig(_Strict):
     ppo_entropy_coef: NonNegFloat = 0.0
     ppo_max_grad_norm: PositiveFloat = 1.0
     ppo_whiten_advantages: bool = True
-    ppo_recompute_old_logprobs: bool = False
-    """false: PPO's old logprobs are the rollout's sampling logprobs (the same weights, synced every
-    iteration; one forward pass fewer). true: the policy learner recomputes them, as OpenRLHF and verl
-    do; worth it when the rollout runs another precision or engine than the learner."""
+    ppo_recompute_old_logprobs: Literal["auto"] | bool = "auto"
+    """Where PPO's old logprobs come from. false: the rollout's sampling logprobs (one forward pass fewer;
+    in float32 they match the learner's forward to ~1e-6). true: the policy learner recomputes them, as
+    OpenRLHF and verl do. auto: true when the rollout or the policy learner runs in bf16, whose decode and
+    training forward differ by far more, else false. Cannot be combined with ppo_overlap_rollout."""
     ppo_overlap_rollout: bool = False
     """true: the rollout of iteration k+1 runs while iteration k's experience and learner phases run, on
     the weights from before iteration k's update (one-step off-policy; `rollout_lag` in the metrics). With
@@ -193,6 +206,10 @@ class RLHFConfig(_Strict):
     """Weight of the reward model's score; 0 = use only reward_fn (the RM is then not loaded)."""
 
     gen_max_new_tokens: PositiveInt = 32
+    gen_batch_size: PositiveInt | None = None
+    """Prompts per generate call of a rollout worker: it generates its slice in chunks of this many and
+    merges them, so its KV cache and logits hold one chunk. Unset = the whole slice at once. The chunks
+    draw from one seeded generator in order, so a run stays reproducible."""
     gen_temperature: PositiveFloat = 1.0
     gen_top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     gen_top_k: NonNegInt = 0
@@ -290,8 +307,11 @@ class RLHFConfig(_Strict):
             v = getattr(self.wandb, name)
             if v is not None and (v in (".", "..") or re.search(r"[/\\\x00]", v)):
                 errors.append(f"wandb.{name}: {v!r} must be a plain name, without '/' or '..'")
-        if self.bf16 and self.device == "cpu":
-            errors.append("bf16: bf16 training needs a GPU; the CPU path runs in float32")
+        if self.bf16 is True and self.device in ("cpu", "mps"):
+            errors.append(f"bf16: true needs a CUDA GPU, but device is {self.device}; use auto or false")
+        if self.ppo_recompute_old_logprobs is True and self.ppo_overlap_rollout:
+            errors.append("ppo_recompute_old_logprobs: true removes ppo_overlap_rollout's off-policy correction (the "
+                          "rollout's logprobs carry the one-step lag); use one or the other")
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self

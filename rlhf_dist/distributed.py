@@ -88,9 +88,11 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def all_reduce_sum(values: list[float], device: str = "cpu") -> list[float]:
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum over the default group's ranks. NCCL reduces only CUDA tensors, gloo CPU ones."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()

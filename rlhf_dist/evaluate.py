@@ -33,6 +33,7 @@ import torch
 from .checkpoint import complete_iterations, is_complete
 from .config import ConfigError, RLHFConfig, load_config
 from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
+from .precision import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
     if num_prompts is not None and num_prompts <= 0:
         raise ConfigError(f"--num-prompts: must be positive, got {num_prompts}")
     device = resolve_device(cfg.device)
-    bf16 = cfg.bf16 and device == "cuda"
+    bf16 = use_bf16(cfg.bf16, device)
     save = Path(cfg.save_dir)
     notes: list[str] = []
 

@@ -76,8 +76,26 @@ class RLHFPipeline:
         import ray
 
         from .models import resolve_device
+        from .precision import check_bf16, recompute_old_logprobs
 
-        return resolve_device(self.config.device, ray.cluster_resources().get("GPU", 0))
+        cfg = self.config
+        device = resolve_device(cfg.device, ray.cluster_resources().get("GPU", 0))
+        bf16 = check_bf16(cfg.bf16, device)
+        # Fails before SFT where PPO could never start; PPO settles it from where its roles land.
+        recompute_old_logprobs(cfg.ppo_recompute_old_logprobs, bf16, bf16, cfg.ppo_overlap_rollout)
+        return device
+
+    def _preflight(self, stages: tuple[str, ...]) -> str:
+        """The device, once the stages' workers are known to fit the cluster (call inside ray_session).
+
+        A plan that can never be placed, or ranks that NCCL would find on one GPU, raise PlacementError
+        here in seconds, naming the role and the resource, instead of a placement wait of setup_timeout_s.
+        """
+        from .placement import check_cluster
+
+        device = self._device()
+        check_cluster(self.config, stages, device)
+        return device
 
     def validate_data(self, stages: tuple[str, ...]) -> None:
         """Read every data file the stages need, before any model or Ray worker starts."""
@@ -99,21 +117,24 @@ class RLHFPipeline:
 
         self._start(("sft",))
         with ray_session(self.config):
-            return self._timed("sft", lambda: run_supervised(self.config, "sft", self._device()))
+            device = self._preflight(("sft",))
+            return self._timed("sft", lambda: run_supervised(self.config, "sft", device))
 
     def run_reward_training(self) -> Path:
         from .stages import run_supervised
 
         self._start(("reward",))
         with ray_session(self.config):
-            return self._timed("reward", lambda: run_supervised(self.config, "reward", self._device()))
+            device = self._preflight(("reward",))
+            return self._timed("reward", lambda: run_supervised(self.config, "reward", device))
 
     def run_ppo_training(self) -> Path:
         from .ppo import run_ppo
 
         self._start(("ppo",))
         with ray_session(self.config):
-            return self._timed("ppo", lambda: run_ppo(self.config, self._device()))
+            device = self._preflight(("ppo",))
+            return self._timed("ppo", lambda: run_ppo(self.config, device))
 
     def run_full_pipeline(self) -> dict[str, Path]:
         """SFT -> RM -> PPO. A stage whose output is already complete is not run again."""
@@ -125,11 +146,10 @@ class RLHFPipeline:
         self._start(stages)
         out: dict[str, Path] = {}
         with ray_session(cfg):
-            device = self._device()
+            device = self._preflight(tuple(s for s in stages if not self._finished(s)))
             for stage in stages:
                 done = self.stage_output(stage)
-                # PPO writes final_model only at its end; SFT and RM rewrite best_model as they go.
-                if is_complete(done) if stage == "ppo" else stage_finished(done):
+                if self._finished(stage):
                     log.info("%s: already complete at %s, not rerun", stage, done)
                     out[stage] = done
                     continue
@@ -138,6 +158,11 @@ class RLHFPipeline:
                 else:
                     out[stage] = self._timed(stage, lambda s=stage: run_supervised(cfg, s, device))
         return out
+
+    def _finished(self, stage: str) -> bool:
+        # PPO writes final_model only at its end; SFT and RM rewrite best_model as they go.
+        done = self.stage_output(stage)
+        return is_complete(done) if stage == "ppo" else stage_finished(done)
 
     def stage_output(self, stage: str) -> Path:
         return self.save_dir / {"sft": "sft/best_model", "reward": "reward_model/best_model",

@@ -22,12 +22,13 @@ from .config import RLHFConfig
 from .data import read_dataset, tokenize_prompts
 from .experience import experience_stats, make_experience
 from .models import load_tokenizer
+from .precision import recompute_old_logprobs
 from .rollout import merge_samples, slice_samples
 from .health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
 from .errors import RoleFailure
-from .runtime import (ROLES, Learner, ReferenceWorker, RewardWorker, RolloutWorker, create_placement_group,
-                      plan_placement, spawn, wait)
+from .runtime import ROLES, Learner, ReferenceWorker, RewardWorker, RolloutWorker, create_placement_group, spawn, wait
 from .tracking import MetricsWriter, truncate_metrics
+from .weight_sync import plan_sync
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,25 @@ def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
 
 
 def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) -> Roles:
-    import ray
+    from .placement import cluster_nodes, plan_for_cluster
 
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if device == "cuda" else 0
-    bundles, slots = plan_placement(cfg, gpus)
+    # The plan the pre-start check logged (the same pure function of the cluster's totals).
+    bundles, slots = plan_for_cluster(cfg, device, cluster_nodes()[0])
     pg = create_placement_group(bundles, cfg.roles.strategy, cfg.setup_timeout_s)
     conf = dict(cfg.to_dict(), _cwd=os.getcwd())
     by_role: dict[str, list] = {r: [] for r in ("rollout", "policy", "critic", "reference", "reward")}
     restarts = cfg.max_restarts  # frozen roles come back by themselves; learners hold optimizer state
     for s in slots:
         if s.role == "rollout":
-            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.policy, max_restarts=restarts)
+            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.policy, max_restarts=restarts)
         elif s.role in ("policy", "critic"):
-            a = spawn(Learner, s, pg, s.role, s.rank, getattr(cfg.roles, s.role).num_workers, conf, s.num_cpus, device)
+            a = spawn(Learner, s, pg, s.role, s.rank, getattr(cfg.roles, s.role).num_workers, conf, s.num_cpus,
+                      s.device)
         elif s.role == "reference":
-            a = spawn(ReferenceWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reference, max_restarts=restarts)
+            a = spawn(ReferenceWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.reference,
+                      max_restarts=restarts)
         else:
-            a = spawn(RewardWorker, s, pg, s.rank, conf, s.num_cpus, device, inputs.reward, inputs.tokenizer,
+            a = spawn(RewardWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.reward, inputs.tokenizer,
                       max_restarts=restarts)
         by_role[s.role].append(a)
     roles = Roles(**by_role, placement_group=pg)
@@ -129,14 +132,23 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
 
 
 def join_weight_sync(cfg: RLHFConfig, roles: Roles) -> None:
-    """Learner rank 0 + every rollout worker form the dedicated weight-sync group."""
+    """Choose each rollout worker's transport from where it sits against policy rank 0, and connect them:
+    CUDA IPC on the same GPU, else a broadcast group (learner rank 0 + those workers; NCCL or gloo)."""
+    T = cfg.setup_timeout_s
     learner = roles.policy[0]
-    addr, port = wait(learner.address.remote(), "policy", "sync", cfg.call_timeout_s)
-    sig = wait(learner.signature.remote(), "policy", "sync", cfg.call_timeout_s)
-    world = 1 + len(roles.rollout)
-    refs = [learner.join_sync.remote(addr, port, 0, world, sig)]
-    refs += [a.join_sync.remote(addr, port, i + 1, world, sig) for i, a in enumerate(roles.rollout)]
-    wait(refs, "rollout", "sync", cfg.sync_timeout_s)
+    ids = wait([a.device_id.remote() for a in [learner, *roles.rollout]], "rollout", "sync", T)
+    plan = plan_sync(ids[0], ids[1:])
+    sig = wait(learner.signature.remote(), "policy", "sync", T)
+    world = 1 + len(plan.group_ranks)
+    addr, port = wait(learner.address.remote(), "policy", "sync", T)
+    ipc = [roles.rollout[i] for i, t in enumerate(plan.transports) if t == "ipc"]
+    refs = [a.join_sync.remote(addr, port, world, plan.backend, ipc) for a in roles.policy]
+    group_rank = {w: r + 1 for r, w in enumerate(plan.group_ranks)}
+    refs += [a.join_sync.remote(sig, addr, port, group_rank.get(i), world, plan.backend)
+             for i, a in enumerate(roles.rollout)]
+    wait(refs, "rollout", "sync", T)
+    log.info("weight sync: %s", ", ".join(f"rollout-{i} by {'CUDA IPC' if t == 'ipc' else plan.backend + ' broadcast'}"
+                                          for i, t in enumerate(plan.transports)))
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -249,6 +261,7 @@ class PPORun:
         try:
             self.roles = start_roles(cfg, self.device, self.inputs, cfg.ppo_iterations * steps_per_it)
             self.pids = {(i["role"], i["rank"]): i["pid"] for i in self.roles.info}
+            self.recompute = self._recompute_setting()
             if self.resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
                 for kind in ("policy", "critic"):
                     wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
@@ -261,12 +274,6 @@ class PPORun:
                 metrics.write(rec)
                 for row in log_rows:
                     samples_log.write(row)
-            peaks = self._wait([a.peak_memory_mb.remote() for r in ROLES for a in getattr(self.roles, r)], "all",
-                               "checkpoint")
-            names = [f"{r}-{k}" for r in ROLES for k in range(len(getattr(self.roles, r)))]
-            metrics.write({"summary": True, "seconds": time.perf_counter() - self.t_start,
-                           "peak_memory_mb": dict(zip(names, peaks))})
-            log.info("ppo: peak memory (MB) %s", " ".join(f"{n}={m:.0f}" for n, m in zip(names, peaks)))
             final = self.dir / "final_model"
             with atomic_dir(final) as tmp:
                 self._wait([a.save.remote(str(tmp), self.inputs.tokenizer) for a in self.roles.policy], "policy",
@@ -274,6 +281,7 @@ class PPORun:
                 self._wait([a.save.remote(str(tmp / "critic"), self.inputs.tokenizer) for a in self.roles.critic],
                            "critic", "checkpoint")
             log.info("ppo: final model at %s", final)
+            self._write_summary(metrics)  # reporting only: after the save, so it cannot cost the model
             return final
         except RoleFailure as e:
             lost = [f"{r}-{k}" for r, k in self._dead_actors() if r in ("policy", "critic")] if self.roles else []
@@ -285,6 +293,19 @@ class PPORun:
             samples_log.close()
             if self.roles is not None:
                 _stop(self.roles)
+
+    def _write_summary(self, metrics: MetricsWriter) -> None:
+        """The summary row (run time, peak memory per role). Best effort: a failure here is logged, since
+        the final model is already written and a dead frozen actor must not fail (or redo) the run."""
+        try:
+            peaks = self._wait([a.peak_memory_mb.remote() for r in ROLES for a in getattr(self.roles, r)], "all",
+                               "summary")
+            names = [f"{r}-{k}" for r in ROLES for k in range(len(getattr(self.roles, r)))]
+            metrics.write({"summary": True, "seconds": time.perf_counter() - self.t_start,
+                           "peak_memory_mb": dict(zip(names, peaks))})
+            log.info("ppo: peak memory (MB) %s", " ".join(f"{n}={m:.0f}" for n, m in zip(names, peaks)))
+        except Exception as e:  # noqa: BLE001
+            log.warning("ppo: no summary row (peak memory): %s", e)
 
     def iteration(self, it: int) -> tuple[dict, list[dict]]:
         """rollout -> experience -> advantages -> learner -> sync -> checkpoint, with the health guards."""
@@ -344,7 +365,7 @@ class PPORun:
                     "bad_steps": self.bad_steps.total, "seconds": seconds,
                     "tokens_per_s": float(samples.action_mask.sum()) / seconds, "samples_per_s": len(samples) / seconds,
                     **{f"time/{k}": v for k, v in timers.seconds.items()}})
-        if cfg.ppo_recompute_old_logprobs:  # the rollout's weights are the learner's: a broken sync shows here
+        if self.recompute:  # the rollout's weights are the learner's: a broken sync shows here
             rec["rollout_logprob_diff"] = float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max())
         for key in ("rm_score", "fn_score"):
             if key in rew[0]:
@@ -378,7 +399,7 @@ class PPORun:
             def fan(group, method):
                 return [getattr(a, method).remote(slice_samples(samples, s, e))
                         for a, (s, e) in zip(group, split(len(samples), len(group)))]
-            r_old = fan(roles.policy, "forward") if cfg.ppo_recompute_old_logprobs else None
+            r_old = fan(roles.policy, "forward") if self.recompute else None
             r_val = fan(roles.critic, "forward")
             r_ref = fan(roles.reference, "logprobs")
             r_rew = [a.score.remote(slice_samples(samples, s, e), [prompts[i] for i in samples.sample_ids[s:e]])
@@ -438,6 +459,18 @@ class PPORun:
             log.warning("ppo: iteration %d: %s", it + 1, "; ".join(why))
             rec["skipped"] = 1
         self.bad_steps.record(bool(why), "; ".join(why))
+
+    def _recompute_setting(self) -> bool:
+        """Old logprobs from the learner or the rollout, from the precision each role actually runs in."""
+        info = self.roles.info
+        rollout_bf16 = any(i["bf16"] for i in info if i["role"] == "rollout")
+        learner_bf16 = any(i["bf16"] for i in info if i["role"] == "policy")
+        on = recompute_old_logprobs(self.cfg.ppo_recompute_old_logprobs, rollout_bf16, learner_bf16,
+                                    self.cfg.ppo_overlap_rollout)
+        log.info("ppo: old logprobs from the %s (ppo_recompute_old_logprobs: %s; rollout %s, policy learner %s)",
+                 "policy learner" if on else "rollout", self.cfg.ppo_recompute_old_logprobs,
+                 "bf16" if rollout_bf16 else "float32", "bf16" if learner_bf16 else "float32")
+        return on
 
     # ------------------------------------------------------------------------------
     def _wait(self, refs, role: str, phase: str):
@@ -500,7 +533,9 @@ class PPORun:
 
 
 def _sync(cfg: RLHFConfig, roles: Roles, version: int) -> int:
-    refs = [roles.policy[0].send_weights.remote()] + [a.receive_weights.remote(version) for a in roles.rollout]
+    """Every policy rank sends (rank 0 for real; the others join ZeRO-3's gathers); every rollout worker
+    takes the broadcast or, on rank 0's GPU, receives its buckets by IPC during the send."""
+    refs = [a.send_weights.remote() for a in roles.policy] + [a.receive_weights.remote(version) for a in roles.rollout]
     return wait(refs, "rollout", "sync", cfg.sync_timeout_s)[0]
 
 

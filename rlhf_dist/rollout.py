@@ -331,6 +331,18 @@ def merge_samples(parts: list[Samples], pad_id: int) -> Samples:
                    [i for s in parts for i in s.sample_ids], min(s.version for s in parts))
 
 
+def generate_chunked(model, prompts: list[list[int]], chunk: int | None, *, pad_id: int,
+                     sample_ids: list[int] | None = None, **kw) -> Samples:
+    """`generate` over chunks of `chunk` prompts (None = all at once), merged in prompt order: only one
+    chunk's KV cache and logits are alive at a time. The chunks draw from the one `generator` in `kw` in
+    order, so a seeded call is reproducible (its rows draw in another order than one unchunked call)."""
+    ids = list(sample_ids) if sample_ids is not None else list(range(len(prompts)))
+    size = chunk or len(prompts)
+    parts = [generate(model, prompts[i:i + size], pad_id=pad_id, sample_ids=ids[i:i + size], **kw)
+             for i in range(0, len(prompts), size)]
+    return merge_samples(parts, pad_id)
+
+
 def slice_samples(s: Samples, start: int, end: int) -> Samples:
     return Samples(s.sequences[start:end], s.attention_mask[start:end], s.action_mask[start:end],
                    s.rollout_logprobs[start:end], s.prompt_len, s.sample_ids[start:end], s.version)

@@ -2,8 +2,8 @@
 
 Roles: rollout (generation), policy and critic (DeepSpeed learners), reference and reward (frozen).
 Each actor of a learner role with several workers joins its role's own default process group (its
-DeepSpeed data-parallel group). Weight sync uses a second, stateless process group (learner rank 0 +
-every rollout worker) built on a TCPStore: NCCL on GPUs, gloo on CPU, so tests run the same path.
+DeepSpeed data-parallel group). Weight sync (`weight_sync.py`) moves the policy's weights to the rollout
+workers by CUDA IPC on a shared GPU, else by a broadcast in a group of its own (NCCL or gloo).
 """
 
 from __future__ import annotations
@@ -13,78 +13,24 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import PhaseTimeout, RoleFailure
+from .precision import use_bf16
 
 log = logging.getLogger(__name__)
 
 ROLES = ("rollout", "policy", "critic", "reference", "reward")
-BUCKET_BYTES = 64 << 20  # weight-sync bucket: few enough collectives, small enough to not double peak memory
 
 
 # ---------------------------------------------------------------------------------------
 # Placement
 # ---------------------------------------------------------------------------------------
 
-@dataclass
-class Slot:
-    role: str
-    rank: int
-    bundle: int  # index in the placement group
-    num_cpus: float  # what the actor asks of its bundle
-    num_gpus: float
-    resources: dict
-
-
-def plan_placement(cfg, gpus_available: int) -> tuple[list[dict], list[Slot]]:
-    """Bundles and the actor slots in them. Pure: `rlhf-dist doctor` prints it before loading anything.
-
-    With CUDA and a role at num_gpus 0, actors share the GPUs in equal fractions.
-    With `roles.colocate`, reference shares the policy learner's bundle and reward the critic's.
-    """
-    roles = cfg.roles
-    n_actors = sum(getattr(roles, r).num_workers for r in ROLES)
-    auto_gpu = 0.0
-    if gpus_available > 0 and all(getattr(roles, r).num_gpus == 0 for r in ROLES):
-        auto_gpu = min(1.0, gpus_available / n_actors)
-        auto_gpu = 1.0 / max(1, int(1 / auto_gpu + 1e-9)) if auto_gpu < 1 else 1.0
-    bundles: list[dict] = []
-    slots: list[Slot] = []
-    shared = {"reference": "policy", "reward": "critic"} if roles.colocate else {}
-    host_bundle: dict[tuple[str, int], int] = {}
-    for role in ROLES:
-        spec = getattr(roles, role)
-        gpus = spec.num_gpus or auto_gpu
-        for rank in range(spec.num_workers):
-            host = shared.get(role)
-            if host is not None:
-                # Colocated: the actor joins its host's bundle and shares its GPUs (that is the saving);
-                # CPUs and custom resources add up, since each actor still runs its own threads.
-                b = host_bundle[(host, rank % getattr(roles, host).num_workers)]
-                merged = dict(bundles[b])
-                merged["CPU"] = merged.get("CPU", 0) + spec.num_cpus
-                for k, v in spec.resources.items():
-                    merged[k] = max(merged.get(k, 0), v)
-                if gpus and "GPU" not in merged:
-                    merged["GPU"] = gpus
-                bundles[b] = merged
-                slots.append(Slot(role, rank, b, spec.num_cpus, 0.0, {}))
-                continue
-            bundle = {"CPU": spec.num_cpus, **({"GPU": gpus} if gpus else {}), **spec.resources}
-            host_bundle[(role, rank)] = len(bundles)
-            slots.append(Slot(role, rank, len(bundles), spec.num_cpus, gpus, dict(spec.resources)))
-            bundles.append(bundle)
-    for b, bundle in enumerate(bundles):
-        members = [x for x in slots if x.bundle == b]
-        if len(members) > 1:
-            for x in members:  # equal shares of the bundle's GPUs, and of its custom resources
-                x.num_gpus = bundle.get("GPU", 0.0) / len(members)
-                x.resources = {k: v / len(members) for k, v in bundle.items() if k not in ("CPU", "GPU")}
-    return bundles, slots
+# Slot and plan_placement live in placement.py (pure, no torch: doctor imports them fast); kept importable here.
+from .placement import Slot, plan_placement  # noqa: E402,F401
 
 
 def free_port() -> int:
@@ -108,58 +54,16 @@ def wait(refs, role: str, phase: str, timeout: float):
         raise RoleFailure(f"{role}: phase '{phase}' failed: {e.cause!r}", cause=e.cause) from e
 
 
-# ---------------------------------------------------------------------------------------
-# Weight sync: bucketed broadcast in a dedicated process group
-# ---------------------------------------------------------------------------------------
-
-class WeightSync:
-    """Broadcast a model's parameters from rank 0 in flattened buckets (one collective per bucket)."""
-
-    def __init__(self, params: list[torch.Tensor], addr: str, port: int, rank: int, world: int, backend: str,
-                 timeout_s: float):
-        import torch.distributed as dist
-
-        self.rank = rank
-        self.timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(addr, port, world, rank == 0, timeout=self.timeout)
-        if backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(store, rank, world)
-        else:
-            self.pg = dist.ProcessGroupGloo(store, rank, world, self.timeout)
-        self.buckets: list[list[torch.Tensor]] = []
-        cur, size = [], 0
-        for p in params:
-            if cur and (size + p.numel() * p.element_size() > BUCKET_BYTES or p.dtype != cur[0].dtype):
-                self.buckets.append(cur)
-                cur, size = [], 0
-            cur.append(p)
-            size += p.numel() * p.element_size()
-        if cur:
-            self.buckets.append(cur)
-
-    @torch.no_grad()
-    def broadcast(self) -> int:
-        """Send (rank 0) or receive the weights; returns bytes moved."""
-        moved = 0
-        for bucket in self.buckets:
-            if self.rank == 0:
-                flat = torch.cat([p.detach().reshape(-1) for p in bucket])
-            else:
-                flat = torch.empty(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
-            work = self.pg.broadcast([flat])
-            if not work.wait(self.timeout):
-                raise PhaseTimeout(f"weight sync: broadcast timed out after {self.timeout.total_seconds():.0f}s")
-            if self.rank != 0:
-                offset = 0
-                for p in bucket:
-                    p.copy_(flat[offset: offset + p.numel()].view_as(p))
-                    offset += p.numel()
-            moved += flat.numel() * flat.element_size()
-        return moved
+def forward_micro_batch(cfg) -> int:
+    """Samples per no-gradient forward pass (`ppo_forward_micro_batch_size`, default the learners' micro-batch)."""
+    return (cfg.ppo_forward_micro_batch_size or cfg.ppo_micro_batch_size
+            or cfg.ppo_mini_batch_size // cfg.roles.policy.num_workers)
 
 
-def param_signature(model) -> list[tuple[str, tuple, str]]:
-    return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+def in_chunks(fn, size: int, *rows: torch.Tensor) -> torch.Tensor:
+    """fn over chunks of `size` rows of `rows` (each (B, ...)), outputs concatenated on CPU: (B, ...).
+    Activation memory is then that of `size` rows, whatever the batch."""
+    return torch.cat([fn(*(r[i:i + size] for r in rows)).cpu() for i in range(0, rows[0].shape[0], size)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,9 +81,9 @@ class RoleWorker:
         self.cfg = load_config(config)
         self.role, self.rank = role, rank
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.bf16 = use_bf16(self.cfg.bf16, self.device.type)
         setup_logging(self.cfg.log_level, Path(self.cfg.save_dir) / "logs", role=f"{role}-{rank}")
         self.threads = set_threads(num_cpus)
-        self.sync: WeightSync | None = None
         self.version = 0
         torch.manual_seed(self.cfg.seed + 1000 * ROLES.index(role) + rank)
 
@@ -187,7 +91,7 @@ class RoleWorker:
         import ray
 
         return {"role": self.role, "rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "threads": self.threads, "device": str(self.device),
+                "pid": os.getpid(), "threads": self.threads, "device": str(self.device), "bf16": self.bf16,
                 "gpu_ids": ray.get_gpu_ids()}
 
     def address(self) -> tuple[str, int]:
@@ -202,17 +106,13 @@ class RoleWorker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def _sync_model(self):
-        raise NotImplementedError
+    def device_id(self):
+        """Node and GPU UUID: the weight sync's transport depends on them (`weight_sync.plan_sync`)."""
+        import ray
 
-    def join_sync(self, addr: str, port: int, rank: int, world: int, signature: list) -> None:
-        model = self._sync_model()
-        mine = param_signature(model)
-        if [tuple(x) for x in signature] != [(n, tuple(s), d) for n, s, d in mine]:
-            raise RuntimeError(f"{self.role}-{self.rank}: parameters differ from the learner's; cannot sync weights")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.sync = WeightSync([p for _, p in model.named_parameters()], addr, port, rank, world, backend,
-                               self.cfg.sync_timeout_s)
+        from .weight_sync import local_device_id
+
+        return local_device_id(ray.get_runtime_context().get_node_id(), self.device)
 
 
 class RolloutWorker(RoleWorker):
@@ -220,7 +120,7 @@ class RolloutWorker(RoleWorker):
         super().__init__("rollout", rank, config, num_cpus, device)
         from .models import load_causal_lm
 
-        self.model = load_causal_lm(model_dir, self.cfg.bf16).to(self.device).eval()
+        self.model = load_causal_lm(model_dir, self.bf16).to(self.device).eval()
         self.generator = torch.Generator(device=self.device)
         if self.cfg.gen_compile:
             from torch._inductor import config as inductor
@@ -228,23 +128,34 @@ class RolloutWorker(RoleWorker):
             # Inductor compiles in a pool of min(32, cores on the node) processes; the actor owns only its CPUs.
             inductor.compile_threads = self.threads
 
-    def _sync_model(self):
-        return self.model
-
     def generate(self, prompts: list[list[int]], sample_ids: list[int], seed: int, pad_id: int, eos_id: int):
-        from .rollout import generate
+        from .rollout import generate_chunked
 
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(seed)  # once per call: the chunks draw from it in order
         c = self.cfg
-        return generate(self.model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=c.gen_max_new_tokens,
-                        temperature=c.gen_temperature, top_p=c.gen_top_p, top_k=c.gen_top_k,
-                        min_new_tokens=c.gen_min_new_tokens, generator=self.generator, sample_ids=sample_ids,
-                        version=self.version, compiled=c.gen_compile)
+        return generate_chunked(self.model, prompts, c.gen_batch_size, pad_id=pad_id, eos_id=eos_id,
+                                max_new_tokens=c.gen_max_new_tokens, temperature=c.gen_temperature,
+                                top_p=c.gen_top_p, top_k=c.gen_top_k, min_new_tokens=c.gen_min_new_tokens,
+                                generator=self.generator, sample_ids=sample_ids, version=self.version,
+                                compiled=c.gen_compile)
+
+    def join_sync(self, signature: list, addr: str, port: int, group_rank: int | None, world: int,
+                  backend: str) -> None:
+        """Take weights by IPC (`group_rank` None) or as rank `group_rank` of the broadcast group."""
+        from .weight_sync import Broadcast, WeightReceiver
+
+        self.receiver = WeightReceiver(self.model.named_parameters(), signature, f"rollout-{self.rank}")
+        self.group = (None if group_rank is None else
+                      Broadcast(addr, port, group_rank, world, backend, self.cfg.sync_timeout_s))
 
     def receive_weights(self, version: int) -> int:
-        moved = self.sync.broadcast()
+        """Take the broadcast (a worker in the group); an IPC worker's buckets come by `load_bucket`."""
+        moved = self.receiver.receive(self.group) if self.group is not None else 0
         self.version = version
         return moved
+
+    def load_bucket(self, bucket: int, handle) -> int:
+        return self.receiver.load_bucket(bucket, handle)
 
 
 class ReferenceWorker(RoleWorker):
@@ -252,14 +163,17 @@ class ReferenceWorker(RoleWorker):
         super().__init__("reference", rank, config, num_cpus, device)
         from .models import load_causal_lm
 
-        self.model = load_causal_lm(model_dir, self.cfg.bf16).to(self.device).eval().requires_grad_(False)
+        self.model = load_causal_lm(model_dir, self.bf16).to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def logprobs(self, samples) -> torch.Tensor:
         from .experience import response_logprobs
 
-        return response_logprobs(self.model, samples.sequences.to(self.device), samples.attention_mask.to(self.device),
-                                 samples.prompt_len, self.cfg.gen_temperature).cpu()
+        def one(seq, attn):  # (b, P+R) -> (b, R)
+            return response_logprobs(self.model, seq.to(self.device), attn.to(self.device), samples.prompt_len,
+                                     self.cfg.gen_temperature)
+
+        return in_chunks(one, forward_micro_batch(self.cfg), samples.sequences, samples.attention_mask)  # (B, R)
 
 
 class RewardWorker(RoleWorker):
@@ -274,7 +188,7 @@ class RewardWorker(RoleWorker):
         self.model = self.tok = None
         if model_dir is not None and self.cfg.reward_model_weight != 0:
             self.tok = load_tokenizer(model_dir)
-            self.model = load_scalar_model(model_dir, self.cfg.bf16, self.tok.pad_token_id).to(self.device).eval()
+            self.model = load_scalar_model(model_dir, self.bf16, self.tok.pad_token_id).to(self.device).eval()
             self.model.requires_grad_(False)
             # Same vocabulary and template: score the policy's tokens as they are; else re-tokenise the text.
             self.same_tokens = (self.tok.get_vocab() == self.policy_tok.get_vocab()
@@ -305,7 +219,8 @@ class RewardWorker(RoleWorker):
             else:
                 enc = [encode_prompt_response(self.tok, p, r).input_ids for p, r in zip(prompts, responses)]
                 ids, attn = pad_right(enc, self.tok.pad_token_id)
-            rm = sequence_scores(self.model, ids.to(self.device), attn.to(self.device)).float().cpu()  # (B,)
+            rm = in_chunks(lambda i, a: sequence_scores(self.model, i.to(self.device), a.to(self.device)).float(),
+                           forward_micro_batch(self.cfg), ids, attn)  # (B,)
             out["rm_score"] = rm
             total += self.cfg.reward_model_weight * rm
         if self.fn is not None:
@@ -340,42 +255,50 @@ class Learner(RoleWorker):
                                     world_size=self.world, timeout=datetime.timedelta(seconds=self.cfg.call_timeout_s))
         c = self.cfg
         if self.kind == "policy":
-            model = load_causal_lm(model_dir, c.bf16)
+            model = load_causal_lm(model_dir, self.bf16)
             lr = c.ppo_lr_policy
         else:
             tok = load_tokenizer(model_dir)
-            model = load_scalar_model(model_dir, c.bf16, tok.pad_token_id)
+            model = load_scalar_model(model_dir, self.bf16, tok.pad_token_id)
             lr = c.ppo_lr_value
         micro = c.ppo_micro_batch_size or c.ppo_mini_batch_size // self.world
         self.micro = micro
         self.accum = c.ppo_mini_batch_size // (micro * self.world)
         self.engine = make_engine(model, lr=lr, total_steps=total_steps, warmup_steps=0, micro_batch=micro,
                                   grad_accum=self.accum, zero_stage=c.zero_stage, grad_clip=c.ppo_max_grad_norm,
-                                  bf16=c.bf16, constant_lr=True)
+                                  bf16=self.bf16, constant_lr=True)
         return {"params": sum(p.numel() for p in model.parameters())}
 
-    def _sync_model(self):
-        return self.engine.module
-
     def signature(self) -> list:
-        return param_signature(self.engine.module)
+        from .weight_sync import param_signature
+
+        return param_signature(self.engine.module.named_parameters())
+
+    def join_sync(self, addr: str, port: int, world: int, backend: str, ipc_receivers: list) -> None:
+        """Every policy rank gets a sender (ZeRO-3 gathers are collectives); rank 0 also sends: by CUDA IPC
+        to `ipc_receivers` (rollout actors on its GPU) and as rank 0 of the broadcast group when `world` > 1."""
+        from .weight_sync import Broadcast, WeightSender
+
+        self.sender = WeightSender(self.engine.module.named_parameters(), self.rank, self.engine.zero_optimization_stage() == 3)
+        self.ipc_receivers = ipc_receivers if self.rank == 0 else []
+        self.group = (Broadcast(addr, port, 0, world, backend, self.cfg.sync_timeout_s)
+                      if self.rank == 0 and world > 1 else None)
 
     @torch.no_grad()
     def forward(self, samples) -> torch.Tensor:
         """Old logprobs (policy) or values (critic) for a slice of the batch: (b, R)."""
         from .experience import response_logprobs, response_values
 
-        self.engine.eval()
-        seq, attn = samples.sequences.to(self.engine.device), samples.attention_mask.to(self.engine.device)
-        outs = []
-        for i in range(0, seq.shape[0], self.micro):
-            s, a = seq[i:i + self.micro], attn[i:i + self.micro]
+        def one(seq, attn):  # (b, P+R) -> (b, R)
+            s, a = seq.to(self.engine.device), attn.to(self.engine.device)
             if self.kind == "policy":
-                outs.append(response_logprobs(self.engine.module, s, a, samples.prompt_len, self.cfg.gen_temperature))
-            else:
-                outs.append(response_values(self.engine.module, s, a, samples.prompt_len))
+                return response_logprobs(self.engine.module, s, a, samples.prompt_len, self.cfg.gen_temperature).float()
+            return response_values(self.engine.module, s, a, samples.prompt_len).float()
+
+        self.engine.eval()
+        out = in_chunks(one, forward_micro_batch(self.cfg), samples.sequences, samples.attention_mask)  # (B, R)
         self.engine.train()
-        return torch.cat(outs).float().cpu()
+        return out
 
     def train(self, exp, seed: int) -> dict:
         """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch."""
@@ -431,8 +354,13 @@ class Learner(RoleWorker):
         return out
 
     def params_finite(self) -> bool:
-        """Every parameter finite (under ZeRO-3 only this rank's gathered parameters are seen)."""
-        return all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
+        """Every parameter finite, on every rank. Under ZeRO-3 each rank checks its own partition
+        (`ds_tensor`), so together they check every element. One host sync."""
+        from .distributed import all_reduce_sum
+
+        parts = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        bad = torch.stack([(~torch.isfinite(t)).any() for t in parts if t.numel()]).any()
+        return all_reduce_sum([float(bad)])[0] == 0
 
     def save_state(self, out_dir: str) -> None:
         """Optimizer and scheduler state for an exact resume (DeepSpeed's own format; a collective)."""
@@ -445,7 +373,12 @@ class Learner(RoleWorker):
         self.version = client["version"]
 
     def send_weights(self) -> int:
-        return self.sync.broadcast() if self.sync is not None else 0
+        """Send the weights (rank 0; other ranks join the ZeRO-3 gathers). Returns the bytes sent."""
+        def deliver(bucket: int, handle) -> None:  # returns once every IPC receiver has copied the bucket
+            refs = [r.load_bucket.remote(bucket, handle) for r in self.ipc_receivers]
+            wait(refs, "rollout", "sync", self.cfg.sync_timeout_s)
+
+        return self.sender.send(deliver if self.ipc_receivers else None, self.group)
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:
         """HF-format weights (a collective under ZeRO-3; rank 0 writes)."""

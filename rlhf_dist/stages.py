@@ -27,6 +27,7 @@ from .config import RLHFConfig, load_config
 from .data import (Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences,
                    tokenize_sft)
 from .models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids_from_mask, save_hf, sequence_scores
+from .precision import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
     return cfg.model_name, "model_name (no SFT checkpoint in save_dir)" if stage == "reward" else "model_name"
 
 
-def build_task(cfg: RLHFConfig, stage: str, world: int) -> Task:
+def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False) -> Task:
     save = Path(cfg.save_dir)
     model_dir, why = input_model_dir(cfg, stage)
     tok = load_tokenizer(cfg.tokenizer_path or (model_dir if stage == "reward" and why.startswith("the SFT") else cfg.model_name))
@@ -131,7 +132,7 @@ def build_task(cfg: RLHFConfig, stage: str, world: int) -> Task:
     if stage == "sft":
         rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
         items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
-        model = load_causal_lm(model_dir, cfg.bf16)
+        model = load_causal_lm(model_dir, bf16)
         batch_fn = lambda it: sft_batch(it, tok.pad_token_id)
         loss_fn, count_fn = sft_loss, sft_count
         epochs, bs, micro, lr, warm = cfg.sft_epochs, cfg.sft_batch_size, cfg.sft_micro_batch_size, cfg.sft_lr, cfg.sft_warmup_ratio
@@ -139,7 +140,7 @@ def build_task(cfg: RLHFConfig, stage: str, world: int) -> Task:
     else:
         rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
         items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
-        model = load_scalar_model(model_dir, cfg.bf16, tok.pad_token_id)
+        model = load_scalar_model(model_dir, bf16, tok.pad_token_id)
         if cfg.freeze_reward_backbone:
             for n, p in model.named_parameters():
                 p.requires_grad = n.startswith("score.")
@@ -167,13 +168,14 @@ def supervised_worker(config: dict) -> None:
     enter_workdir(config.pop("_cwd"))
     stage = config.pop("_stage")
     cpus = config.pop("_cpus_per_worker")
+    bf16 = use_bf16(config["bf16"], config.pop("_device"))
     cfg = load_config(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_logging(cfg.log_level, Path(cfg.save_dir) / "logs", role=f"{stage}-worker-{rank}")
     set_threads(cpus)
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg, stage, world)
+    task = build_task(cfg, stage, world, bf16)
     accum = task.batch_size // (task.micro_batch * world)
     steps_per_epoch = len(task.train) // task.batch_size
     if steps_per_epoch == 0:
@@ -181,7 +183,7 @@ def supervised_worker(config: dict) -> None:
     total = steps_per_epoch * task.epochs
     engine = make_engine(task.model, lr=task.lr, total_steps=total, warmup_steps=int(task.warmup_ratio * total),
                          micro_batch=task.micro_batch, grad_accum=accum, zero_stage=cfg.zero_stage, grad_clip=1.0,
-                         bf16=cfg.bf16)
+                         bf16=bf16)
     device = engine.device
     to_dev = lambda b: {k: v.to(device) for k, v in b.items()}
     best = None
@@ -358,7 +360,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     # that piled up, and a tiny SFT stage waited 17 s after its last step for them. Polling is one small remote
     # call per worker.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _cwd=os.getcwd())
+    config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _device=device, _cwd=os.getcwd())
     remove_stale_temps(safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model"))
     trainer = TorchTrainer(
         supervised_worker,

@@ -110,10 +110,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 # W&B (driver only) and the per-stage progress display, both fed from the metrics files
 # ---------------------------------------------------------------------------------------
 
+# WANDB_MODE values as wandb defines them (dryrun and run are its old names for offline and online).
+_WANDB_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline",
+                "dryrun": "offline", "disabled": "disabled"}
+# wandb's own default is 90 s, and its two login lookups add 5 s each: an unreachable server would
+# hold the start of a run for minutes. WANDB_INIT_TIMEOUT (wandb's variable) overrides this.
+INIT_TIMEOUT_S = 60.0
+
+
 def wandb_mode(mode: str) -> str:
-    """auto -> online when an API key is available (environment or netrc), else offline."""
+    """auto -> what WANDB_DISABLED / WANDB_MODE ask for when set, else online when an API key is
+    available (environment or netrc), else offline."""
     if mode != "auto":
         return mode
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
+    env_mode = _WANDB_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower())
+    if env_mode:
+        return env_mode
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:
@@ -126,50 +140,97 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
+def _reason(e: BaseException) -> str:
+    """One line for a log: wandb's errors span several lines (retries, URLs)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return redact(f"{type(e).__name__}: {first}"[:300])
+
+
 class Tracker:
     """One W&B run per pipeline, resumed by id across restarts. wandb is imported only when on.
 
-    The API key is never read here: wandb finds it in the environment or netrc itself.
+    Tracking never stops training: an unreachable server means an offline run to sync later, and any
+    other W&B failure means one warning and no more tracking. The API key is never read here: wandb
+    finds it in the environment or netrc itself.
     """
 
-    def __init__(self, cfg, save_dir: Path):
+    def __init__(self, cfg, save_dir: Path, init_timeout: float | None = None):
         self.run = None
         self.mode = wandb_mode(cfg.wandb.mode)
         if self.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
             self.mode = "disabled"
             return
+        try:
+            if init_timeout is None:
+                init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+            self.run = self._start(cfg, save_dir, init_timeout)
+            for prefix, axis in (("sft", "step"), ("reward", "step"), ("ppo", "iteration")):
+                self.run.define_metric(f"{prefix}/{axis}")
+                self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{axis}")
+        except Exception as e:
+            self._stop("could not start", e)
+            return
+        logging.getLogger(__name__).info("W&B run %s (%s) in %s", self.run.id, self.mode, save_dir / "wandb")
+
+    def _start(self, cfg, save_dir: Path, init_timeout: float):
         import wandb
 
         id_file = save_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         w = cfg.wandb
-        self.run = wandb.init(project=w.project, entity=w.entity, name=w.name or save_dir.resolve().name,
-                              group=w.group, tags=list(w.tags), config=redact(cfg.to_dict()), dir=str(save_dir),
-                              id=run_id, resume="allow", mode=self.mode)
-        for prefix, axis in (("sft", "step"), ("reward", "step"), ("ppo", "iteration")):
-            self.run.define_metric(f"{prefix}/{axis}")
-            self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{axis}")
-        logging.getLogger(__name__).info("W&B run %s (%s) in %s", run_id, self.mode, save_dir / "wandb")
+        kwargs = dict(project=w.project, entity=w.entity, name=w.name or save_dir.resolve().name, group=w.group,
+                      tags=list(w.tags), config=redact(cfg.to_dict()), dir=str(save_dir), id=run_id,
+                      resume="allow", settings=wandb.Settings(init_timeout=init_timeout))
+        try:
+            return wandb.init(mode=self.mode, **kwargs)
+        except Exception as e:
+            if self.mode != "online":
+                raise
+            reason = e
+        wandb.teardown()  # the failed online run keeps its id busy in wandb's service
+        self.mode = "offline"
+        run = wandb.init(mode="offline", **kwargs)
+        sync_dir = getattr(run.settings, "sync_dir", None) or save_dir / "wandb"
+        logging.getLogger(__name__).warning("W&B unreachable (%s): logging offline instead; upload later "
+                                            "with `wandb sync %s`", _reason(reason), sync_dir)
+        return run
+
+    def _stop(self, what: str, e: Exception) -> None:
+        """Turn tracking off for the rest of the run, with one warning (the run itself goes on)."""
+        self.run = None
+        self.mode = "disabled"
+        logging.getLogger(__name__).warning("W&B %s (%s): tracking is off for the rest of this run; "
+                                            "metrics.jsonl files still have everything", what, _reason(e))
 
     def log(self, prefix: str, row: dict) -> None:
         if self.run is None:
             return
-        self.run.log({f"{prefix}/{k}": v for k, v in row.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"})
+        try:
+            self.run.log({f"{prefix}/{k}": v for k, v in row.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"})
+        except Exception as e:
+            self._stop("log failed", e)
 
     def table(self, name: str, rows: list[dict]) -> None:
         if self.run is None or not rows:
             return
-        import wandb
+        try:
+            import wandb
 
-        cols = list(rows[0])
-        self.run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+            cols = list(rows[0])
+            self.run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+        except Exception as e:
+            self._stop("log failed", e)
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            run.finish()
+        except Exception as e:
+            self._stop("finish failed", e)
 
 
 class StageMonitor:

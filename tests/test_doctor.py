@@ -101,3 +101,17 @@ def test_bundle_overflow_names_the_role():
     assert len(problems) == 2
     assert "policy-0 asks for {GPU: 8}" in problems[0] and "reference" not in problems[0]
     assert "critic-0 asks for {node_b: 1}" in problems[1]
+
+
+def test_doctor_names_roles_that_would_share_a_gpu(capsys):
+    """A Ray that declares 1 GPU (none needed to plan): a 2-worker policy at auto fractions and 2 SFT workers
+    at half a GPU each are FAIL lines (NCCL refuses two ranks of one group on one device); roles at 0 GPU
+    beside GPU roles get device cpu in the plan."""
+    cfg = _config(device="cuda", cluster={"num_cpus": 2, "num_gpus": 1}, sft_workers=2, sft_batch_size=16,
+                  train_gpus_per_worker=0.5, roles={**{r: {} for r in ROLES}, "policy": {"num_workers": 2}})
+    assert doctor(load_config(cfg)) == EXIT_NO_FIT
+    out, err = capsys.readouterr()
+    fails = [line for line in err.splitlines() if line.startswith("doctor: FAIL")]
+    assert any("roles.policy: 2 workers at" in f and "NCCL" in f for f in fails), err
+    assert any(f.startswith("doctor: FAIL: sft stage: sft_workers 2 at train_gpus_per_worker 0.5") for f in fails), err
+    assert "CPU (auto), " in out and "device cuda" in out, out

@@ -1,6 +1,5 @@
-"""Generation and weight sync, in one process (no Ray)."""
+"""Generation, in one process (no Ray)."""
 
-import multiprocessing as mp
 
 import pytest
 import torch
@@ -141,36 +140,3 @@ def test_merge_repads(model_tok):
     with torch.no_grad():
         lp = response_logprobs(model, m.sequences, m.attention_mask, m.prompt_len)
     assert ((lp - m.rollout_logprobs).abs() * m.action_mask).max() < 1e-4
-
-
-def _sync_proc(rank, port, model_dir, q):
-    from rlhf_dist.models import load_causal_lm
-    from rlhf_dist.runtime import WeightSync
-
-    torch.set_num_threads(1)
-    model = load_causal_lm(model_dir)
-    if rank == 0:
-        with torch.no_grad():
-            for i, p in enumerate(model.parameters()):
-                p.fill_(i * 0.01)
-    sync = WeightSync(list(model.parameters()), "127.0.0.1", port, rank, 3, "gloo", 60)
-    moved = sync.broadcast()
-    q.put((rank, len(sync.buckets), moved, [float(p.flatten()[0]) for p in model.parameters()]))
-
-
-def test_weight_sync_broadcasts_in_buckets(tiny, monkeypatch):
-    from rlhf_dist import runtime
-
-    port = runtime.free_port()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_sync_proc, args=(r, port, str(tiny["model"]), q)) for r in range(3)]
-    for p in procs:
-        p.start()
-    results = sorted(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(30)
-    expected = [round(i * 0.01, 6) for i in range(len(results[0][3]))]
-    for rank, n_buckets, moved, firsts in results:
-        assert [round(x, 6) for x in firsts] == expected
-        assert moved > 0 and n_buckets < len(firsts)  # flattened buckets, not one call per parameter
