@@ -22,7 +22,7 @@ from rlhf_dist.health import HealthError
 from rlhf_dist.ppo import run_ppo
 from rlhf_dist.errors import PhaseTimeout, RoleFailure
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 TESTS = Path(__file__).parent
 
 

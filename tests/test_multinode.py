@@ -28,7 +28,7 @@ import pytest
 from conftest import base_config, iteration_rows
 from rlhf_dist.checkpoint import is_complete
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 BIN = Path(sys.executable).parent  # the venv's bin: ray, rlhf-dist
 PIN = {"rollout": "a", "policy": "a", "reference": "a", "critic": "b", "reward": "b"}

@@ -11,7 +11,7 @@ from conftest import base_config, iteration_rows
 from rlhf_dist.checkpoint import is_complete
 from rlhf_dist.pipeline import create_rlhf_pipeline
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ def losses(save_dir, stage="sft"):
     return [r["loss"] for r in read_metrics(save_dir / sub / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_sft_trains_and_writes_layout(tiny, tmp_path, local_ray):
     from transformers import AutoModelForCausalLM
 
@@ -36,6 +37,7 @@ def test_sft_trains_and_writes_layout(tiny, tmp_path, local_ray):
     assert (save / "logs" / "run.log").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sft_one_vs_two_workers_and_accumulation(tiny, tmp_path, local_ray):
     """The same global batch gives the same loss curve on 1 or 2 workers, with or without accumulation."""
     common = dict(sft_batch_size=8, sft_lr=1e-3, train_cpus_per_worker=1, eval_fraction=0.9)
@@ -55,6 +57,7 @@ def test_sft_one_vs_two_workers_and_accumulation(tiny, tmp_path, local_ray):
         assert c == pytest.approx(ref, rel=2e-3, abs=2e-3), name
 
 
+@pytest.mark.slow
 def test_reward_model_accuracy_and_layout(tiny, tmp_path, local_ray):
     from transformers import AutoModelForSequenceClassification
 
@@ -69,6 +72,7 @@ def test_reward_model_accuracy_and_layout(tiny, tmp_path, local_ray):
     assert "model_name (no SFT checkpoint" in (save / "logs" / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_frozen_backbone_only_moves_the_head(tiny, tmp_path, local_ray):
     from rlhf_dist.models import load_scalar_model
 

@@ -184,6 +184,7 @@ def test_failing_wandb_mid_run_stops_tracking_once(monkeypatch, tmp_path, caplog
             write_rows(save / "sft" / "metrics.jsonl", [{"step": i, "loss": 1.0} for i in (1, 2, 3)])
         tracker.table("ppo/samples", [{"prompt": "p"}])
         tracker.finish()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "rlhf_dist.tracking"]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "rlhf_dist.tracking" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "tracking is off" in warnings[0], warnings
     assert tracker.run is None and tracker.mode == "disabled"
