@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .checkpoint import CheckpointError
+from .io.checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .failures import EXIT, report_failure
@@ -22,12 +22,14 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-dist", description="Distributed RLHF: SFT -> reward model -> PPO")
+    parser = argparse.ArgumentParser(prog="rlhf-dist", description="Distributed RLHF: SFT -> reward model -> PPO, "
+                                                                   "or SFT -> DPO")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("run", "the whole pipeline: SFT -> reward model -> PPO"),
+    for name, help_ in (("run", "the config's stages in order (default: SFT -> reward model -> PPO)"),
                         ("sft", "supervised fine-tuning (Ray Train + DeepSpeed)"),
                         ("reward", "reward-model training on preference pairs"),
                         ("ppo", "PPO against the reward model"),
+                        ("dpo", "DPO on preference pairs from the SFT model (Ray Train + DeepSpeed)"),
                         ("check", "validate the config and every data file, then exit")):
         _add_config(sub.add_parser(name, help=help_))
     _add_config(sub.add_parser("doctor", help="versions, the Ray cluster and where each PPO role would be placed "
@@ -74,7 +76,7 @@ def _dispatch(args, loaded: dict) -> int:
     if args.command == "doctor":
         from .config import load_config
         from .doctor import doctor
-        from .tracking import setup_logging
+        from .io.tracking import setup_logging
 
         cfg = load_config(args.config, args.overrides)
         loaded["save_dir"] = cfg.save_dir
@@ -92,7 +94,7 @@ def _dispatch(args, loaded: dict) -> int:
 
         return cli_eval(args)
     if args.command == "report":
-        from .report import cli_report
+        from .io.report import cli_report
 
         return cli_report(args)
 
@@ -101,14 +103,16 @@ def _dispatch(args, loaded: dict) -> int:
     pipe = create_rlhf_pipeline(args.config, args.overrides)
     loaded["save_dir"] = pipe.config.save_dir
     if args.command == "check":
-        from .tracking import setup_logging
+        from .io.tracking import setup_logging
 
         setup_logging(pipe.config.log_level)
-        pipe.validate_data(("sft", "reward", "ppo"))
+        # The files `run` reads, and DPO's own file when one is set (else it reads reward_data_path).
+        stages = pipe.config.run_stages() + (("dpo",) if pipe.config.dpo_data_path else ())
+        pipe.validate_data(tuple(dict.fromkeys(stages)))
         print("config and data ok")
         return 0
     run = {"run": pipe.run_full_pipeline, "sft": pipe.run_sft, "reward": pipe.run_reward_training,
-           "ppo": pipe.run_ppo_training}[args.command]
+           "ppo": pipe.run_ppo_training, "dpo": pipe.run_dpo}[args.command]
     try:
         result = run()
     finally:

@@ -22,6 +22,10 @@ NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 UnitFloat = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 
+# Fields of the critic; setting one with a critic-free algorithm is an error.
+CRITIC_FIELDS = ("critic_init", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
+
+
 class ConfigError(ValueError):
     """A config problem; the message names the field (e.g. `ppo_epochs: expected int, got str`)."""
 
@@ -95,7 +99,7 @@ class ClusterConfig(_Strict):
 
 
 class RLHFConfig(_Strict):
-    """A whole run: SFT -> reward model -> PPO. Paths are relative to the working directory."""
+    """A whole run: SFT -> reward model -> PPO (or SFT -> DPO). Paths are relative to the working directory."""
 
     # --- models and devices -------------------------------------------------------------
     model_name: str
@@ -122,7 +126,14 @@ class RLHFConfig(_Strict):
     """Over-length rows: false = error naming the line; true = truncate (responses from the right,
     prompts from the left) and report the count."""
     eval_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
-    """Held-out share of the SFT and preference data used to pick the best model."""
+    """Held-out share of the SFT and preference (reward, DPO) data used to pick the best model."""
+
+    # --- stages ---------------------------------------------------------------------
+    stages: list[Literal["sft", "reward", "dpo", "ppo"]] | None = None
+    """The stages `rlhf-dist run` runs, in order, skipping those already complete in save_dir. Unset =
+    sft, reward, ppo (reward left out when reward_model_weight is 0: PPO then loads no reward model).
+    E.g. [sft, dpo] or [sft, ppo]. sft, when listed, comes first (the others start from its best model);
+    ppo with reward_model_weight != 0 needs reward before it."""
 
     # --- SFT ------------------------------------------------------------------------
     sft_data_path: str | None = None
@@ -135,7 +146,7 @@ class RLHFConfig(_Strict):
     sft_warmup_ratio: UnitFloat = 0.05
     sft_workers: PositiveInt = 1
     train_cpus_per_worker: PositiveFloat = 1.0
-    """CPUs per Ray Train worker of the SFT and reward stages; also its torch thread count."""
+    """CPUs per Ray Train worker of the SFT, reward and DPO stages; also its torch thread count."""
     train_gpus_per_worker: NonNegFloat = 1.0
     """GPUs per Ray Train worker when the device is CUDA."""
     sft_eval_every: NonNegInt = 0
@@ -155,13 +166,44 @@ class RLHFConfig(_Strict):
     reward_center_coef: NonNegFloat = 0.01
     """Weight of the centering term coef * mean((r_chosen + r_rejected)^2)."""
 
-    # --- PPO ------------------------------------------------------------------------
+    # --- DPO ------------------------------------------------------------------------
+    dpo_data_path: str | None = None
+    """Preference pairs, in the reward stage's format (their margin is not used); unset = reward_data_path."""
+    dpo_epochs: PositiveInt = 1
+    dpo_batch_size: PositiveInt = 16
+    """Global number of preference pairs per optimizer step."""
+    dpo_micro_batch_size: PositiveInt | None = None
+    """Per-worker micro-batch of pairs; default = dpo_batch_size / dpo_workers (no accumulation)."""
+    dpo_lr: PositiveFloat = 1e-6
+    """DPO moves a model far with a small learning rate: 5e-7 to 1e-6 is usual for billion-parameter models."""
+    dpo_warmup_ratio: UnitFloat = 0.1
+    dpo_workers: PositiveInt = 1
+    dpo_beta: PositiveFloat = 0.1
+    """beta of DPO/IPO: the strength of the implicit KL pull towards the reference (the starting model);
+    implicit rewards are beta * (log pi - log ref)."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta * h) (arXiv:2305.18290); ipo: (h - 1/(2 beta))^2 (arXiv:2310.12036),
+    which stops pushing once the log-ratio margin h reaches 1/(2 beta)."""
+
+    # --- online RL (the `ppo` stage, whatever the algorithm) ----------------------------
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    """The online algorithm; one driver runs them all, differing only in the advantages. ppo: a critic and
+    GAE. grpo: group-normalised outcome rewards. rloo: leave-one-out baseline. reinforce_pp: REINFORCE++,
+    batch-normalised returns with a group-mean baseline. The last three start no critic."""
+    n_samples_per_prompt: PositiveInt = 1
+    """Responses generated per prompt (a group); grpo and rloo need 2 or more."""
+    grpo_norm_std: bool = True
+    """grpo: divide by the group's standard deviation; false = Dr. GRPO (only subtract the group mean)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    """How the policy loss averages its per-token terms: over all tokens of the mini-batch (each token weighs
+    the same), over sequences of per-sequence token means (each sequence weighs the same, GRPO's original),
+    or over sequences of per-sequence token sums (no length normalisation, Dr. GRPO)."""
     ppo_data_path: str | None = None
     ppo_iterations: PositiveInt = 10
     ppo_batch_size: PositiveInt = 16
-    """Prompts per iteration."""
+    """Prompts per iteration; each gives n_samples_per_prompt samples."""
     ppo_mini_batch_size: PositiveInt = 8
-    """Samples per optimizer step; ppo_batch_size must be a multiple."""
+    """Samples per optimizer step; ppo_batch_size x n_samples_per_prompt must be a multiple."""
     ppo_micro_batch_size: PositiveInt | None = None
     """Per-learner-worker micro-batch (gradient accumulation); default = mini-batch / workers."""
     ppo_forward_micro_batch_size: PositiveInt | None = None
@@ -191,9 +233,14 @@ class RLHFConfig(_Strict):
     devices or cores of its own, or leaves cores idle (docs/benchmarks.md). A resumed run redoes the
     first rollout on-policy, so it is not bit-identical to an uninterrupted one."""
     critic_init: Literal["sft", "reward"] = "sft"
-    """Initialise the critic from the SFT policy (default) or from the reward model."""
+    """Initialise the critic from the SFT policy (default) or from the reward model (ppo only)."""
 
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: a per-token penalty in the reward (PPO's classic form, estimated
+    with k1, whose policy gradient is exactly the KL's), or a term of the policy loss (GRPO's form, with k3
+    or k2: differentiated directly, k1 would have zero expected gradient). See rlhf_dist/algo/kl.py."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """None = k1 with kl_in: reward, k3 with kl_in: loss. k1 is the only one allowed in the reward."""
     kl_coef: NonNegFloat = 0.05
     kl_target: PositiveFloat | None = None
     """Set to use the adaptive KL controller (Ziegler et al. 2019); unset = fixed coefficient."""
@@ -204,6 +251,12 @@ class RLHFConfig(_Strict):
     reward_fn_weight: float = 1.0
     reward_model_weight: float = 1.0
     """Weight of the reward model's score; 0 = use only reward_fn (the RM is then not loaded)."""
+    overlong_penalty: NonNegFloat = 0.0
+    """Subtracted from the score of a response cut off at gen_max_new_tokens without eos (0 = none)."""
+    reward_normalize: bool = False
+    """Normalise scores by their running mean and std over the run (saved in each checkpoint's state)."""
+    reward_clip: PositiveFloat | None = None
+    """Clip (normalised) scores to [-reward_clip, reward_clip]; unset = no clipping."""
 
     gen_max_new_tokens: PositiveInt = 32
     gen_batch_size: PositiveInt | None = None
@@ -240,7 +293,7 @@ class RLHFConfig(_Strict):
     # --- faults and health ----------------------------------------------------------
     max_restarts: NonNegInt = 3
     """Restarts of a killed actor: a PPO rollout, reference or reward actor (it reloads the current
-    weights and the iteration is redone), or an SFT/RM Ray Train worker group (it resumes from its
+    weights and the iteration is redone), or an SFT/RM/DPO Ray Train worker group (it resumes from its
     last checkpoint)."""
     max_learner_restarts: NonNegInt = 2
     """Times PPO reloads its last complete checkpoint after a policy or critic learner dies."""
@@ -252,7 +305,7 @@ class RLHFConfig(_Strict):
     grad_spike_factor: PositiveFloat = 10.0
     """Log an alarm when a learner's gradient norm exceeds this many times its median over the last 20 iterations."""
     train_save_steps: NonNegInt = 0
-    """SFT/RM: save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
+    """SFT/RM/DPO: save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
     steps; 0 = at the end of each epoch."""
 
     # --- outputs --------------------------------------------------------------------
@@ -272,6 +325,7 @@ class RLHFConfig(_Strict):
         for stage, batch, micro, workers in (
             ("sft", self.sft_batch_size, self.sft_micro_batch_size, self.sft_workers),
             ("reward", self.reward_batch_size, self.reward_micro_batch_size, self.reward_workers),
+            ("dpo", self.dpo_batch_size, self.dpo_micro_batch_size, self.dpo_workers),
         ):
             micro = micro or batch // workers
             if micro == 0 or batch % (micro * workers):
@@ -279,13 +333,15 @@ class RLHFConfig(_Strict):
                     f"{stage}_batch_size: {batch} is not a multiple of "
                     f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
                 )
-        if self.ppo_batch_size % self.ppo_mini_batch_size:
-            errors.append(
-                f"ppo_batch_size: {self.ppo_batch_size} is not a multiple of ppo_mini_batch_size ({self.ppo_mini_batch_size})"
-            )
+        errors += self._stage_errors()
+        samples = self.ppo_batch_size * self.n_samples_per_prompt
+        if samples % self.ppo_mini_batch_size:
+            errors.append(f"ppo_mini_batch_size: ppo_batch_size ({self.ppo_batch_size}) x n_samples_per_prompt "
+                          f"({self.n_samples_per_prompt}) = {samples} samples is not a multiple of {self.ppo_mini_batch_size}")
+        errors += self._check_algorithm()
         learners = self.roles.policy.num_workers
         micro = self.ppo_micro_batch_size or self.ppo_mini_batch_size // learners
-        for role in ("policy", "critic"):
+        for role in ("policy", "critic") if self.algorithm == "ppo" else ("policy",):
             n = getattr(self.roles, role).num_workers
             if micro == 0 or self.ppo_mini_batch_size % (micro * n):
                 errors.append(
@@ -316,8 +372,58 @@ class RLHFConfig(_Strict):
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
 
+    def _check_algorithm(self) -> list[str]:
+        """Options that make no sense for the chosen online algorithm are errors naming the field."""
+        errors = []
+        if self.algorithm in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+            errors.append(f"n_samples_per_prompt: {self.algorithm} needs 2 or more samples per prompt, got "
+                          f"{self.n_samples_per_prompt}")
+        if self.algorithm != "ppo":
+            defaults = RLHFConfig(model_name="x")
+            for name in CRITIC_FIELDS:  # a value other than the default was set for a critic nobody starts
+                if _dotted(self, name) != _dotted(defaults, name):
+                    errors.append(f"{name}: only used with algorithm: ppo (a critic); {self.algorithm} starts none")
+        if self.algorithm != "grpo" and self.grpo_norm_std is not True:
+            errors.append(f"grpo_norm_std: only used with algorithm: grpo, not {self.algorithm}")
+        if self.kl_in == "reward" and self.kl_estimator not in (None, "k1"):
+            errors.append(f"kl_estimator: {self.kl_estimator} in the reward gives a biased KL gradient; use k1 "
+                          "(or leave it unset), or kl_in: loss")
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            errors.append("kl_estimator: k1 as a loss term has zero expected gradient; use k3 or k2 (or leave it unset)")
+        return errors
+
+    def run_stages(self) -> tuple[str, ...]:
+        """The stages `run` runs: `stages`, or its documented default."""
+        if self.stages is not None:
+            return tuple(self.stages)
+        return ("sft", "reward", "ppo") if self.reward_model_weight != 0 else ("sft", "ppo")
+
+    def _stage_errors(self) -> list[str]:
+        if self.stages is None:
+            return []
+        st = list(self.stages)
+        if not st:
+            return ["stages: must not be empty (unset it for the default sft, reward, ppo)"]
+        dup = sorted({s for s in st if st.count(s) > 1})
+        if dup:
+            return [f"stages: {', '.join(dup)} listed more than once"]
+        errors = []
+        if "sft" in st and st[0] != "sft":
+            errors.append(f"stages: sft must come first, the other stages start from its best model; got {st}")
+        if "ppo" in st and self.reward_model_weight != 0 and "reward" not in st[:st.index("ppo")]:
+            errors.append(f"stages: ppo scores with the reward model (reward_model_weight "
+                          f"{self.reward_model_weight:g}), so reward must come before ppo; got {st} "
+                          "(or set reward_model_weight: 0)")
+        return errors
+
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
+
+
+def _dotted(obj: Any, name: str) -> Any:
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

@@ -336,6 +336,19 @@ def tokenize_prompts(tokenizer, rows: list[PromptExample], max_prompt_len: int, 
     return out
 
 
+def pad_right(seqs: list[list[int]], pad_id: int):
+    """-> ids (B, T), attention mask (B, T): the batches of every stage, the RM scorer and evaluation."""
+    import torch  # here, not at the top: reading and checking data must not need torch
+
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def split_eval(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic train/eval index split."""
     import random

@@ -15,9 +15,9 @@ import sys
 
 from .config import RLHFConfig
 # The pure helpers live in placement.py (shared with the pipeline's pre-start check); importable from here too.
-from .placement import (bundle_overflow, cluster_nodes, describe_plan, fit_bundles,  # noqa: F401
+from .roles.placement import (bundle_overflow, cluster_nodes, describe_plan, fit_bundles,  # noqa: F401
                         missing_resources, placement_problems, train_bundle)
-from .placement import fmt_res as _fmt_res
+from .roles.placement import fmt_res as _fmt_res
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def doctor(cfg: RLHFConfig) -> int:
             device = cfg.device  # plan what the config asks for, and report that the cluster cannot run it
             problems.append(str(e))
             print(f"device: {cfg.device} -> ERROR: {e}")
-        stages = ("sft", "reward", "ppo") if cfg.reward_model_weight != 0 else ("sft", "ppo")
+        stages = cfg.run_stages()
         # The same check as the pipeline's before a stage starts: totals decide, busy resources only warn.
         check = placement_problems(cfg, stages, device, total, free)
         problems += check.errors
@@ -108,10 +108,10 @@ def doctor(cfg: RLHFConfig) -> int:
         for line in describe_plan(cfg, check.bundles, check.slots):
             print(f"  {line}")
 
-        print("\n== SFT / reward model (Ray Train workers; run before PPO, each stage on its own)")
+        print("\n== SFT / reward model / DPO (Ray Train workers; run before PPO, each stage on its own)")
         train = train_bundle(cfg, device)
         for stage in (s for s in stages if s != "ppo"):
-            n = cfg.sft_workers if stage == "sft" else cfg.reward_workers
+            n = getattr(cfg, f"{stage}_workers")
             hosts = fit_bundles([train] * n, total)
             print(f"  {stage}: {n} worker(s) x {_fmt_res(train)} -> {', '.join(where(h) for h in hosts)}")
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import complete_iterations, is_complete
+from .io.checkpoint import complete_iterations, is_complete
 from .config import ConfigError, RLHFConfig, load_config
 from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
 from .precision import use_bf16
@@ -54,6 +54,9 @@ def default_checkpoints(cfg: RLHFConfig) -> dict[str, str]:
     sft = save / "sft" / "best_model"
     if is_complete(sft):
         out["sft"] = str(sft)
+    dpo = save / "dpo" / "best_model"
+    if is_complete(dpo):
+        out["dpo"] = str(dpo)
     for it in complete_iterations(save / "ppo"):
         out[f"ppo/{it.name}"] = str(it / "policy")
     final = save / "ppo" / "final_model"
@@ -152,7 +155,7 @@ def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size
     """exp(token-weighted mean NLL) of the assistant tokens, teacher-forced."""
     from .algo import logprobs_from_logits
     from .models import position_ids_from_mask
-    from .stages import pad_right
+    from .data import pad_right
 
     nll, count = 0.0, 0
     for a, b in _batches(len(convs), batch_size):
@@ -188,7 +191,7 @@ def decode(tok, batches: list) -> list[str]:
 @torch.inference_mode()
 def seq_logprobs(model, batches: list, device: str, temperature: float) -> torch.Tensor:
     """Summed logprob of each sampled response under `model`: -> (N,)."""
-    from .experience import response_logprobs
+    from .online.experience import response_logprobs
 
     out = []
     for s in batches:
@@ -214,7 +217,7 @@ class RewardScorer:
     @torch.inference_mode()
     def __call__(self, batches: list, prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
         from .models import sequence_scores
-        from .stages import pad_right
+        from .data import pad_right
 
         out = []
         for s in batches:
@@ -301,8 +304,8 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
 
     checkpoints = dict(checkpoints) if checkpoints else default_checkpoints(cfg)
     if not checkpoints:
-        raise FileNotFoundError(f"{save}: no complete checkpoint (sft/best_model, ppo/iteration_*, ppo/final_model); "
-                                f"pass --checkpoints NAME=DIR")
+        raise FileNotFoundError(f"{save}: no complete checkpoint (sft/best_model, dpo/best_model, ppo/iteration_*, "
+                                f"ppo/final_model); pass --checkpoints NAME=DIR")
     checkpoints = {name: _model_dir(p) for name, p in checkpoints.items()}
     sft = save / "sft" / "best_model"
     reference = str(sft) if is_complete(sft) else cfg.model_name
@@ -402,7 +405,7 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
 
 def cli_eval(args) -> int:
     """`rlhf-dist eval`: evaluate, write save_dir/eval/, print the table."""
-    from .tracking import setup_logging
+    from .io.tracking import setup_logging
 
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.log_level)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import redact
 from .errors import PhaseTimeout, PlacementError, RoleFailure
-from .tracking import LOG_FORMAT
+from .io.tracking import LOG_FORMAT
 
 # Every exit code of `rlhf-dist` (README "Exit codes"); 3 is also doctor's EXIT_NO_FIT.
 EXIT = {"stopped": 1, "user": 2, "placement": 3, "role": 4, "timeout": 5, "collective": 6, "train": 7,

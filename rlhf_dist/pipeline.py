@@ -1,4 +1,4 @@
-"""`RLHFPipeline`: chains the stages (SFT -> reward model -> PPO) over one save_dir."""
+"""`RLHFPipeline`: chains the stages (SFT -> reward model -> PPO, or SFT -> DPO) over one save_dir."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
+from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
 from .config import RLHFConfig, load_config, redact
 from .data import DataError, read_dataset
-from .tracking import setup_logging
+from .io.tracking import setup_logging
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "dpo", "ppo")
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train in the driver
 
 
@@ -39,7 +39,7 @@ def ray_session(cfg: RLHFConfig):
             if cfg.cluster.bind_host not in ("127.0.0.1", "localhost"):
                 log.warning("cluster.bind_host=%s: Ray's ports are reachable from that network; anyone who can "
                             "reach them can run code on this machine", cfg.cluster.bind_host)
-            env["worker_process_setup_hook"] = "rlhf_dist.tracking.quiet_local_ray_worker"
+            env["worker_process_setup_hook"] = "rlhf_dist.io.tracking.quiet_local_ray_worker"
             # A preempted node's workers need another node to restart on; on this one node, Ray Train's
             # preemption watcher is only one more process per SFT/RM stage (and an error line, ray#53727).
             if PREEMPTION_WATCHER not in os.environ:
@@ -91,7 +91,7 @@ class RLHFPipeline:
         A plan that can never be placed, or ranks that NCCL would find on one GPU, raise PlacementError
         here in seconds, naming the role and the resource, instead of a placement wait of setup_timeout_s.
         """
-        from .placement import check_cluster
+        from .roles.placement import check_cluster
 
         device = self._device()
         check_cluster(self.config, stages, device)
@@ -101,10 +101,12 @@ class RLHFPipeline:
         """Read every data file the stages need, before any model or Ray worker starts."""
         cfg = self.config
         needs = {"sft": ("sft_data_path", "sft"), "reward": ("reward_data_path", "preference"),
-                 "ppo": ("ppo_data_path", "prompt")}
+                 "dpo": ("dpo_data_path", "preference"), "ppo": ("ppo_data_path", "prompt")}
         for stage in stages:
             field, kind = needs[stage]
             path = getattr(cfg, field)
+            if stage == "dpo" and not path:  # DPO reads the reward stage's pairs unless told otherwise
+                field, path = "dpo_data_path (or reward_data_path)", cfg.reward_data_path
             if not path:
                 raise DataError(f"{field}: required by the {stage} stage")
             t = time.time()
@@ -112,24 +114,26 @@ class RLHFPipeline:
             log.info("data %s ok: %s (%.2fs)", path, stats.summary(), time.time() - t)
 
     # ------------------------------------------------------------------------------
-    def run_sft(self) -> Path:
-        from .stages import run_supervised
+    def _run_offline(self, stage: str) -> Path:
+        from .offline.job import run_supervised
 
-        self._start(("sft",))
+        self._start((stage,))
         with ray_session(self.config):
-            device = self._preflight(("sft",))
-            return self._timed("sft", lambda: run_supervised(self.config, "sft", device))
+            device = self._preflight((stage,))
+            return self._timed(stage, lambda: run_supervised(self.config, stage, device))
+
+    def run_sft(self) -> Path:
+        return self._run_offline("sft")
 
     def run_reward_training(self) -> Path:
-        from .stages import run_supervised
+        return self._run_offline("reward")
 
-        self._start(("reward",))
-        with ray_session(self.config):
-            device = self._preflight(("reward",))
-            return self._timed("reward", lambda: run_supervised(self.config, "reward", device))
+    def run_dpo(self) -> Path:
+        """DPO on the preference pairs, from SFT's best model (or model_name); returns dpo/best_model."""
+        return self._run_offline("dpo")
 
     def run_ppo_training(self) -> Path:
-        from .ppo import run_ppo
+        from .online.driver import run_ppo
 
         self._start(("ppo",))
         with ray_session(self.config):
@@ -137,12 +141,13 @@ class RLHFPipeline:
             return self._timed("ppo", lambda: run_ppo(self.config, device))
 
     def run_full_pipeline(self) -> dict[str, Path]:
-        """SFT -> RM -> PPO. A stage whose output is already complete is not run again."""
-        from .ppo import run_ppo
-        from .stages import run_supervised
+        """The config's `stages` in order (default SFT -> RM -> PPO). A stage whose output is already complete
+        is not run again."""
+        from .online.driver import run_ppo
+        from .offline.job import run_supervised
 
         cfg = self.config
-        stages = ("sft", "reward", "ppo") if cfg.reward_model_weight != 0 else ("sft", "ppo")
+        stages = cfg.run_stages()
         self._start(stages)
         out: dict[str, Path] = {}
         with ray_session(cfg):
@@ -160,21 +165,21 @@ class RLHFPipeline:
         return out
 
     def _finished(self, stage: str) -> bool:
-        # PPO writes final_model only at its end; SFT and RM rewrite best_model as they go.
+        # PPO writes final_model only at its end; SFT, RM and DPO rewrite best_model as they go.
         done = self.stage_output(stage)
         return is_complete(done) if stage == "ppo" else stage_finished(done)
 
     def stage_output(self, stage: str) -> Path:
         return self.save_dir / {"sft": "sft/best_model", "reward": "reward_model/best_model",
-                                "ppo": "ppo/final_model"}[stage]
+                                "dpo": "dpo/best_model", "ppo": "ppo/final_model"}[stage]
 
     def _timed(self, stage, fn):
         """Run a stage with its progress display and W&B logging (both follow its metrics file)."""
-        from .tracking import StageMonitor, Tracker
+        from .io.tracking import StageMonitor, Tracker
 
         if self.tracker is None:
             self.tracker = Tracker(self.config, self.save_dir)
-        sub = {"sft": "sft", "reward": "reward_model", "ppo": "ppo"}[stage]
+        sub = {"sft": "sft", "reward": "reward_model", "dpo": "dpo", "ppo": "ppo"}[stage]
         total = self.config.ppo_iterations if stage == "ppo" else None
         samples = self.save_dir / "ppo" / "samples.jsonl" if stage == "ppo" else None
         t = time.time()

@@ -111,11 +111,11 @@ def exact_length_prompts(tok, prompts_file: Path, encode_prompt) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 def run_ours(assets: dict, work: Path, timed: int, overrides: list[str]) -> dict:
-    from rlhf_dist.checkpoint import atomic_dir, mark_stage_finished
+    from rlhf_dist.io.checkpoint import atomic_dir, mark_stage_finished
     from rlhf_dist.config import load_config
     from rlhf_dist.pipeline import ray_session
-    from rlhf_dist.ppo import run_ppo
-    from rlhf_dist.tracking import read_metrics
+    from rlhf_dist.online.driver import run_ppo
+    from rlhf_dist.io.tracking import read_metrics
 
     save = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
     # The standard layout: SFT policy (also the reference and the critic's start) and the reward model.
@@ -267,8 +267,8 @@ def bench_calls(assets: dict, reps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rlhf_dist.algo import masked_whiten
-    from rlhf_dist.experience import Experience, response_logprobs, response_values
-    from rlhf_dist.learner import policy_loss, value_loss
+    from rlhf_dist.online.experience import Experience, response_logprobs, response_values
+    from rlhf_dist.online.update import policy_loss, value_loss
     from rlhf_dist.models import load_scalar_model, sequence_scores
     from rlhf_dist.rollout import generate
 

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from rlhf_dist.tracking import read_metrics
+from rlhf_dist.io.tracking import read_metrics
 
 
 def summarise(save: Path) -> dict:

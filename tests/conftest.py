@@ -51,6 +51,6 @@ def base_config(tiny, save_dir, **overrides) -> dict:
 
 def iteration_rows(save_dir) -> list[dict]:
     """PPO metric rows, one per iteration (without the summary row)."""
-    from rlhf_dist.tracking import read_metrics
+    from rlhf_dist.io.tracking import read_metrics
 
     return [r for r in read_metrics(Path(save_dir) / "ppo" / "metrics.jsonl") if not r.get("summary")]

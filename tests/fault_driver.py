@@ -13,7 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf_dist import cli, ppo
+from rlhf_dist import cli
+from rlhf_dist.online import driver as ppo
 
 
 def die() -> None:

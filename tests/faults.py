@@ -20,7 +20,7 @@ ENV = "RLHF_TEST_FAULTS"
 
 
 def plan(path: Path, faults: list[dict]) -> None:
-    """Write a plan: [{"target": "rlhf_dist.runtime:RolloutWorker.generate", "call": 2, "action": "kill"}]."""
+    """Write a plan: [{"target": "rlhf_dist.roles.actors:RolloutWorker.generate", "call": 2, "action": "kill"}]."""
     for f in path.parent.glob(f"{path.name}.fired-*"):
         f.unlink()
     path.write_text(json.dumps(faults))

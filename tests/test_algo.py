@@ -203,8 +203,8 @@ def test_kl_zero_when_equal_and_k3_nonnegative():
 
 def test_kl_unknown_estimator():
     x = torch.zeros(1, 1)
-    with pytest.raises(ValueError, match="k1.*k3"):
-        kl_penalty(x, x, "k2")
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_penalty(x, x, "k4")
 
 
 def test_fixed_kl_controller():
@@ -482,18 +482,19 @@ def test_response_lengths(kind):
 # ---------------------------------------------------------------------------------------
 
 def test_algo_source_imports_only_torch():
-    tree = ast.parse((REPO / "rlhf_dist" / "algo.py").read_text())
     allowed = {"torch", "math", "typing", "dataclasses", "__future__"}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "algo.py must not import from the package"
-            names = [node.module]
-        else:
-            continue
-        for n in names:
-            assert n.split(".")[0] in allowed, n
+    for path in sorted((REPO / "rlhf_dist" / "algo").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # Only its own modules: the math never reaches into the rest of the package.
+                assert node.level == 0 or (node.level == 1 and node.module in ("stats", "kl", "advantages", "losses")), path
+                names = [node.module] if node.level == 0 else []
+            else:
+                continue
+            for n in names:
+                assert n.split(".")[0] in allowed, (path, n)
 
 
 def test_importing_algo_pulls_in_nothing_beyond_torch():

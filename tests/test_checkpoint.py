@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf_dist.checkpoint import (CheckpointError, atomic_dir, complete_iterations, is_complete, mark_stage_finished,
+from rlhf_dist.io.checkpoint import (CheckpointError, atomic_dir, complete_iterations, is_complete, mark_stage_finished,
                                   mark_stage_started, safe_join, stage_finished, verify)
 
 
@@ -90,7 +90,7 @@ def test_pickled_weights_are_refused_and_never_run(tiny, tmp_path, monkeypatch, 
 
 
 def test_stale_temps_of_an_interrupted_save_are_removed(tmp_path):
-    from rlhf_dist.checkpoint import remove_stale_temps
+    from rlhf_dist.io.checkpoint import remove_stale_temps
 
     (tmp_path / ".iteration_000004.tmp-1234abcd").mkdir()
     (tmp_path / ".iteration_000004.tmp-1234abcd" / "model.safetensors").write_bytes(b"x")

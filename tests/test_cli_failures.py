@@ -11,7 +11,9 @@ import logging
 import pytest
 from torch.distributed import DistBackendError
 
-from rlhf_dist import cli, pipeline, ppo, stages
+from rlhf_dist import cli, pipeline
+from rlhf_dist.offline import job as stages
+from rlhf_dist.online import driver as ppo
 from rlhf_dist.errors import PhaseTimeout, PlacementError, RoleFailure
 from rlhf_dist.failures import EXIT, classify
 from conftest import base_config

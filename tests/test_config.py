@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -80,3 +81,32 @@ def test_config_docs_are_current():
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=root)
     assert r.returncode == 0, "docs/config.md is stale: run python scripts/gen_config_docs.py"
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"algorithm": "grpo"}, "n_samples_per_prompt: grpo needs 2 or more samples per prompt, got 1"),
+    ({"algorithm": "rloo", "n_samples_per_prompt": 2, "critic_init": "reward"},
+     "critic_init: only used with algorithm: ppo (a critic); rloo starts none"),
+    ({"algorithm": "grpo", "n_samples_per_prompt": 2, "roles": {"critic": {"num_workers": 2}}},
+     "roles.critic: only used with algorithm: ppo"),
+    ({"grpo_norm_std": False}, "grpo_norm_std: only used with algorithm: grpo"),
+    ({"kl_estimator": "k3"}, "kl_estimator: k3 in the reward gives a biased KL gradient"),
+    ({"kl_in": "loss", "kl_estimator": "k1"}, "kl_estimator: k1 as a loss term has zero expected gradient"),
+    ({"n_samples_per_prompt": 3, "ppo_batch_size": 16, "ppo_mini_batch_size": 32},
+     "ppo_mini_batch_size: ppo_batch_size (16) x n_samples_per_prompt (3) = 48 samples is not a multiple of 32"),
+])
+def test_algorithm_options_are_checked(kw, needle):
+    from rlhf_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config({"model_name": "m", **kw})
+
+
+def test_critic_free_plan_has_no_critic():
+    from rlhf_dist.config import load_config
+    from rlhf_dist.roles.placement import plan_placement
+
+    _, slots = plan_placement(load_config({"model_name": "m", "algorithm": "rloo", "n_samples_per_prompt": 2}), 0, [2.0])
+    assert sorted(s.role for s in slots) == ["policy", "reference", "reward", "rollout"]
+    _, slots = plan_placement(load_config({"model_name": "m"}), 0, [2.0])
+    assert "critic" in {s.role for s in slots}

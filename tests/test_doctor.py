@@ -92,7 +92,7 @@ def test_doctor_impossible_plan_names_role_and_resource(tmp_path, capsys, monkey
 def test_bundle_overflow_names_the_role():
     """An actor asking more than its bundle holds would never start: doctor says which role."""
     from rlhf_dist.doctor import bundle_overflow
-    from rlhf_dist.runtime import Slot
+    from rlhf_dist.roles.placement import Slot
 
     bundles = [{"CPU": 0.6}, {"CPU": 1, "GPU": 1}]
     slots = [Slot("policy", 0, 0, 0.3, 8.0, {}), Slot("reference", 0, 0, 0.3, 0.0, {}),

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import base_config, iteration_rows
-from rlhf_dist.tracking import read_metrics
+from rlhf_dist.io.tracking import read_metrics
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 TESTS = Path(__file__).parent

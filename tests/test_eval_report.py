@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 
-from rlhf_dist.checkpoint import atomic_dir
+from rlhf_dist.io.checkpoint import atomic_dir
 from rlhf_dist.config import load_config
 from rlhf_dist.data import DataError
 from rlhf_dist.evaluate import COLUMNS, evaluate_model, load_eval_set, perplexity
 from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
-from rlhf_dist.report import make_report
+from rlhf_dist.io.report import make_report
 
 GOLD = "rlhf_dist.demo:positivity_reward"
 PNGS = ("sft_loss.png", "rm_accuracy.png", "ppo_reward.png", "ppo_kl.png", "ppo_losses.png", "ppo_response_length.png")
@@ -104,7 +104,7 @@ def test_gold_only_when_set_and_explicit_checkpoints(run_dir):
 
 
 def test_perplexity_matches_the_sft_loss(run_dir):
-    from rlhf_dist.stages import sft_batch, sft_loss
+    from rlhf_dist.offline.sft import sft_batch, sft_loss
 
     path = str(run_dir["save"] / "sft/best_model")
     tok, model = load_tokenizer(path), load_causal_lm(path).eval()

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 import faults
 from conftest import base_config, iteration_rows
-from rlhf_dist.checkpoint import CheckpointError
+from rlhf_dist.io.checkpoint import CheckpointError
 from rlhf_dist.health import HealthError
-from rlhf_dist.ppo import run_ppo
+from rlhf_dist.online.driver import run_ppo
 from rlhf_dist.errors import PhaseTimeout, RoleFailure
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -82,10 +82,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 def test_killed_actors_and_learner_recover(fault_ray, tiny, tmp_path, baseline, caplog):
     """Rollout, reference and reward actors SIGKILLed mid-iteration are restarted and the iteration redone;
     a SIGKILLed policy learner makes the run reload iteration_000002. The end state equals the baseline."""
-    kills = [{"target": "rlhf_dist.runtime:RolloutWorker.generate", "call": 2, "action": "kill"},  # iteration 2
-             {"target": "rlhf_dist.runtime:ReferenceWorker.logprobs", "call": 2, "action": "kill"},  # iteration 2
-             {"target": "rlhf_dist.runtime:RewardWorker.score", "call": 3, "action": "kill"},  # 2, on the redo
-             {"target": "rlhf_dist.runtime:Learner.train", "call": 3, "action": "kill"}]  # iteration 3
+    kills = [{"target": "rlhf_dist.roles.actors:RolloutWorker.generate", "call": 2, "action": "kill"},  # iteration 2
+             {"target": "rlhf_dist.roles.actors:ReferenceWorker.logprobs", "call": 2, "action": "kill"},  # iteration 2
+             {"target": "rlhf_dist.roles.actors:RewardWorker.score", "call": 3, "action": "kill"},  # 2, on the redo
+             {"target": "rlhf_dist.roles.actors:Learner.train", "call": 3, "action": "kill"}]  # iteration 3
     run(fault_ray, tiny, tmp_path, kills)
     assert_same_run(baseline, tmp_path)
     rows = iteration_rows(tmp_path)
@@ -116,7 +116,7 @@ def test_disk_full_during_save_then_resume(fault_ray, tiny, tmp_path, baseline):
 
 
 def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
-    hang = [{"target": "rlhf_dist.runtime:RolloutWorker.receive_weights", "call": 1, "action": "hang"}]
+    hang = [{"target": "rlhf_dist.roles.actors:RolloutWorker.receive_weights", "call": 1, "action": "hang"}]
     t = time.time()
     with pytest.raises((PhaseTimeout, RoleFailure), match=r"rollout.*'sync'|sync.*timed out"):
         run(fault_ray, tiny, tmp_path, hang, sync_timeout_s=4.0, ppo_iterations=1)
@@ -126,8 +126,8 @@ def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
 def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
     """A hung call fails after call_timeout_s; a learner's setup slower than that is still waited for
     (setup_timeout_s)."""
-    hang = [{"target": "rlhf_dist.runtime:Learner.setup", "call": 1, "action": "delay", "seconds": 12},
-            {"target": "rlhf_dist.runtime:RewardWorker.score", "call": 1, "action": "hang"}]
+    hang = [{"target": "rlhf_dist.roles.actors:Learner.setup", "call": 1, "action": "delay", "seconds": 12},
+            {"target": "rlhf_dist.roles.actors:RewardWorker.score", "call": 1, "action": "hang"}]
     with pytest.raises(PhaseTimeout, match=r"reward: phase 'experience' timed out after 10s"):
         run(fault_ray, tiny, tmp_path, hang, call_timeout_s=10.0, setup_timeout_s=120.0, ppo_iterations=1)
 
@@ -135,7 +135,7 @@ def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
 def test_nonfinite_loss_and_reward_skip_the_update(fault_ray, tiny, tmp_path, caplog):
     """A NaN policy loss (iteration 1) and NaN rewards (iteration 3) skip those updates; the run goes on
     and no non-finite weight is saved."""
-    nan = [{"target": "rlhf_dist.learner:policy_loss", "call": 1, "action": "nan"}]
+    nan = [{"target": "rlhf_dist.online.update:policy_loss", "call": 1, "action": "nan"}]
     run(fault_ray, tiny, tmp_path, nan, reward_fn="faults_rewards:positivity_or_nan")
     rows = iteration_rows(tmp_path)
     assert [r.get("skipped", 0) for r in rows] == [1, 0, 1, 0]
@@ -160,7 +160,7 @@ def test_overlapped_rollout_lags_one_step_and_recovers(fault_ray, tiny, tmp_path
     before it (rollout_lag 1), and the rollout's logprobs make PPO's ratio correct for that. A rollout worker
     SIGKILLed in such a rollout is restarted and the rollout redone on current weights (lag 0 there), and a
     checkpoint leaves the prompts of a rollout started ahead unconsumed."""
-    kill = [{"target": "rlhf_dist.runtime:RolloutWorker.generate", "call": 2, "action": "kill"}]  # iteration 2's
+    kill = [{"target": "rlhf_dist.roles.actors:RolloutWorker.generate", "call": 2, "action": "kill"}]  # iteration 2's
     run(fault_ray, tiny, tmp_path, kill, ppo_overlap_rollout=True)
     rows = iteration_rows(tmp_path)
     assert [r["rollout_lag"] for r in rows] == [0, 0, 1, 1]

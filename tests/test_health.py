@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_dist.health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
-from rlhf_dist.tracking import read_metrics, truncate_metrics
+from rlhf_dist.io.tracking import read_metrics, truncate_metrics
 
 
 def test_nonfinite_rows_names_tensors_and_rows():

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import base_config, iteration_rows
-from rlhf_dist.checkpoint import is_complete
+from rlhf_dist.io.checkpoint import is_complete
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_dist.config import load_config
 from rlhf_dist.errors import PlacementError
-from rlhf_dist.placement import (describe_plan, fit_bundles, nccl_conflicts, placement_problems,
+from rlhf_dist.roles.placement import (describe_plan, fit_bundles, nccl_conflicts, placement_problems,
                                  plan_for_cluster, plan_placement)
 
 pytestmark = pytest.mark.timeout(300)
@@ -128,8 +128,8 @@ def _no_stage(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a stage started")
 
-    monkeypatch.setattr("rlhf_dist.stages.run_supervised", boom)
-    monkeypatch.setattr("rlhf_dist.ppo.run_ppo", boom)
+    monkeypatch.setattr("rlhf_dist.offline.job.run_supervised", boom)
+    monkeypatch.setattr("rlhf_dist.online.driver.run_ppo", boom)
 
 
 def test_pipeline_refuses_duplicate_gpu_before_any_stage(tiny, tmp_path, monkeypatch):

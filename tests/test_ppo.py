@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import base_config, iteration_rows
-from rlhf_dist.checkpoint import is_complete
+from rlhf_dist.io.checkpoint import is_complete
 from rlhf_dist.pipeline import create_rlhf_pipeline
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf_dist.data import encode_prompt
-from rlhf_dist.experience import response_logprobs
+from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.models import load_causal_lm, load_tokenizer
 from rlhf_dist.rollout import generate, merge_samples
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_dist.config import load_config
-from rlhf_dist.tracking import StageMonitor, Tracker, wandb_mode
+from rlhf_dist.io.tracking import StageMonitor, Tracker, wandb_mode
 
 CANARY = "canary-key-5f3e9a1b7c"
 FAKE_KEY = "c4a7e1d0" * 5  # shaped like a real (40-character) key; no server knows it
@@ -148,13 +148,13 @@ def test_unreachable_wandb_falls_back_to_offline(mode, monkeypatch, tmp_path, ca
     save = tmp_path / "run"
     save.mkdir()
     cfg = load_config({"model_name": "m", "save_dir": str(save), "wandb": {"mode": mode}})
-    with caplog.at_level(logging.INFO, logger="rlhf_dist.tracking"):
+    with caplog.at_level(logging.INFO, logger="rlhf_dist.io.tracking"):
         tracker = Tracker(cfg, save, init_timeout=1)
         assert tracker.mode == "offline" and tracker.run is not None
         tracker.log("sft", {"step": 1, "loss": 2.5})
         tracker.finish()
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "rlhf_dist.tracking" and r.levelno >= logging.WARNING]
+                if r.name == "rlhf_dist.io.tracking" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     sync_dir = Path(re.search(r"`wandb sync (.+?)`", warnings[0]).group(1))
     assert sync_dir.parent == save / "wandb" and sync_dir.name.startswith("offline-run-")
@@ -179,12 +179,12 @@ def test_failing_wandb_mid_run_stops_tracking_once(monkeypatch, tmp_path, caplog
     cfg = load_config({"model_name": "m", "save_dir": str(save), "wandb": {"mode": "offline"}})
     tracker = Tracker(cfg, save)
     tracker.run.finish()  # later calls on it raise wandb's UsageError
-    with caplog.at_level(logging.WARNING, logger="rlhf_dist.tracking"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_dist.io.tracking"):
         with StageMonitor("sft", save / "sft" / "metrics.jsonl", tracker, interval=0.05):
             write_rows(save / "sft" / "metrics.jsonl", [{"step": i, "loss": 1.0} for i in (1, 2, 3)])
         tracker.table("ppo/samples", [{"prompt": "p"}])
         tracker.finish()
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "rlhf_dist.tracking" and r.levelno >= logging.WARNING]
+                if r.name == "rlhf_dist.io.tracking" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "tracking is off" in warnings[0], warnings
     assert tracker.run is None and tracker.mode == "disabled"

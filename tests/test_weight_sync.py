@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_dist.errors import PlacementError
-from rlhf_dist.weight_sync import (DeviceId, WeightReceiver, WeightSender, make_buckets, param_signature,
+from rlhf_dist.roles.weight_sync import (DeviceId, WeightReceiver, WeightSender, make_buckets, param_signature,
                                    plan_sync)
 
 GPU0, GPU1 = "GPU-aaaa", "GPU-bbbb"
@@ -77,7 +77,7 @@ def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
     import os
 
     from rlhf_dist.models import load_causal_lm
-    from rlhf_dist.weight_sync import Broadcast
+    from rlhf_dist.roles.weight_sync import Broadcast
 
     torch.set_num_threads(1)
     model = load_causal_lm(model_dir)
@@ -109,7 +109,7 @@ def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
 
 
 def test_zero3_learners_gather_and_broadcast_over_gloo(tiny):
-    from rlhf_dist.runtime import free_port
+    from rlhf_dist.roles.actors import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

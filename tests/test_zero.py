@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import base_config, iteration_rows
-from rlhf_dist.checkpoint import is_complete
+from rlhf_dist.io.checkpoint import is_complete
 from rlhf_dist.config import load_config
-from rlhf_dist.ppo import run_ppo
+from rlhf_dist.online.driver import run_ppo
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

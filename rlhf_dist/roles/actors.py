@@ -17,21 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import PhaseTimeout, RoleFailure
-from .precision import use_bf16
+from ..errors import PhaseTimeout, RoleFailure
+from ..precision import use_bf16
+from .placement import ROLES, Slot
 
 log = logging.getLogger(__name__)
 
-ROLES = ("rollout", "policy", "critic", "reference", "reward")
-
 
 # ---------------------------------------------------------------------------------------
-# Placement
+# Remote calls
 # ---------------------------------------------------------------------------------------
-
-# Slot and plan_placement live in placement.py (pure, no torch: doctor imports them fast); kept importable here.
-from .placement import Slot, plan_placement  # noqa: E402,F401
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -72,9 +67,9 @@ def in_chunks(fn, size: int, *rows: torch.Tensor) -> torch.Tensor:
 
 class RoleWorker:
     def __init__(self, role: str, rank: int, config: dict, num_cpus: float, device: str):
-        from .config import load_config
-        from .distributed import enter_workdir, set_threads
-        from .tracking import setup_logging
+        from ..config import load_config
+        from ..distributed import enter_workdir, set_threads
+        from ..io.tracking import setup_logging
 
         config = dict(config)
         enter_workdir(config.pop("_cwd", ""))
@@ -118,7 +113,7 @@ class RoleWorker:
 class RolloutWorker(RoleWorker):
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
         super().__init__("rollout", rank, config, num_cpus, device)
-        from .models import load_causal_lm
+        from ..models import load_causal_lm
 
         self.model = load_causal_lm(model_dir, self.bf16).to(self.device).eval()
         self.generator = torch.Generator(device=self.device)
@@ -129,7 +124,7 @@ class RolloutWorker(RoleWorker):
             inductor.compile_threads = self.threads
 
     def generate(self, prompts: list[list[int]], sample_ids: list[int], seed: int, pad_id: int, eos_id: int):
-        from .rollout import generate_chunked
+        from ..rollout import generate_chunked
 
         self.generator.manual_seed(seed)  # once per call: the chunks draw from it in order
         c = self.cfg
@@ -161,13 +156,13 @@ class RolloutWorker(RoleWorker):
 class ReferenceWorker(RoleWorker):
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
         super().__init__("reference", rank, config, num_cpus, device)
-        from .models import load_causal_lm
+        from ..models import load_causal_lm
 
         self.model = load_causal_lm(model_dir, self.bf16).to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def logprobs(self, samples) -> torch.Tensor:
-        from .experience import response_logprobs
+        from ..online.experience import response_logprobs
 
         def one(seq, attn):  # (b, P+R) -> (b, R)
             return response_logprobs(self.model, seq.to(self.device), attn.to(self.device), samples.prompt_len,
@@ -182,7 +177,7 @@ class RewardWorker(RoleWorker):
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str | None,
                  policy_tokenizer_dir: str):
         super().__init__("reward", rank, config, num_cpus, device)
-        from .models import load_scalar_model, load_tokenizer
+        from ..models import load_scalar_model, load_tokenizer
 
         self.policy_tok = load_tokenizer(policy_tokenizer_dir)
         self.model = self.tok = None
@@ -204,9 +199,9 @@ class RewardWorker(RoleWorker):
 
     @torch.no_grad()
     def score(self, samples, prompts: list[list[dict]]) -> dict:
-        from .data import encode_prompt_response
-        from .models import sequence_scores
-        from .stages import pad_right
+        from ..data import encode_prompt_response
+        from ..models import sequence_scores
+        from ..data import pad_right
 
         responses = [self.policy_tok.decode(r[m.bool()], skip_special_tokens=True)
                      for r, m in zip(samples.responses, samples.action_mask)]
@@ -246,8 +241,8 @@ class Learner(RoleWorker):
     def setup(self, addr: str, port: int, model_dir: str, total_steps: int) -> dict:
         import torch.distributed as dist
 
-        from .distributed import init_local_group_env, make_engine
-        from .models import load_causal_lm, load_scalar_model, load_tokenizer
+        from ..distributed import init_local_group_env, make_engine
+        from ..models import load_causal_lm, load_scalar_model, load_tokenizer
 
         init_local_group_env(self.rank, self.world, addr, port)
         if not dist.is_initialized():
@@ -287,7 +282,7 @@ class Learner(RoleWorker):
     @torch.no_grad()
     def forward(self, samples) -> torch.Tensor:
         """Old logprobs (policy) or values (critic) for a slice of the batch: (b, R)."""
-        from .experience import response_logprobs, response_values
+        from ..online.experience import response_logprobs, response_values
 
         def one(seq, attn):  # (b, P+R) -> (b, R)
             s, a = seq.to(self.engine.device), attn.to(self.engine.device)
@@ -300,10 +295,12 @@ class Learner(RoleWorker):
         self.engine.train()
         return out
 
-    def train(self, exp, seed: int) -> dict:
-        """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch."""
-        from .distributed import all_reduce_sum
-        from .learner import minibatches, policy_loss, token_weight, value_loss
+    def train(self, exp, seed: int, kl_coef: float = 0.0) -> dict:
+        """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch.
+        `kl_coef`: the KL term's weight in the policy loss (with kl_in: loss)."""
+        from ..distributed import all_reduce_sum
+        from ..algo import kl_estimator_for, loss_units
+        from ..online.update import minibatches, policy_loss, token_weight, value_loss
 
         c = self.cfg
         dev = self.engine.device
@@ -315,6 +312,7 @@ class Learner(RoleWorker):
         for j, idx in enumerate(minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
             mb = exp.select(idx)
             tokens = float(mb.action_mask.sum())
+            units = float(loss_units(mb.action_mask, c.loss_agg))  # what the policy loss averages over
             per_rank = len(idx) // self.world
             mine = mb.select(list(range(self.rank * per_rank, (self.rank + 1) * per_rank)))
             for m in range(self.accum):
@@ -323,7 +321,10 @@ class Learner(RoleWorker):
                 w = token_weight(micro, tokens, self.world * self.accum)
                 if self.kind == "policy":
                     loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
-                                           entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, weight=w)
+                                           entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature,
+                                           agg=c.loss_agg, units=units, scale=self.world * self.accum,
+                                           kl_coef=kl_coef if c.kl_in == "loss" else 0.0,
+                                           kl_estimator=kl_estimator_for(c.kl_in, c.kl_estimator))
                 else:
                     loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, weight=w)
                 if not torch.isfinite(loss):
@@ -356,7 +357,7 @@ class Learner(RoleWorker):
     def params_finite(self) -> bool:
         """Every parameter finite, on every rank. Under ZeRO-3 each rank checks its own partition
         (`ds_tensor`), so together they check every element. One host sync."""
-        from .distributed import all_reduce_sum
+        from ..distributed import all_reduce_sum
 
         parts = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
         bad = torch.stack([(~torch.isfinite(t)).any() for t in parts if t.numel()]).any()
@@ -382,8 +383,8 @@ class Learner(RoleWorker):
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:
         """HF-format weights (a collective under ZeRO-3; rank 0 writes)."""
-        from .distributed import full_state_dict
-        from .models import load_tokenizer, save_hf
+        from ..distributed import full_state_dict
+        from ..models import load_tokenizer, save_hf
 
         state = full_state_dict(self.engine)
         if not all(bool(torch.isfinite(t).all()) for t in (state or {}).values() if t.is_floating_point()):
@@ -393,7 +394,7 @@ class Learner(RoleWorker):
 
 
 def _to_device(exp, device):
-    from .experience import Experience
+    from ..online.experience import Experience
 
     return Experience(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in exp.__dict__.items()})
 

@@ -9,10 +9,13 @@
       reward_model/best_model/  HF sequence-classification model, num_labels=1
       reward_model/metrics.jsonl
       reward_model/stage_complete.json
+      dpo/best_model/           HF causal LM + tokenizer (best held-out implicit-reward accuracy)
+      dpo/metrics.jsonl
+      dpo/stage_complete.json
       ppo/iteration_000NNN/     policy/, critic/ (HF), {policy,critic}_engine/ (optimizer states), state.json
       ppo/final_model/          the final policy (HF) and critic/
       ppo/metrics.jsonl
-      ray_train/{sft,reward}/   Ray Train runs: checkpoints to resume SFT/RM from (DeepSpeed states, RNG, loop state)
+      ray_train/{sft,reward,dpo}/  Ray Train runs: checkpoints to resume SFT/RM/DPO from (DeepSpeed states, RNG, loop state)
 
 Every checkpoint directory is written to a temporary sibling, then `manifest.json` (sha256 of every
 file) and the `COMPLETE` marker are written last, then it is renamed into place. A directory

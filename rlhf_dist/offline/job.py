@@ -1,9 +1,9 @@
-"""SFT and reward-model stages: Ray Train jobs with DeepSpeed inside.
+"""The one Ray Train job skeleton of the SFT, reward-model and DPO stages, with DeepSpeed inside.
 
-The steps (`sft_loss`, `reward_loss`) are plain functions of a model and a batch; `supervised_worker` is
-the Ray Train loop that wraps them with DeepSpeed, sharding and evaluation. Both losses are normalised
-by the *global* count of the optimizer step (tokens for SFT, pairs for RM), so 1 worker and 2 workers,
-or micro-batches and gradient accumulation, follow the same trajectory.
+The steps (`sft.sft_loss`, `reward.reward_loss`, `dpo.dpo_step_loss`) are plain functions of a model and a
+batch; `supervised_worker` is the Ray Train loop that wraps them with DeepSpeed, sharding and evaluation.
+Every loss is normalised by the *global* count of the optimizer step (tokens for SFT, pairs for RM and
+DPO), so 1 worker and 2 workers, or micro-batches and gradient accumulation, follow the same trajectory.
 """
 
 from __future__ import annotations
@@ -20,91 +20,37 @@ from typing import Callable
 
 import torch
 
-from .algo import logprobs_from_logits, pairwise_ranking_loss
-from .checkpoint import (atomic_dir, is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join,
-                         warn_if_unfinished)
-from .config import RLHFConfig, load_config
-from .data import (Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences,
-                   tokenize_sft)
-from .models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids_from_mask, save_hf, sequence_scores
-from .precision import use_bf16
+from ..io.checkpoint import (atomic_dir, is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps,
+                             safe_join, warn_if_unfinished)
+from ..config import RLHFConfig, load_config
+from ..data import ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
+from ..models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
+from ..precision import use_bf16
+from .dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
+from .reward import reward_batch, reward_count, reward_loss
+from .sft import sft_batch, sft_count, sft_loss
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------
-# Batches and steps (single-process, no Ray, no DeepSpeed)
-# ---------------------------------------------------------------------------------------
-
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ids (B, T), attention mask (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def sft_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    ids, attn = pad_right([e.input_ids for e in items], pad_id)  # (B, T)
-    loss_mask, _ = pad_right([e.loss_mask for e in items], 0)  # (B, T)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
-
-
-def sft_count(items: list[Encoded]) -> int:
-    """Tokens that carry loss (the label of position t is token t+1, so the first token never does)."""
-    return sum(sum(e.loss_mask[1:]) for e in items)
-
-
-def sft_loss(model, batch: dict[str, torch.Tensor], norm: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of assistant-token NLL divided by `norm` (the optimizer step's global token count)."""
-    ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, T)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                   use_cache=False).logits  # (B, T, V)
-    logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1)
-    mask = batch["loss_mask"][:, 1:].float()  # (B, T-1)
-    nll_sum = -(logp * mask).sum()
-    return nll_sum / norm, {"loss_sum": nll_sum.item(), "count": mask.sum().item(), "tokens": attn.sum().item()}
-
-
-def reward_batch(items: list[tuple[Encoded, Encoded, float]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one padded batch: ids (2B, T)."""
-    seqs = [c.input_ids for c, _, _ in items] + [r.input_ids for _, r, _ in items]
-    ids, attn = pad_right(seqs, pad_id)
-    return {"input_ids": ids, "attention_mask": attn,
-            "margin": torch.tensor([m for _, _, m in items], dtype=torch.float32)}
-
-
-def reward_loss(model, batch: dict[str, torch.Tensor], norm: float, center_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Ranking loss (sum over pairs / norm) plus the centering regulariser."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-    B = scores.shape[0] // 2
-    chosen, rejected = scores[:B], scores[B:]  # (B,), (B,)
-    loss_mean, stats = pairwise_ranking_loss(chosen, rejected, batch["margin"], center_coef)
-    return loss_mean * B / norm, {"loss_sum": loss_mean.item() * B, "count": B, "correct": stats["accuracy"] * B,
-                                  "tokens": batch["attention_mask"].sum().item()}
-
-
-def reward_count(items) -> int:
-    return len(items)
 
 
 # ---------------------------------------------------------------------------------------
 # The Ray Train worker loop
 # ---------------------------------------------------------------------------------------
 
+# The subdirectory of save_dir each stage writes (best_model, metrics.jsonl, stage_complete.json).
+OUT_DIRS = {"sft": "sft", "reward": "reward_model", "dpo": "dpo"}
+
+
 @dataclass
 class Task:
-    name: str  # "sft" | "reward"
-    out_dir: Path  # save_dir/sft or save_dir/reward_model
+    name: str  # "sft" | "reward" | "dpo"
+    out_dir: Path  # save_dir / OUT_DIRS[name]
     model: object
     tokenizer: object
     train: list
     eval: list
     batch: Callable  # items -> batch dict
-    loss: Callable  # (model, batch, norm) -> (loss, stats)
+    loss: Callable  # (model, batch, norm) -> (loss, stats: sums of loss_sum, count, tokens and `stats`)
     count: Callable  # items -> int
     epochs: int
     batch_size: int
@@ -112,58 +58,72 @@ class Task:
     lr: float
     warmup_ratio: float
     eval_every: int
-    higher_is_better: bool  # eval metric direction (accuracy vs loss)
+    higher_is_better: bool  # best_model by eval_accuracy (True) or eval_loss (False)
+    stats: tuple[str, ...] = ()  # further sums the loss returns, logged as means per item (and as eval_*)
+    prepare: Callable | None = None  # (model, to_dev, items, micro) -> items, once before training (DPO's reference)
 
 
 def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
-    """(model dir, why) for a stage: each stage starts from the previous stage's best model when present."""
+    """(model dir, why) for a stage: reward and DPO start from SFT's best model when present."""
     sft_best = safe_join(cfg.save_dir, "sft", "best_model")
-    if stage == "reward" and is_complete(sft_best):
-        warn_if_unfinished(sft_best, "reward")
+    if stage in ("reward", "dpo") and is_complete(sft_best):
+        warn_if_unfinished(sft_best, stage)
         return str(sft_best), "the SFT checkpoint"
-    return cfg.model_name, "model_name (no SFT checkpoint in save_dir)" if stage == "reward" else "model_name"
+    return cfg.model_name, "model_name (no SFT checkpoint in save_dir)" if stage != "sft" else "model_name"
+
+
+def _sft_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
+    items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
+    return items, stats, dict(model=load_causal_lm(model_dir, bf16), batch=lambda it: sft_batch(it, tok.pad_token_id),
+                              loss=sft_loss, count=sft_count, higher_is_better=False, eval_every=cfg.sft_eval_every)
+
+
+def _reward_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
+    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
+    model = load_scalar_model(model_dir, bf16, tok.pad_token_id)
+    if cfg.freeze_reward_backbone:
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("score.")
+    return items, stats, dict(model=model, batch=lambda it: reward_batch(it, tok.pad_token_id),
+                              loss=lambda m, b, n: reward_loss(m, b, n, cfg.reward_center_coef), count=reward_count,
+                              higher_is_better=True, eval_every=0, stats=("accuracy",))
+
+
+def _dpo_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    rows, stats = read_dataset(cfg.dpo_data_path or cfg.reward_data_path, "preference", cfg.bad_rows,
+                               cfg.max_bad_fraction)
+    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
+    return items, stats, dict(
+        model=load_causal_lm(model_dir, bf16), batch=lambda it: dpo_batch(it, tok.pad_token_id),
+        loss=lambda m, b, n: dpo_step_loss(m, b, n, cfg.dpo_beta, cfg.dpo_loss), count=dpo_count,
+        higher_is_better=True, eval_every=0, stats=("accuracy", "reward_margin", "logp_chosen", "logp_rejected"),
+        prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro))
 
 
 def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False) -> Task:
-    save = Path(cfg.save_dir)
     model_dir, why = input_model_dir(cfg, stage)
-    tok = load_tokenizer(cfg.tokenizer_path or (model_dir if stage == "reward" and why.startswith("the SFT") else cfg.model_name))
-    stats = ReadStats()
-    if stage == "sft":
-        rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
-        items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
-        model = load_causal_lm(model_dir, bf16)
-        batch_fn = lambda it: sft_batch(it, tok.pad_token_id)
-        loss_fn, count_fn = sft_loss, sft_count
-        epochs, bs, micro, lr, warm = cfg.sft_epochs, cfg.sft_batch_size, cfg.sft_micro_batch_size, cfg.sft_lr, cfg.sft_warmup_ratio
-        out, higher = safe_join(save, "sft"), False
-    else:
-        rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
-        items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
-        model = load_scalar_model(model_dir, bf16, tok.pad_token_id)
-        if cfg.freeze_reward_backbone:
-            for n, p in model.named_parameters():
-                p.requires_grad = n.startswith("score.")
-        batch_fn = lambda it: reward_batch(it, tok.pad_token_id)
-        loss_fn = lambda m, b, n: reward_loss(m, b, n, cfg.reward_center_coef)
-        count_fn = reward_count
-        epochs, bs, micro, lr, warm = cfg.reward_epochs, cfg.reward_batch_size, cfg.reward_micro_batch_size, cfg.reward_lr, cfg.reward_warmup_ratio
-        out, higher = safe_join(save, "reward_model"), True
-    check_special_tokens(tok, model.get_input_embeddings().weight.shape[0])
+    tok = load_tokenizer(cfg.tokenizer_path or (model_dir if why.startswith("the SFT") else cfg.model_name))
+    parts_of = {"sft": _sft_parts, "reward": _reward_parts, "dpo": _dpo_parts}[stage]
+    items, stats, parts = parts_of(cfg, tok, model_dir, bf16)
+    check_special_tokens(tok, parts["model"].get_input_embeddings().weight.shape[0])
     log.info("%s: starting from %s (%s); data: %s", stage, model_dir, why, stats.summary())
     train_idx, eval_idx = split_eval(len(items), cfg.eval_fraction, cfg.seed)
-    return Task(stage, out, model, tok, [items[i] for i in train_idx], [items[i] for i in eval_idx], batch_fn,
-                loss_fn, count_fn, epochs, bs, micro or bs // world, lr, warm, cfg.sft_eval_every if stage == "sft" else 0,
-                higher)
+    hp = lambda name: getattr(cfg, f"{stage}_{name}")  # sft_epochs, reward_lr, dpo_batch_size, ...
+    return Task(stage, safe_join(cfg.save_dir, OUT_DIRS[stage]), tokenizer=tok, train=[items[i] for i in train_idx],
+                eval=[items[i] for i in eval_idx], epochs=hp("epochs"), batch_size=hp("batch_size"),
+                micro_batch=hp("micro_batch_size") or hp("batch_size") // world, lr=hp("lr"),
+                warmup_ratio=hp("warmup_ratio"), **parts)
 
 
 def supervised_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker` for the SFT and reward stages."""
+    """Ray Train `train_loop_per_worker` for the SFT, reward and DPO stages."""
     import ray.train
     import torch.distributed as dist
 
-    from .distributed import all_reduce_sum, enter_workdir, full_state_dict, make_engine, set_threads
-    from .tracking import MetricsWriter, setup_logging, truncate_metrics
+    from ..distributed import all_reduce_sum, enter_workdir, full_state_dict, make_engine, set_threads
+    from ..io.tracking import MetricsWriter, setup_logging, truncate_metrics
 
     enter_workdir(config.pop("_cwd"))
     stage = config.pop("_stage")
@@ -186,10 +146,19 @@ def supervised_worker(config: dict) -> None:
                          bf16=bf16)
     device = engine.device
     to_dev = lambda b: {k: v.to(device) for k, v in b.items()}
+    keys = ("loss_sum", "count", "tokens", *task.stats)  # summed over micro-batches, then over ranks
     best = None
     step = 0
     t_start = time.time()
     tokens_seen = 0.0
+    if task.prepare is not None:  # with the starting weights: before a resumed run loads its trained ones
+        t0 = time.time()
+        engine.eval()
+        task.train, task.eval = (task.prepare(engine.module, to_dev, items, task.micro_batch)
+                                 for items in (task.train, task.eval))
+        engine.train()
+        log.info("%s: prepared %d train and %d eval items in %.1fs", stage, len(task.train), len(task.eval),
+                 time.time() - t0)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -204,17 +173,13 @@ def supervised_worker(config: dict) -> None:
     def evaluate() -> dict[str, float]:
         engine.eval()
         mine = task.eval[rank::world]
-        sums = [0.0, 0.0, 0.0]
+        sums = dict.fromkeys(keys, 0.0)
         with torch.no_grad():
             for i in range(0, len(mine), task.micro_batch):
                 _, st = task.loss(engine.module, to_dev(task.batch(mine[i: i + task.micro_batch])), 1.0)
-                sums = [sums[0] + st["loss_sum"], sums[1] + st["count"], sums[2] + st.get("correct", 0.0)]
-        loss_sum, count, correct = all_reduce_sum(sums)
+                _add(sums, st)
         engine.train()
-        out = {"eval_loss": loss_sum / max(count, 1)}
-        if stage == "reward":
-            out["eval_accuracy"] = correct / max(count, 1)
-        return out
+        return _means(dict(zip(keys, all_reduce_sum(list(sums.values())))), task.stats, "eval_")
 
     def maybe_save_best(ev: dict[str, float]) -> bool:
         nonlocal best
@@ -248,23 +213,21 @@ def supervised_worker(config: dict) -> None:
             norm = task.count(global_items) / (world * accum)  # DeepSpeed averages over ranks and micro-steps
             per_rank = task.batch_size // world
             mine = global_items[rank * per_rank:(rank + 1) * per_rank]
-            sums = [0.0, 0.0, 0.0, 0.0]
+            sums = dict.fromkeys(keys, 0.0)
             t0 = time.time()
             for m in range(accum):
                 micro = mine[m * task.micro_batch:(m + 1) * task.micro_batch]
                 loss, st = task.loss(engine.module, to_dev(task.batch(micro)), norm)
                 engine.backward(loss)
                 engine.step()
-                sums = [a + b for a, b in zip(sums, (st["loss_sum"], st["count"], st.get("correct", 0.0), st["tokens"]))]
-            loss_sum, count, correct, tokens = all_reduce_sum(sums)
+                _add(sums, st)
+            sums = dict(zip(keys, all_reduce_sum(list(sums.values()))))
             step += 1
-            tokens_seen += tokens
-            rec = {"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": loss_sum / max(count, 1),
+            tokens_seen += sums["tokens"]
+            rec = {"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, **_means(sums, task.stats),
                    "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
+                   "tokens_per_s": sums["tokens"] / max(time.time() - t0, 1e-9),
                    "total_steps": total}
-            if stage == "reward":
-                rec["accuracy"] = correct / max(count, 1)
             last_of_epoch = s == steps_per_epoch - 1
             if task.eval and ((task.eval_every and step % task.eval_every == 0) or last_of_epoch):
                 ev = evaluate()
@@ -300,7 +263,7 @@ def report_train_state(engine, state: dict, rank: int) -> None:
     from ray.train import CheckpointUploadMode
     from safetensors.torch import save_file
 
-    from .checkpoint import sha256_file
+    from ..io.checkpoint import sha256_file
 
     d = Path(tempfile.mkdtemp(prefix="rlhf-dist-ckpt-"))
     engine.save_checkpoint(str(d), tag="engine", client_state={})
@@ -321,7 +284,7 @@ def load_train_state(engine, d: Path, rank: int, world: int) -> dict:
     whose sha256 matches what this run wrote get to it) and this rank's RNG state."""
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError, sha256_file
+    from ..io.checkpoint import CheckpointError, sha256_file
 
     state = json.loads((d / "state.json").read_text())
     if state["world"] != world:
@@ -341,17 +304,28 @@ def load_train_state(engine, d: Path, rank: int, world: int) -> dict:
     return state
 
 
+def _add(sums: dict[str, float], st: dict) -> None:
+    for k in sums:
+        sums[k] += float(st.get(k, 0.0))
+
+
+def _means(sums: dict[str, float], stats: tuple[str, ...], prefix: str = "") -> dict[str, float]:
+    """Per-item means of the summed step or eval stats: loss, and each of `stats`."""
+    n = max(sums["count"], 1)
+    return {f"{prefix}loss": sums["loss_sum"] / n, **{f"{prefix}{k}": sums[k] / n for k in stats}}
+
+
 def _fmt(rec: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
                     if k not in ("total_steps",))
 
 
 def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
-    """Run the SFT or reward stage as a Ray Train TorchTrainer job; returns its best_model directory."""
+    """Run the SFT, reward or DPO stage as a Ray Train TorchTrainer job; returns its best_model directory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    workers = cfg.sft_workers if stage == "sft" else cfg.reward_workers
+    workers = getattr(cfg, f"{stage}_workers")
     use_gpu = device == "cuda"
     cpus = cfg.train_cpus_per_worker
     # Ray Train gives up on a worker group that has not started in 60 s; a loaded machine needs longer.
@@ -361,7 +335,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     # call per worker.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _device=device, _cwd=os.getcwd())
-    remove_stale_temps(safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model"))
+    remove_stale_temps(safe_join(cfg.save_dir, OUT_DIRS[stage]))
     trainer = TorchTrainer(
         supervised_worker,
         train_loop_config=config,
@@ -373,7 +347,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.max_restarts, controller_failure_limit=0)),
     )
-    out = safe_join(cfg.save_dir, "sft" if stage == "sft" else "reward_model", "best_model")
+    out = safe_join(cfg.save_dir, OUT_DIRS[stage], "best_model")
     mark_stage_started(out)
     trainer.fit()
     if not is_complete(out):

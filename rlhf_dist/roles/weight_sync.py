@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .errors import PhaseTimeout, PlacementError
+from ..errors import PhaseTimeout, PlacementError
 
 BUCKET_BYTES = 64 << 20  # few enough collectives, small enough to not double peak memory
 

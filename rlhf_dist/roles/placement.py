@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from .errors import PlacementError
+from ..errors import PlacementError
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,24 @@ def _spec(roles, role: str):
     return getattr(roles, role)
 
 
-def auto_gpu_share(roles, gpus_available: float) -> float:
+def roles_of(cfg) -> tuple[str, ...]:
+    """The roles a run starts: critic-free algorithms (grpo, rloo, reinforce_pp) start no critic."""
+    return tuple(r for r in ROLES if r != "critic" or cfg.algorithm == "ppo")
+
+
+def _hosts(roles, names) -> dict[str, str]:
+    """With colocate: the guest role -> the role whose bundle (and GPUs) it joins."""
+    if not roles.colocate:
+        return {}
+    return {"reference": "policy", **({"reward": "critic"} if "critic" in names else {})}
+
+
+def auto_gpu_share(roles, gpus_available: float, names=ROLES) -> float:
     """GPUs per bundle when every role is at num_gpus 0 on CUDA: 1/k, k bundles per GPU, so they fill whole GPUs."""
-    if gpus_available <= 0 or any(_spec(roles, r).num_gpus for r in ROLES):
+    if gpus_available <= 0 or any(_spec(roles, r).num_gpus for r in names):
         return 0.0
-    guests = ("reference", "reward") if roles.colocate else ()  # they join a host's bundle and its GPU
-    n = sum(_spec(roles, r).num_workers for r in ROLES if r not in guests)
+    guests = _hosts(roles, names)  # they join a host's bundle and its GPU
+    n = sum(_spec(roles, r).num_workers for r in names if r not in guests)
     return 1.0 if n <= gpus_available else 1.0 / math.ceil(n / gpus_available)
 
 
@@ -66,13 +78,13 @@ def auto_cpu_shares(node_cpus: list[float], reserved: float, n_auto: int) -> lis
     return [even] + sorted((s for s in more if s < even), reverse=True)
 
 
-def _build(roles, auto_gpu: float, auto_cpu: float, device: str) -> tuple[list[dict], list[Slot]]:
+def _build(roles, names, auto_gpu: float, auto_cpu: float, device: str) -> tuple[list[dict], list[Slot]]:
     """Bundles and slots for given auto shares. With colocate, reference joins policy's bundle, reward critic's."""
     bundles: list[dict] = []
     slots: list[Slot] = []
-    shared = {"reference": "policy", "reward": "critic"} if roles.colocate else {}
+    shared = _hosts(roles, names)
     host_bundle: dict[tuple[str, int], int] = {}
-    for role in ROLES:
+    for role in names:
         spec = _spec(roles, role)
         gpus = spec.num_gpus or auto_gpu
         cpus = auto_cpu if spec.num_cpus is None else spec.num_cpus
@@ -114,18 +126,18 @@ def plan_placement(cfg, gpus_available: float, node_cpus: list[float] | None = N
     (default: cuda when gpus_available). Explicit num_cpus / num_gpus are kept as given. Auto CPUs: the
     largest share from `auto_cpu_shares` whose bundles fit the nodes' CPUs. Auto GPUs: `auto_gpu_share`.
     """
-    roles = cfg.roles
+    roles, names = cfg.roles, roles_of(cfg)
     device = device or ("cuda" if gpus_available > 0 else "cpu")
-    auto_gpu = auto_gpu_share(roles, gpus_available)
-    auto = [r for r in ROLES if _spec(roles, r).num_cpus is None]
+    auto_gpu = auto_gpu_share(roles, gpus_available, names)
+    auto = [r for r in names if _spec(roles, r).num_cpus is None]
     n_auto = sum(_spec(roles, r).num_workers for r in auto)
     if not n_auto or node_cpus is None:
-        return _build(roles, auto_gpu, AUTO_CPUS_UNKNOWN, device)
-    reserved = sum(_spec(roles, r).num_cpus * _spec(roles, r).num_workers for r in ROLES if r not in auto)
+        return _build(roles, names, auto_gpu, AUTO_CPUS_UNKNOWN, device)
+    reserved = sum(_spec(roles, r).num_cpus * _spec(roles, r).num_workers for r in names if r not in auto)
     nodes = {str(i): {"CPU": c} for i, c in enumerate(node_cpus)}
     first = None
     for share in auto_cpu_shares(node_cpus, reserved, n_auto):
-        plan = _build(roles, auto_gpu, share, device)
+        plan = _build(roles, names, auto_gpu, share, device)
         first = first or plan
         if None not in fit_bundles([{"CPU": b["CPU"]} for b in plan[0]], nodes, roles.strategy):
             return plan
@@ -138,8 +150,11 @@ def plan_for_cluster(cfg, device: str, nodes: dict[str, dict]) -> tuple[list[dic
     return plan_placement(cfg, gpus, [r.get("CPU", 0.0) for r in nodes.values()], device)
 
 
+TRAIN_STAGES = ("sft", "reward", "dpo")  # Ray Train jobs: {stage}_workers x train_bundle each
+
+
 def train_bundle(cfg, device: str) -> dict:
-    """One Ray Train worker's resources, as stages.run_supervised asks for them."""
+    """One Ray Train worker's resources, as offline.job.run_supervised asks for them."""
     g = cfg.train_gpus_per_worker
     return {"CPU": cfg.train_cpus_per_worker, **({"GPU": g} if device == "cuda" and g else {})}
 
@@ -252,7 +267,7 @@ def bundle_problems(bundles: list[dict], slots, nodes: dict[str, dict], strategy
 
 def train_problems(cfg, stage: str, device: str, nodes: dict[str, dict]) -> list[str]:
     """A Ray Train stage whose workers do not all fit `nodes` at once (Ray Train packs them)."""
-    n = cfg.sft_workers if stage == "sft" else cfg.reward_workers
+    n = getattr(cfg, f"{stage}_workers")
     bundle = train_bundle(cfg, device)
     if None not in fit_bundles([bundle] * n, nodes):
         return []
@@ -271,7 +286,7 @@ def nccl_conflicts(cfg, bundles: list[dict], slots, device: str, stages) -> list
     if device != "cuda":
         return []
     out = []
-    for role in LEARNERS if "ppo" in stages else ():
+    for role in [r for r in LEARNERS if r in roles_of(cfg)] if "ppo" in stages else ():
         n = _spec(cfg.roles, role).num_workers
         mine = [s for s in slots if s.role == role and s.device == "cuda"]
         gpus = min((bundles[s.bundle].get("GPU", 0.0) for s in mine), default=1.0)
@@ -281,8 +296,8 @@ def nccl_conflicts(cfg, bundles: list[dict], slots, device: str, stages) -> list
                        f"two ranks of its data-parallel group on one device; give each {role} worker 1 GPU "
                        f"(roles.{role}.num_gpus: 1) or use 1 worker")
     g = cfg.train_gpus_per_worker
-    for stage in (s for s in stages if s in ("sft", "reward")):
-        n = cfg.sft_workers if stage == "sft" else cfg.reward_workers
+    for stage in (s for s in stages if s in TRAIN_STAGES):
+        n = getattr(cfg, f"{stage}_workers")
         if n > 1 and g < 1 - _EPS:
             out.append(f"{stage} stage: {stage}_workers {n} at train_gpus_per_worker {g:g} can land on one GPU, and "
                        f"NCCL refuses two ranks of the stage's process group on one device; set "
@@ -313,7 +328,7 @@ def placement_problems(cfg, stages, device: str, total: dict[str, dict],
         out.errors += never
         if not never and free is not None:
             out.warnings += bundle_problems(out.bundles, out.slots, free, cfg.roles.strategy)
-    for stage in (s for s in stages if s in ("sft", "reward")):
+    for stage in (s for s in stages if s in TRAIN_STAGES):
         never = train_problems(cfg, stage, device, total)
         out.errors += never
         if not never and free is not None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .algo import compute_gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, shape_rewards
-from .models import position_ids_from_mask, token_scalars
+from ..algo import advantages_for, kl_estimator_for, kl_penalty, logprobs_from_logits, masked_mean
+from ..models import position_ids_from_mask, token_scalars
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
@@ -68,15 +68,17 @@ class Experience:
         return Experience(**fields)
 
 
-def make_experience(samples, old_logprobs, ref_logprobs, values, scores, *, kl_coef: float, kl_estimator: str,
-                    gamma: float, lam: float, whiten: bool) -> Experience:
-    """The advantages phase: KL-shaped token rewards (reward at the last response token), GAE, whitening."""
+def make_experience(samples, old_logprobs, ref_logprobs, values, scores, cfg, kl_coef: float) -> Experience:
+    """The advantages phase, for every online algorithm: the KL estimate, then `advantages_for`. The KL
+    penalty enters the rewards only with kl_in: reward (else the learner adds it to the loss). Critic-free
+    algorithms pass `values` None: zeros stand in."""
     mask = samples.action_mask  # (B, R)
-    kl = kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (B, R)
-    rewards = shape_rewards(scores, kl, mask, kl_coef)  # (B, R)
-    advantages, returns = compute_gae(rewards, values * mask, mask, gamma, lam)  # (B, R), (B, R)
-    if whiten:
-        advantages = masked_whiten(advantages, mask)
+    kl = kl_penalty(old_logprobs, ref_logprobs, kl_estimator_for(cfg.kl_in, cfg.kl_estimator)) * mask  # (B, R)
+    values = torch.zeros_like(old_logprobs) if values is None else values  # (B, R)
+    rewards, advantages, returns = advantages_for(
+        cfg.algorithm, scores, kl, values, mask, n=cfg.n_samples_per_prompt,
+        kl_coef=kl_coef if cfg.kl_in == "reward" else 0.0, gamma=cfg.ppo_gamma, lam=cfg.ppo_lam,
+        whiten=cfg.ppo_whiten_advantages, norm_std=cfg.grpo_norm_std)
     return Experience(samples.sequences, samples.attention_mask, mask, samples.prompt_len, old_logprobs, ref_logprobs,
                       values, scores, kl, rewards, advantages, returns, samples.sample_ids, samples.version)
 
@@ -93,3 +95,24 @@ def experience_stats(exp: Experience) -> dict[str, float]:
         "return_mean": masked_mean(exp.returns, mask).item(),
         "value_mean": masked_mean(exp.values, mask).item(),
     }
+
+
+def truncated(samples, eos_id: int, max_new_tokens: int) -> torch.Tensor:
+    """(B,) bool: responses cut off at max_new_tokens, without eos."""
+    lengths = samples.action_mask.sum(1)  # (B,)
+    last = samples.responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
+    return (lengths >= max_new_tokens) & (last != eos_id)
+
+
+def process_scores(scores: torch.Tensor, samples, cfg, eos_id: int, moments) -> torch.Tensor:
+    """(B,) -> (B,): the overlong penalty, then normalisation by the running moments (updated with this batch
+    first, so the first batch is normalised by its own statistics), then clipping. Each optional."""
+    scores = scores.float()
+    if cfg.overlong_penalty:
+        scores = scores - cfg.overlong_penalty * truncated(samples, eos_id, cfg.gen_max_new_tokens).float()
+    if moments is not None:
+        moments.update(scores)
+        scores = (scores - moments.mean) / (moments.std + 1e-6)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    return scores

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import redact, secret_values
+from ..config import redact, secret_values
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(role)s] %(name)s: %(message)s"
 
@@ -164,7 +164,7 @@ class Tracker:
             if init_timeout is None:
                 init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
             self.run = self._start(cfg, save_dir, init_timeout)
-            for prefix, axis in (("sft", "step"), ("reward", "step"), ("ppo", "iteration")):
+            for prefix, axis in (("sft", "step"), ("reward", "step"), ("dpo", "step"), ("ppo", "iteration")):
                 self.run.define_metric(f"{prefix}/{axis}")
                 self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{axis}")
         except Exception as e:
@@ -238,7 +238,8 @@ class StageMonitor:
     lines otherwise) and W&B logging. Works the same whether rows come from Ray Train workers or the
     PPO driver, because the file is the source of truth."""
 
-    AXES = {"sft": ("step", "loss"), "reward": ("step", "accuracy"), "ppo": ("iteration", "reward_mean")}
+    AXES = {"sft": ("step", "loss"), "reward": ("step", "accuracy"), "dpo": ("step", "accuracy"),
+            "ppo": ("iteration", "reward_mean")}
 
     def __init__(self, stage: str, metrics_path: Path, tracker: Tracker | None, total: int | None = None,
                  samples_path: Path | None = None, interval: float = 1.0):

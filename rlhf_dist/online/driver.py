@@ -1,5 +1,7 @@
-"""The PPO driver. One iteration reads as the data flow, with the same phase names in the code,
-the timers and the metrics: rollout -> experience -> advantages -> learner -> sync -> checkpoint.
+"""The driver of every online algorithm (ppo, grpo, rloo, reinforce_pp). One iteration reads as the data
+flow, with the same phase names in the code, the timers and the metrics:
+rollout -> experience -> advantages -> learner -> sync -> checkpoint. The algorithms differ only in the
+advantages (`algo.advantages_for`) and in whether a critic is started.
 """
 
 from __future__ import annotations
@@ -7,30 +9,31 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .algo import AdaptiveKLController, FixedKLController
-from .checkpoint import (atomic_dir, complete_iterations, is_complete, remove_stale_temps, safe_join, verify,
-                         warn_if_unfinished, write_json_atomic)
-from .config import RLHFConfig
-from .data import read_dataset, tokenize_prompts
-from .experience import experience_stats, make_experience
-from .models import load_tokenizer
-from .precision import recompute_old_logprobs
-from .rollout import merge_samples, slice_samples
-from .health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
-from .errors import RoleFailure
-from .runtime import ROLES, Learner, ReferenceWorker, RewardWorker, RolloutWorker, create_placement_group, spawn, wait
-from .tracking import MetricsWriter, truncate_metrics
-from .weight_sync import plan_sync
+from ..algo import AdaptiveKLController, FixedKLController, RunningMoments
+from ..config import RLHFConfig
+from ..data import read_dataset, tokenize_prompts
+from ..errors import RoleFailure
+from ..health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
+from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps, safe_join, verify
+from ..io.tracking import MetricsWriter, truncate_metrics
+from ..models import load_tokenizer
+from ..precision import recompute_old_logprobs
+from ..roles.actors import wait
+from ..roles.placement import ROLES
+from ..rollout import merge_samples, slice_samples
+from .experience import experience_stats, make_experience, process_scores
+from .prompts import PromptSampler, sample_ids_for
+from .recovery import dead_actors
+from .setup import Roles, join_weight_sync, resolve_inputs, save_iteration, split, start_roles, stop_roles, sync_weights
 
 log = logging.getLogger(__name__)
+
 
 class Timers:
     def __init__(self):
@@ -43,141 +46,6 @@ class Timers:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-
-
-@dataclass
-class Roles:
-    rollout: list
-    policy: list
-    critic: list
-    reference: list
-    reward: list
-    info: list[dict] = field(default_factory=list)
-    placement_group: object = None
-
-
-@dataclass
-class Inputs:
-    """Where PPO's models come from, resolved from the standard layout."""
-
-    policy: str  # initial policy weights (SFT best model, or a resumed iteration)
-    reference: str  # frozen reference = the SFT policy
-    critic: str
-    reward: str | None
-    tokenizer: str
-
-
-def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
-    sft = safe_join(cfg.save_dir, "sft", "best_model")
-    rm = safe_join(cfg.save_dir, "reward_model", "best_model")
-    reference = str(sft) if is_complete(sft) else cfg.model_name
-    warn_if_unfinished(sft, "ppo")
-    if cfg.reward_model_weight != 0:
-        warn_if_unfinished(rm, "ppo")
-    if not is_complete(sft):
-        log.warning("ppo: no complete SFT checkpoint at %s; starting from model_name %s", sft, cfg.model_name)
-    reward = None
-    if cfg.reward_model_weight != 0:
-        if not is_complete(rm):
-            raise FileNotFoundError(f"ppo: reward_model_weight is {cfg.reward_model_weight} but {rm} is not a "
-                                    f"complete reward model; run `rlhf-dist reward` first or set reward_model_weight: 0")
-        reward = str(rm)
-    critic = str(rm) if cfg.critic_init == "reward" and reward else reference
-    if cfg.critic_init == "reward" and not reward:
-        raise FileNotFoundError("critic_init: 'reward' needs a reward model")
-    policy = reference
-    if resume_from is not None:
-        policy, critic = str(resume_from / "policy"), str(resume_from / "critic")
-    return Inputs(policy, reference, critic, reward, cfg.tokenizer_path or reference)
-
-
-def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) -> Roles:
-    from .placement import cluster_nodes, plan_for_cluster
-
-    # The plan the pre-start check logged (the same pure function of the cluster's totals).
-    bundles, slots = plan_for_cluster(cfg, device, cluster_nodes()[0])
-    pg = create_placement_group(bundles, cfg.roles.strategy, cfg.setup_timeout_s)
-    conf = dict(cfg.to_dict(), _cwd=os.getcwd())
-    by_role: dict[str, list] = {r: [] for r in ("rollout", "policy", "critic", "reference", "reward")}
-    restarts = cfg.max_restarts  # frozen roles come back by themselves; learners hold optimizer state
-    for s in slots:
-        if s.role == "rollout":
-            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.policy, max_restarts=restarts)
-        elif s.role in ("policy", "critic"):
-            a = spawn(Learner, s, pg, s.role, s.rank, getattr(cfg.roles, s.role).num_workers, conf, s.num_cpus,
-                      s.device)
-        elif s.role == "reference":
-            a = spawn(ReferenceWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.reference,
-                      max_restarts=restarts)
-        else:
-            a = spawn(RewardWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.reward, inputs.tokenizer,
-                      max_restarts=restarts)
-        by_role[s.role].append(a)
-    roles = Roles(**by_role, placement_group=pg)
-    # Both learner groups load and build their engines at the same time: a tiny run's start-up went from
-    # 22.1 s to 17.9 s once the critic stopped waiting for the policy.
-    setups = []
-    for kind, model_dir in (("policy", inputs.policy), ("critic", inputs.critic)):
-        group = getattr(roles, kind)
-        addr, port = wait(group[0].address.remote(), kind, "setup", cfg.setup_timeout_s)
-        setups.append((kind, [a.setup.remote(addr, port, model_dir, total_steps) for a in group]))
-    for kind, refs in setups:
-        wait(refs, kind, "setup", cfg.setup_timeout_s)
-    roles.info = wait([a.info.remote() for r in by_role.values() for a in r], "all", "setup", cfg.setup_timeout_s)
-    for i in roles.info:
-        log.info("role %s-%d on node %s pid %d (%d threads, %s)", i["role"], i["rank"], i["node_id"][:12], i["pid"],
-                 i["threads"], i["device"])
-    join_weight_sync(cfg, roles)
-    return roles
-
-
-def join_weight_sync(cfg: RLHFConfig, roles: Roles) -> None:
-    """Choose each rollout worker's transport from where it sits against policy rank 0, and connect them:
-    CUDA IPC on the same GPU, else a broadcast group (learner rank 0 + those workers; NCCL or gloo)."""
-    T = cfg.setup_timeout_s
-    learner = roles.policy[0]
-    ids = wait([a.device_id.remote() for a in [learner, *roles.rollout]], "rollout", "sync", T)
-    plan = plan_sync(ids[0], ids[1:])
-    sig = wait(learner.signature.remote(), "policy", "sync", T)
-    world = 1 + len(plan.group_ranks)
-    addr, port = wait(learner.address.remote(), "policy", "sync", T)
-    ipc = [roles.rollout[i] for i, t in enumerate(plan.transports) if t == "ipc"]
-    refs = [a.join_sync.remote(addr, port, world, plan.backend, ipc) for a in roles.policy]
-    group_rank = {w: r + 1 for r, w in enumerate(plan.group_ranks)}
-    refs += [a.join_sync.remote(sig, addr, port, group_rank.get(i), world, plan.backend)
-             for i, a in enumerate(roles.rollout)]
-    wait(refs, "rollout", "sync", T)
-    log.info("weight sync: %s", ", ".join(f"rollout-{i} by {'CUDA IPC' if t == 'ipc' else plan.backend + ' broadcast'}"
-                                          for i, t in enumerate(plan.transports)))
-
-
-def split(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) ranges of near-equal size."""
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < extra else 0)
-        out.append((start, end))
-        start = end
-    return out
-
-
-class PromptSampler:
-    """Seeded passes over the prompt set; the cursor (prompts consumed) is all the state there is."""
-
-    def __init__(self, n: int, seed: int, cursor: int = 0):
-        self.n, self.seed, self.cursor = n, seed, cursor
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            epoch, pos = divmod(self.cursor, self.n)
-            order = list(range(self.n))
-            random.Random(self.seed + epoch).shuffle(order)
-            take = min(k - len(out), self.n - pos)
-            out.extend(order[pos:pos + take])
-            self.cursor += take
-        return out
 
 
 @dataclass
@@ -247,6 +115,9 @@ class PPORun:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.sampler = PromptSampler(len(self.prompts), cfg.seed, state.get("cursor", 0))
         self.version = state.get("version", 0)
+        self.moments = RunningMoments() if cfg.reward_normalize else None
+        if self.moments is not None and "reward_moments" in state:
+            self.moments.load_state_dict(state["reward_moments"])
         self.bad_steps = BadStepCounter(cfg.max_bad_steps)
         self.spikes = {k: SpikeDetector(cfg.grad_spike_factor) for k in ("policy", "critic")}
         self.roles: Roles | None = None
@@ -255,7 +126,7 @@ class PPORun:
     # ------------------------------------------------------------------------------
     def train(self) -> Path:
         cfg = self.cfg
-        steps_per_it = cfg.ppo_epochs * (cfg.ppo_batch_size // cfg.ppo_mini_batch_size)
+        steps_per_it = cfg.ppo_epochs * (cfg.ppo_batch_size * cfg.n_samples_per_prompt // cfg.ppo_mini_batch_size)
         metrics = MetricsWriter(self.dir / "metrics.jsonl")
         samples_log = MetricsWriter(self.dir / "samples.jsonl")
         try:
@@ -266,7 +137,7 @@ class PPORun:
                 for kind in ("policy", "critic"):
                     wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
                           for a in getattr(self.roles, kind)], kind, "setup", cfg.setup_timeout_s)
-                self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
+                self._retrying("sync", lambda: sync_weights(cfg, self.roles, self.version))
                 log.info("ppo: resumed at iteration %d in %.1fs (roles started, states loaded, weights synced)",
                          self.start_it, time.perf_counter() - self.t_start)
             for it in range(self.start_it, cfg.ppo_iterations):
@@ -284,7 +155,7 @@ class PPORun:
             self._write_summary(metrics)  # reporting only: after the save, so it cannot cost the model
             return final
         except RoleFailure as e:
-            lost = [f"{r}-{k}" for r, k in self._dead_actors() if r in ("policy", "critic")] if self.roles else []
+            lost = [f"{r}-{k}" for r, k in dead_actors(self.roles, self.pids, self.cfg.setup_timeout_s) if r in ("policy", "critic")] if self.roles else []
             if lost:
                 raise LearnerLost(f"{', '.join(lost)} died ({e})") from e
             raise
@@ -292,7 +163,7 @@ class PPORun:
             metrics.close()
             samples_log.close()
             if self.roles is not None:
-                _stop(self.roles)
+                stop_roles(self.roles)
 
     def _write_summary(self, metrics: MetricsWriter) -> None:
         """The summary row (run time, peak memory per role). Best effort: a failure here is logged, since
@@ -316,51 +187,27 @@ class PPORun:
         # Rollout and experience change no state, so a restarted actor just means doing them again.
         samples, old_logp, values, ref_logp, rew = self._retrying("experience", lambda: self.collect(it, ids, timers))
         lag = self.version - samples.version  # updates between the rollout's weights and the learner's
-        scores = torch.cat([r["score"] for r in rew])  # (B,)
-        responses = [t for r in rew for t in r["responses"]]
+        raw = torch.cat([r["score"] for r in rew])  # (B,)
         with timers.phase("advantages"):
-            exp = make_experience(samples, old_logp, ref_logp, values, scores, kl_coef=self.kl_ctl.value,
-                                  kl_estimator=cfg.kl_estimator, gamma=cfg.ppo_gamma, lam=cfg.ppo_lam,
-                                  whiten=cfg.ppo_whiten_advantages)
+            scores = process_scores(raw, samples, cfg, self.tok.eos_token_id, self.moments)  # (B,)
+            exp = make_experience(samples, old_logp, ref_logp, values, scores, cfg, self.kl_ctl.value)
             est = experience_stats(exp)
-        rec: dict = {"iteration": it + 1}
-        bad = nonfinite_rows(scores=scores, advantages=exp.advantages, returns=exp.returns,
-                             old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, values=exp.values)
+        rec: dict = {"iteration": it + 1, "algorithm": cfg.algorithm}
         if cfg.kl_max is not None and est["kl"] > cfg.kl_max:
             raise HealthError(f"ppo: KL {est['kl']:.4f} > kl_max {cfg.kl_max} at iteration {it + 1}; stopping. "
                               f"Last good checkpoint: {self._last_checkpoint()}")
-        pstats = cstats = {}
-        if bad:
-            why = "non-finite " + ", ".join(f"{k} (sample ids {[samples.sample_ids[i] for i in v]})"
-                                            for k, v in bad.items())
-            log.warning("ppo: iteration %d: %s; update skipped", it + 1, why)
-            rec["skipped"] = 1
-            self.bad_steps.record(True, why)
-        else:
-            with timers.phase("learner"):
-                pstats, cstats = self.learn(exp, cfg.seed * 7919 + it)
-            self.check_learners(it, pstats, cstats, rec)
-            self.version = pstats["version"]
-            with timers.phase("rollout"):  # the part of the next rollout that the update did not hide
-                self._await_ahead()
-            with timers.phase("sync"):
-                moved = self._retrying("sync", lambda: _sync(cfg, self.roles, self.version))
-            self.kl_ctl.update(est["kl"], cfg.ppo_batch_size)
-            rec["sync_bytes"] = moved
+        pstats, cstats = self.update(it, exp, est["kl"], timers, rec)
         with timers.phase("checkpoint"):
             if (it + 1) % cfg.save_interval == 0 or it + 1 == cfg.ppo_iterations:
-                _save_iteration(cfg, self.roles, self.dir / f"iteration_{it + 1:06d}", self.inputs.tokenizer, {
-                    # A rollout started ahead is redone after a resume: its prompts are not consumed yet.
-                    "iteration": it + 1, "cursor": self.sampler.cursor - (len(self.ahead.ids) if self.ahead else 0),
-                    "version": self.version,
-                    "kl_ctl": self.kl_ctl.state_dict()})
+                self.save(it)
         seconds = time.perf_counter() - t_iter
-        rec.update({**est, "kl_coef": self.kl_ctl.value,
-                    **{k: pstats[k] for k in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm",
+        rec.update({**est, "kl_coef": self.kl_ctl.value, "score_raw_mean": float(raw.mean()),
+                    **{k: pstats[k] for k in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "kl_loss",
                                               "first_ratio_mean", "first_ratio_dev_max") if k in pstats},
                     "value_loss": cstats.get("value_loss"), "value_clip_frac": cstats.get("value_clip_frac"),
                     "critic_grad_norm": cstats.get("grad_norm"),
-                    "weight_version": self.version, "rollout_version": samples.version, "rollout_lag": lag,
+                    "weight_version": self.version, "rollout_version": samples.version,
+                    "rollout_lag": lag,
                     "actor_restarts": self.actor_restarts, "learner_restarts": self.learner_restarts,
                     "bad_steps": self.bad_steps.total, "seconds": seconds,
                     "tokens_per_s": float(samples.action_mask.sum()) / seconds, "samples_per_s": len(samples) / seconds,
@@ -370,22 +217,56 @@ class PPORun:
         for key in ("rm_score", "fn_score"):
             if key in rew[0]:
                 rec[key] = float(torch.cat([r[key] for r in rew]).mean())
-        rows = []
-        if it % cfg.wandb.sample_every == 0 or it + 1 == cfg.ppo_iterations:
-            kl_seq = (exp.kl * exp.action_mask).sum(1)
-            rows = [{"iteration": it + 1, "prompt": self.prompts[samples.sample_ids[j]][-1]["content"],
-                     "response": responses[j], "reward": float(scores[j]), "kl": float(kl_seq[j])}
-                    for j in range(min(4, len(responses)))]
         log.info("ppo: iteration %d/%d reward %.3f kl %.4f policy_loss %.4f value_loss %.4f len %.1f %.2fs (%s)",
                  it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss") or 0.0,
                  rec.get("value_loss") or 0.0, est["response_length"], seconds,
                  " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
-        return rec, rows
+        return rec, self._sample_rows(it, exp, [t for r in rew for t in r["responses"]])
+
+    def update(self, it: int, exp, kl: float, timers: Timers, rec: dict) -> tuple[dict, dict]:
+        """The learner and sync phases, unless the experience has non-finite values (then the update is skipped)."""
+        cfg = self.cfg
+        bad = nonfinite_rows(scores=exp.scores, advantages=exp.advantages, returns=exp.returns,
+                             old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, values=exp.values)
+        if bad:
+            why = "non-finite " + ", ".join(f"{k} (sample ids {[exp.sample_ids[i] for i in v]})" for k, v in bad.items())
+            log.warning("ppo: iteration %d: %s; update skipped", it + 1, why)
+            rec["skipped"] = 1
+            self.bad_steps.record(True, why)
+            return {}, {}
+        with timers.phase("learner"):
+            pstats, cstats = self.learn(exp, cfg.seed * 7919 + it)
+        self.check_learners(it, pstats, cstats, rec)
+        self.version = pstats["version"]
+        with timers.phase("rollout"):  # the part of the next rollout that the update did not hide
+            self._await_ahead()
+        with timers.phase("sync"):
+            rec["sync_bytes"] = self._retrying("sync", lambda: sync_weights(cfg, self.roles, self.version))
+        self.kl_ctl.update(kl, cfg.ppo_batch_size)
+        return pstats, cstats
+
+    def save(self, it: int) -> None:
+        save_iteration(self.cfg, self.roles, self.dir / f"iteration_{it + 1:06d}", self.inputs.tokenizer, {
+            # A rollout started ahead is redone after a resume: its prompts are not consumed yet.
+            "iteration": it + 1, "cursor": self.sampler.cursor - (len(self.ahead.ids) if self.ahead else 0),
+            "version": self.version, "algorithm": self.cfg.algorithm, "kl_ctl": self.kl_ctl.state_dict(),
+            **({"reward_moments": self.moments.state_dict()} if self.moments is not None else {})})
+
+    def _sample_rows(self, it: int, exp, responses: list[str]) -> list[dict]:
+        """A few generations for samples.jsonl (and W&B's table), with their sample and group ids."""
+        if it % self.cfg.wandb.sample_every and it + 1 != self.cfg.ppo_iterations:
+            return []
+        n = self.cfg.n_samples_per_prompt
+        kl_seq = (exp.kl * exp.action_mask).sum(1)
+        return [{"iteration": it + 1, "sample_id": sid, "group": sid // n,
+                 "prompt": self.prompts[sid // n][-1]["content"], "response": responses[j],
+                 "reward": float(exp.scores[j]), "kl": float(kl_seq[j])}
+                for j, sid in enumerate(exp.sample_ids[:max(4, n)])]
 
     def collect(self, it: int, ids: list[int], timers: Timers):
-        """The rollout and experience phases: samples (started ahead, or now), then the four forwards at
-        once on their own actors. With ppo_overlap_rollout the next iteration's rollout starts here."""
-        cfg, roles, prompts = self.cfg, self.roles, self.prompts
+        """The rollout and experience phases: samples (started ahead, or now), then the forwards at once on
+        their own actors. With ppo_overlap_rollout the next iteration's rollout starts here."""
+        cfg, roles, n = self.cfg, self.roles, self.cfg.n_samples_per_prompt
         with timers.phase("rollout"):
             ahead, self.ahead = self.ahead, None  # taken: if its actor died, the retry generates afresh
             if ahead is not None and ahead.samples is not None:
@@ -400,23 +281,24 @@ class PPORun:
                 return [getattr(a, method).remote(slice_samples(samples, s, e))
                         for a, (s, e) in zip(group, split(len(samples), len(group)))]
             r_old = fan(roles.policy, "forward") if self.recompute else None
-            r_val = fan(roles.critic, "forward")
+            r_val = fan(roles.critic, "forward") if roles.critic else None
             r_ref = fan(roles.reference, "logprobs")
-            r_rew = [a.score.remote(slice_samples(samples, s, e), [prompts[i] for i in samples.sample_ids[s:e]])
+            r_rew = [a.score.remote(slice_samples(samples, s, e), [self.prompts[i // n] for i in samples.sample_ids[s:e]])
                      for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
             old_logp = (torch.cat(self._wait(r_old, "policy", "experience")) if r_old is not None
                         else samples.rollout_logprobs)  # (B, R)
-            values = torch.cat(self._wait(r_val, "critic", "experience"))  # (B, R)
+            values = torch.cat(self._wait(r_val, "critic", "experience")) if r_val else None  # (B, R)
             ref_logp = torch.cat(self._wait(r_ref, "reference", "experience"))  # (B, R)
             rew = self._wait(r_rew, "reward", "experience")
         return samples, old_logp, values, ref_logp, rew
 
     def _launch(self, it: int, ids: list[int]) -> list:
         """Start the rollout of iteration `it`: the prompts split across the rollout workers."""
-        tok = self.tok
-        return [a.generate.remote([self.prompt_ids[i] for i in ids[s:e]], ids[s:e],
+        tok, n = self.tok, self.cfg.n_samples_per_prompt
+        sids = sample_ids_for(ids, n)  # each prompt n times, consecutive
+        return [a.generate.remote([self.prompt_ids[i // n] for i in sids[s:e]], sids[s:e],
                                   self.cfg.seed * 100003 + it * 101 + k, tok.pad_token_id, tok.eos_token_id)
-                for k, (a, (s, e)) in enumerate(zip(self.roles.rollout, split(len(ids), len(self.roles.rollout))))]
+                for k, (a, (s, e)) in enumerate(zip(self.roles.rollout, split(len(sids), len(self.roles.rollout))))]
 
     def _gather(self, refs: list):
         return merge_samples(self._wait(refs, "rollout", "rollout"), self.tok.pad_token_id)
@@ -432,18 +314,22 @@ class PPORun:
             pending.pop() if pending else self._launch(ahead.it, ahead.ids)))
 
     def learn(self, exp, seed: int) -> tuple[dict, dict]:
-        r_pol = [a.train.remote(exp, seed) for a in self.roles.policy]
+        """Policy and critic (if any) update at the same time; returns rank 0's statistics of each ({} for none)."""
+        r_pol = [a.train.remote(exp, seed, self.kl_ctl.value) for a in self.roles.policy]
         r_cri = [a.train.remote(exp, seed) for a in self.roles.critic]
         pstats = self._wait(r_pol, "policy", "learner")
         cstats = self._wait(r_cri, "critic", "learner")
         for group in (pstats, cstats):  # sample ids with a non-finite loss, from every rank
-            group[0]["nonfinite_ids"] = sorted({i for s in group for i in s["nonfinite_ids"]})
-        return pstats[0], cstats[0]
+            if group:
+                group[0]["nonfinite_ids"] = sorted({i for s in group for i in s["nonfinite_ids"]})
+        return pstats[0], (cstats[0] if cstats else {})
 
     def check_learners(self, it: int, pstats: dict, cstats: dict, rec: dict) -> None:
         """Skipped optimizer steps count as bad steps; non-finite weights stop the run; spikes raise an alarm."""
         why = []
         for kind, st in (("policy", pstats), ("critic", cstats)):
+            if not st:  # no critic
+                continue
             if not st["params_finite"]:
                 raise HealthError(f"ppo: {kind} has non-finite parameters after iteration {it + 1}; stopping "
                                   f"without saving them. Last good checkpoint: {self._last_checkpoint()}")
@@ -487,7 +373,7 @@ class PPORun:
                 return fn()
             except RoleFailure as e:
                 t = time.perf_counter()
-                dead = self._dead_actors()
+                dead = dead_actors(self.roles, self.pids, self.cfg.setup_timeout_s)
                 if any(role in ("policy", "critic") for role, _ in dead):
                     raise LearnerLost(f"{'/'.join(f'{r}-{k}' for r, k in dead)} died during phase '{phase}'") from e
                 if not dead or attempt == self.cfg.max_restarts:
@@ -496,65 +382,7 @@ class PPORun:
                 if any(role == "rollout" for role, _ in dead):
                     # A restarted rollout worker holds its initial weights: rebuild the sync group, send the current ones.
                     join_weight_sync(self.cfg, self.roles)
-                    _sync(self.cfg, self.roles, self.version)
+                    sync_weights(self.cfg, self.roles, self.version)
                 log.warning("ppo: %s restarted after dying during phase '%s' (actor restarts so far: %d; back in "
                             "%.1fs); redoing it", ", ".join(f"{r}-{k}" for r, k in dead), phase, self.actor_restarts,
                             time.perf_counter() - t)
-
-    def _dead_actors(self) -> list[tuple[str, int]]:
-        """Actors that died since the last look: gone (no restarts left) or restarted under a new pid."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
-
-        def pid_of(actor, known: int) -> int | None:  # None: gone for good
-            deadline = time.time() + self.cfg.setup_timeout_s
-            while True:
-                try:
-                    return ray.get(actor.info.remote(), timeout=10)["pid"]
-                except ActorUnavailableError:  # Ray is restarting it
-                    if time.time() > deadline:
-                        return None
-                    time.sleep(0.2)
-                except GetTimeoutError:  # alive but busy (e.g. hung): not a death, nothing to restore
-                    return known
-                except RayActorError:
-                    return None
-
-        dead = []
-        for role in ROLES:
-            for rank, actor in enumerate(getattr(self.roles, role)):
-                pid = pid_of(actor, self.pids[(role, rank)])
-                if pid is None:
-                    dead.append((role, rank))
-                elif pid != self.pids[(role, rank)]:
-                    self.pids[(role, rank)] = pid
-                    dead.append((role, rank))
-        return dead
-
-
-def _sync(cfg: RLHFConfig, roles: Roles, version: int) -> int:
-    """Every policy rank sends (rank 0 for real; the others join ZeRO-3's gathers); every rollout worker
-    takes the broadcast or, on rank 0's GPU, receives its buckets by IPC during the send."""
-    refs = [a.send_weights.remote() for a in roles.policy] + [a.receive_weights.remote(version) for a in roles.rollout]
-    return wait(refs, "rollout", "sync", cfg.sync_timeout_s)[0]
-
-
-def _save_iteration(cfg: RLHFConfig, roles: Roles, out: Path, tokenizer_dir: str, state: dict) -> None:
-    T = cfg.call_timeout_s
-    with atomic_dir(out) as tmp:
-        wait([a.save.remote(str(tmp / "policy"), tokenizer_dir) for a in roles.policy], "policy", "checkpoint", T)
-        wait([a.save.remote(str(tmp / "critic"), tokenizer_dir) for a in roles.critic], "critic", "checkpoint", T)
-        wait([a.save_state.remote(str(tmp / "policy_engine")) for a in roles.policy], "policy", "checkpoint", T)
-        wait([a.save_state.remote(str(tmp / "critic_engine")) for a in roles.critic], "critic", "checkpoint", T)
-        write_json_atomic(tmp / "state.json", state)
-    log.info("ppo: checkpoint %s", out)
-
-
-def _stop(roles: Roles) -> None:
-    import ray
-
-    for group in (roles.rollout, roles.policy, roles.critic, roles.reference, roles.reward):
-        for a in group:
-            ray.kill(a)
-    # Give the bundles back, or the next stage on this Ray (e.g. another run's SFT) waits forever.
-    ray.util.remove_placement_group(roles.placement_group)

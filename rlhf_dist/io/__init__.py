@@ -1,0 +1,1 @@
+"""Storage and reporting: the checkpoint layout and atomic writes, run logs and metrics files with W&B, the report."""

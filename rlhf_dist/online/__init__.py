@@ -1,0 +1,1 @@
+"""One driver for every online algorithm: rollout -> experience -> advantages -> learner update -> sync -> checkpoint."""

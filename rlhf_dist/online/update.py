@@ -1,0 +1,62 @@
+"""The learner update: experience -> policy and value losses. Plain functions of a model and a mini-batch;
+DeepSpeed wraps them.
+
+A micro-batch's loss is divided by its whole mini-batch's count (tokens, or sequences: `loss_units`) and
+scaled by the number of micro-batches DeepSpeed averages over (world size x accumulation), so gradient
+accumulation and data parallelism give the same step as one big batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..algo import (aggregate_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean,
+                    ppo_policy_loss, ppo_value_loss)
+from .experience import Experience, response_logits, response_values
+
+
+def token_weight(micro: Experience, minibatch_tokens: float, n_micro_total: int) -> float:
+    """Scale of a micro-batch's token-mean loss so that the averaged gradient is the mini-batch token mean.
+    `n_micro_total` = world size x accumulation steps (DeepSpeed divides by both)."""
+    return float(micro.action_mask.sum()) / max(minibatch_tokens, 1.0) * n_micro_total
+
+
+def policy_loss(model, mb: Experience, *, clip_range: float, entropy_coef: float, temperature: float,
+                agg: str = "token_mean", units: float | None = None, scale: float = 1.0, kl_coef: float = 0.0,
+                kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate, plus `kl_coef` x the KL to the reference (with kl_in: loss; 0 otherwise), minus
+    the entropy bonus, each reduced by `agg` over `units` (the mini-batch's count; None = this batch's)."""
+    logits = response_logits(model, mb.sequences, mb.attention_mask, mb.prompt_len, temperature)  # (B, R, V)
+    logp = logprobs_from_logits(logits, mb.sequences[:, mb.prompt_len:])  # (B, R)
+    mask = mb.action_mask  # (B, R)
+    loss, stats = ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mask, clip_range, agg, units)
+    if kl_coef > 0:
+        kl = kl_penalty(logp, mb.ref_logprobs.to(logp.dtype), kl_estimator)  # (B, R), differentiated
+        kl_term = aggregate_loss(kl, mask, agg, units)
+        loss = loss + kl_coef * kl_term
+        stats["kl_loss"] = float(masked_mean(kl.detach(), mask))
+    with torch.set_grad_enabled(entropy_coef > 0):
+        entropy = entropy_from_logits(logits)  # (B, R)
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * aggregate_loss(entropy, mask, agg, units)
+    stats["entropy"] = masked_mean(entropy.detach(), mask).item()
+    stats["policy_loss"] = loss.item()
+    stats["ratio_dev_max"] = (logp - mb.old_logprobs).abs().masked_fill(mask == 0, 0).max().exp().item() - 1
+    return loss * scale, stats
+
+
+def value_loss(model, mb: Experience, *, clip_range: float, weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    values = response_values(model, mb.sequences, mb.attention_mask, mb.prompt_len)  # (B, R)
+    loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip_range)
+    stats["value_loss"] = loss.item()
+    return loss * weight, stats
+
+
+def minibatches(n: int, mini_batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Index lists for `epochs` shuffled passes over n samples, deterministic in seed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).tolist()
+        out.extend(perm[i:i + mini_batch_size] for i in range(0, n, mini_batch_size))
+    return out
