@@ -14,7 +14,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 def render() -> str:
     lines = ["# Config reference", "",
-             "Generated from `rlhf_dist/config.py` by `scripts/gen_config_docs.py`; do not edit by hand.",
+             "Generated from `rlhf_dist/config/schema.py` by `scripts/gen_config_docs.py`; do not edit by hand.",
              "Every field can be set in the YAML/JSON file or on the command line as `key=value`",
              "(dotted for groups: `roles.policy.num_gpus=1`, `wandb.mode=offline`).", "",
              "| field | type | default | meaning |", "|---|---|---|---|"]

@@ -85,7 +85,7 @@ def test_killed_actors_and_learner_recover(fault_ray, tiny, tmp_path, baseline, 
     kills = [{"target": "rlhf_dist.roles.actors:RolloutWorker.generate", "call": 2, "action": "kill"},  # iteration 2
              {"target": "rlhf_dist.roles.actors:ReferenceWorker.logprobs", "call": 2, "action": "kill"},  # iteration 2
              {"target": "rlhf_dist.roles.actors:RewardWorker.score", "call": 3, "action": "kill"},  # 2, on the redo
-             {"target": "rlhf_dist.roles.actors:Learner.train", "call": 3, "action": "kill"}]  # iteration 3
+             {"target": "rlhf_dist.roles.learner:Learner.train", "call": 3, "action": "kill"}]  # iteration 3
     run(fault_ray, tiny, tmp_path, kills)
     assert_same_run(baseline, tmp_path)
     rows = iteration_rows(tmp_path)
@@ -126,7 +126,7 @@ def test_hang_in_sync_times_out(fault_ray, tiny, tmp_path):
 def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
     """A hung call fails after call_timeout_s; a learner's setup slower than that is still waited for
     (setup_timeout_s)."""
-    hang = [{"target": "rlhf_dist.roles.actors:Learner.setup", "call": 1, "action": "delay", "seconds": 12},
+    hang = [{"target": "rlhf_dist.roles.learner:Learner.setup", "call": 1, "action": "delay", "seconds": 12},
             {"target": "rlhf_dist.roles.actors:RewardWorker.score", "call": 1, "action": "hang"}]
     with pytest.raises(PhaseTimeout, match=r"reward: phase 'experience' timed out after 10s"):
         run(fault_ray, tiny, tmp_path, hang, call_timeout_s=10.0, setup_timeout_s=120.0, ppo_iterations=1)

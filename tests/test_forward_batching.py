@@ -8,7 +8,8 @@ from rlhf_dist.data import encode_prompt, encode_prompt_response
 from rlhf_dist.online.experience import response_logprobs, response_values
 from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_dist.rollout import generate, generate_chunked
-from rlhf_dist.roles.actors import Learner, ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
+from rlhf_dist.roles.actors import ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
+from rlhf_dist.roles.learner import Learner
 from rlhf_dist.data import pad_right
 
 TEXTS = ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more.", "Park?", "Tell me about rain.",
@@ -187,7 +188,7 @@ def test_summary_after_the_final_model_is_best_effort(tmp_path, caplog):
 
     from rlhf_dist.errors import RoleFailure
     from rlhf_dist.online.driver import PPORun
-    from rlhf_dist.roles.actors import ROLES
+    from rlhf_dist.roles.placement import ROLES
     from rlhf_dist.io.tracking import MetricsWriter
 
     def dead(refs, role, phase):

@@ -96,7 +96,7 @@ def test_engine_steps_like_torch(tiny):
 
     from rlhf_dist.distributed import init_local_group_env, make_engine
     from rlhf_dist.models import load_causal_lm
-    from rlhf_dist.roles.actors import free_port
+    from rlhf_dist.roles.calls import free_port
 
     model = load_causal_lm(str(tiny["model"]))
     ref = copy.deepcopy(model)

@@ -109,7 +109,7 @@ def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
 
 
 def test_zero3_learners_gather_and_broadcast_over_gloo(tiny):
-    from rlhf_dist.roles.actors import free_port
+    from rlhf_dist.roles.calls import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

@@ -151,14 +151,7 @@ def supervised_worker(config: dict) -> None:
     step = 0
     t_start = time.time()
     tokens_seen = 0.0
-    if task.prepare is not None:  # with the starting weights: before a resumed run loads its trained ones
-        t0 = time.time()
-        engine.eval()
-        task.train, task.eval = (task.prepare(engine.module, to_dev, items, task.micro_batch)
-                                 for items in (task.train, task.eval))
-        engine.train()
-        log.info("%s: prepared %d train and %d eval items in %.1fs", stage, len(task.train), len(task.eval),
-                 time.time() - t0)
+    prepare_items(task, engine, to_dev)  # with the starting weights: before a resume loads the trained ones
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -253,6 +246,19 @@ def supervised_worker(config: dict) -> None:
                  step - first_step, elapsed, rate, best)
     if dist.is_initialized():
         dist.barrier()
+
+
+def prepare_items(task: Task, engine, to_dev: Callable) -> None:
+    """Run the task's one-off pass over its train and eval items (DPO: the reference's log-probs)."""
+    if task.prepare is None:
+        return
+    t0 = time.time()
+    engine.eval()
+    task.train, task.eval = (task.prepare(engine.module, to_dev, items, task.micro_batch)
+                             for items in (task.train, task.eval))
+    engine.train()
+    log.info("%s: prepared %d train and %d eval items in %.1fs", task.name, len(task.train), len(task.eval),
+             time.time() - t0)
 
 
 def report_train_state(engine, state: dict, rank: int) -> None:

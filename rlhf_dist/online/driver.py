@@ -24,7 +24,7 @@ from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps,
 from ..io.tracking import MetricsWriter, truncate_metrics
 from ..models import load_tokenizer
 from ..precision import recompute_old_logprobs
-from ..roles.actors import wait
+from ..roles.calls import wait
 from ..roles.placement import ROLES
 from ..rollout import merge_samples, slice_samples
 from .experience import experience_stats, make_experience, process_scores

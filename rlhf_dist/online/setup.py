@@ -10,7 +10,10 @@ from pathlib import Path
 
 from ..config import RLHFConfig
 from ..io.checkpoint import atomic_dir, is_complete, safe_join, warn_if_unfinished, write_json_atomic
-from ..roles.actors import ROLES, Learner, ReferenceWorker, RewardWorker, RolloutWorker, create_placement_group, spawn, wait
+from ..roles.actors import ReferenceWorker, RewardWorker, RolloutWorker
+from ..roles.calls import create_placement_group, spawn, wait
+from ..roles.learner import Learner
+from ..roles.placement import ROLES
 from ..roles.weight_sync import plan_sync
 
 log = logging.getLogger(__name__)

@@ -1,29 +1,16 @@
-"""The one typed run config (`RLHFConfig`): the only home of every default.
-
-Loading goes dict -> `msgspec.convert` with unknown fields forbidden, then cross-field checks.
-Nothing is rewritten after parsing: a bad combination is an error naming the fields.
-"""
+"""The schema: every field of a run, its type, its default and its docstring (the only home of each)."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-import yaml
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 UnitFloat = Annotated[float, msgspec.Meta(ge=0, le=1)]
-
-
-# Fields of the critic; setting one with a critic-free algorithm is an error.
-CRITIC_FIELDS = ("critic_init", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
 
 
 class ConfigError(ValueError):
@@ -318,79 +305,13 @@ class RLHFConfig(_Strict):
 
     # ------------------------------------------------------------------------------------
     def check(self) -> "RLHFConfig":
-        """Cross-field checks. Raises ConfigError naming the fields; never rewrites a value."""
-        errors = []
-        if not self.model_name.strip():
-            errors.append("model_name: must not be empty")
-        for stage, batch, micro, workers in (
-            ("sft", self.sft_batch_size, self.sft_micro_batch_size, self.sft_workers),
-            ("reward", self.reward_batch_size, self.reward_micro_batch_size, self.reward_workers),
-            ("dpo", self.dpo_batch_size, self.dpo_micro_batch_size, self.dpo_workers),
-        ):
-            micro = micro or batch // workers
-            if micro == 0 or batch % (micro * workers):
-                errors.append(
-                    f"{stage}_batch_size: {batch} is not a multiple of "
-                    f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
-                )
-        errors += self._stage_errors()
-        samples = self.ppo_batch_size * self.n_samples_per_prompt
-        if samples % self.ppo_mini_batch_size:
-            errors.append(f"ppo_mini_batch_size: ppo_batch_size ({self.ppo_batch_size}) x n_samples_per_prompt "
-                          f"({self.n_samples_per_prompt}) = {samples} samples is not a multiple of {self.ppo_mini_batch_size}")
-        errors += self._check_algorithm()
-        learners = self.roles.policy.num_workers
-        micro = self.ppo_micro_batch_size or self.ppo_mini_batch_size // learners
-        for role in ("policy", "critic") if self.algorithm == "ppo" else ("policy",):
-            n = getattr(self.roles, role).num_workers
-            if micro == 0 or self.ppo_mini_batch_size % (micro * n):
-                errors.append(
-                    f"ppo_mini_batch_size: {self.ppo_mini_batch_size} is not a multiple of "
-                    f"ppo_micro_batch_size ({micro}) x roles.{role}.num_workers ({n})"
-                )
-        if self.gen_min_new_tokens > self.gen_max_new_tokens:
-            errors.append(f"gen_min_new_tokens: {self.gen_min_new_tokens} must be <= gen_max_new_tokens "
-                          f"({self.gen_max_new_tokens})")
-        if self.gen_max_new_tokens >= self.max_length:
-            errors.append(f"gen_max_new_tokens: {self.gen_max_new_tokens} must be < max_length ({self.max_length})")
-        if self.reward_model_weight == 0 and not self.reward_fn:
-            errors.append("reward_model_weight: 0 needs a reward_fn, or PPO has no reward")
-        if self.reward_fn and not re.fullmatch(r"[\w.]+:\w+", self.reward_fn):
-            errors.append(f"reward_fn: {self.reward_fn!r} is not of the form module:function")
-        if ".." in Path(self.save_dir).parts:
-            errors.append(f"save_dir: {self.save_dir!r} must not contain '..'")
-        for name in ("name", "group"):
-            v = getattr(self.wandb, name)
-            if v is not None and (v in (".", "..") or re.search(r"[/\\\x00]", v)):
-                errors.append(f"wandb.{name}: {v!r} must be a plain name, without '/' or '..'")
-        if self.bf16 is True and self.device in ("cpu", "mps"):
-            errors.append(f"bf16: true needs a CUDA GPU, but device is {self.device}; use auto or false")
-        if self.ppo_recompute_old_logprobs is True and self.ppo_overlap_rollout:
-            errors.append("ppo_recompute_old_logprobs: true removes ppo_overlap_rollout's off-policy correction (the "
-                          "rollout's logprobs carry the one-step lag); use one or the other")
+        """Cross-field checks (`checks.py`). Raises ConfigError naming the fields; never rewrites a value."""
+        from .checks import config_errors
+
+        errors = config_errors(self)
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
-
-    def _check_algorithm(self) -> list[str]:
-        """Options that make no sense for the chosen online algorithm are errors naming the field."""
-        errors = []
-        if self.algorithm in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
-            errors.append(f"n_samples_per_prompt: {self.algorithm} needs 2 or more samples per prompt, got "
-                          f"{self.n_samples_per_prompt}")
-        if self.algorithm != "ppo":
-            defaults = RLHFConfig(model_name="x")
-            for name in CRITIC_FIELDS:  # a value other than the default was set for a critic nobody starts
-                if _dotted(self, name) != _dotted(defaults, name):
-                    errors.append(f"{name}: only used with algorithm: ppo (a critic); {self.algorithm} starts none")
-        if self.algorithm != "grpo" and self.grpo_norm_std is not True:
-            errors.append(f"grpo_norm_std: only used with algorithm: grpo, not {self.algorithm}")
-        if self.kl_in == "reward" and self.kl_estimator not in (None, "k1"):
-            errors.append(f"kl_estimator: {self.kl_estimator} in the reward gives a biased KL gradient; use k1 "
-                          "(or leave it unset), or kl_in: loss")
-        if self.kl_in == "loss" and self.kl_estimator == "k1":
-            errors.append("kl_estimator: k1 as a loss term has zero expected gradient; use k3 or k2 (or leave it unset)")
-        return errors
 
     def run_stages(self) -> tuple[str, ...]:
         """The stages `run` runs: `stages`, or its documented default."""
@@ -398,155 +319,5 @@ class RLHFConfig(_Strict):
             return tuple(self.stages)
         return ("sft", "reward", "ppo") if self.reward_model_weight != 0 else ("sft", "ppo")
 
-    def _stage_errors(self) -> list[str]:
-        if self.stages is None:
-            return []
-        st = list(self.stages)
-        if not st:
-            return ["stages: must not be empty (unset it for the default sft, reward, ppo)"]
-        dup = sorted({s for s in st if st.count(s) > 1})
-        if dup:
-            return [f"stages: {', '.join(dup)} listed more than once"]
-        errors = []
-        if "sft" in st and st[0] != "sft":
-            errors.append(f"stages: sft must come first, the other stages start from its best model; got {st}")
-        if "ppo" in st and self.reward_model_weight != 0 and "reward" not in st[:st.index("ppo")]:
-            errors.append(f"stages: ppo scores with the reward model (reward_model_weight "
-                          f"{self.reward_model_weight:g}), so reward must come before ppo; got {st} "
-                          "(or set reward_model_weight: 0)")
-        return errors
-
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
-
-
-def _dotted(obj: Any, name: str) -> Any:
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = d.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{key}: '{p}' is not a group of fields")
-        d = nxt
-    d[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["ppo_epochs=2", "wandb.mode=offline"]` -> nested dict. Values parse as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else "")
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{p}: cannot parse: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of field: value")
-    return data
-
-
-def _convert_error(e: msgspec.ValidationError) -> ConfigError:
-    # msgspec says "... - at `$.roles.policy.num_gpus`"; turn the path into the field name first.
-    msg = str(e)
-    m = re.search(r" - at `\$\.?(.*)`$", msg)
-    if m:
-        field = re.sub(r"\[(\d+)\]", r".\1", m.group(1)) or "(top level)"
-        msg = f"{field}: {msg[: m.start()]}"
-    m = re.match(r"Object contains unknown field `(\w+)`", msg)
-    if m:
-        msg = msg.replace(m.group(0), f"unknown field `{m.group(1)}`")
-    m = re.match(r"Object missing required field `(\w+)`", msg)
-    if m:
-        msg = f"{m.group(1)}: required field is missing"
-    return ConfigError(f"invalid config: {msg}")
-
-
-def load_config(source: "str | os.PathLike | dict | RLHFConfig", overrides: list[str] | None = None) -> RLHFConfig:
-    """Build a checked RLHFConfig from a YAML/JSON path, a dict or a config, plus key=value overrides."""
-    if isinstance(source, RLHFConfig):
-        data = source.to_dict()
-    elif isinstance(source, dict):
-        data = source
-    else:
-        data = read_config_file(source)
-    if overrides:
-        data = _merge(data, parse_overrides(overrides))
-    try:
-        cfg = msgspec.convert(data, RLHFConfig, strict=False)
-    except msgspec.ValidationError as e:
-        raise _convert_error(e) from None
-    return cfg.check()
-
-
-# Environment variables whose values must never reach a snapshot, a log line or W&B.
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
-
-
-def secret_values() -> list[str]:
-    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
-
-
-def redact(obj: Any, secrets: list[str] | None = None) -> Any:
-    """Replace any occurrence of a secret from the environment in strings of a nested structure."""
-    secrets = secret_values() if secrets is None else secrets
-    if not secrets:
-        return obj
-    if isinstance(obj, str):
-        for s in secrets:
-            obj = obj.replace(s, "***")
-        return obj
-    if isinstance(obj, dict):
-        return {k: redact(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, secrets) for v in obj]
-    return obj
-
-
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """(dotted name, type, default, doc) for every field: the README's config reference is made from it."""
-    import inspect
-    import typing
-
-    rows = []
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls, include_extras=True)
-        src = inspect.getsource(cls)
-        docs = dict(re.findall(r"\n    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", src, re.S))
-        for name in cls.__struct_fields__:
-            hint = hints[name]
-            default = getattr(cls(**({"model_name": "x"} if cls is RLHFConfig else {})), name)
-            if isinstance(default, msgspec.Struct):
-                walk(type(default), f"{prefix}{name}.")
-                continue
-            t = re.sub(r"typing\.|Annotated\[(\w+), .*?\]", r"\1", str(hint)).replace("<class '", "").replace("'>", "")
-            rows.append((prefix + name, t, "required" if name == "model_name" else json.dumps(default),
-                         " ".join(docs.get(name, "").split())))
-
-    walk(RLHFConfig, "")
-    return rows

@@ -1,0 +1,114 @@
+"""Cross-field checks of a parsed config: each returns the errors it finds, naming the fields. Nothing here
+changes a value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+# Fields of the critic; setting one with a critic-free algorithm is an error.
+CRITIC_FIELDS = ("critic_init", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
+
+
+def _dotted(obj: Any, name: str) -> Any:
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+
+def config_errors(cfg) -> list[str]:
+    """Every cross-field problem of `cfg`, one line each naming the field."""
+    errors = []
+    if not cfg.model_name.strip():
+        errors.append("model_name: must not be empty")
+    for stage, batch, micro, workers in (
+        ("sft", cfg.sft_batch_size, cfg.sft_micro_batch_size, cfg.sft_workers),
+        ("reward", cfg.reward_batch_size, cfg.reward_micro_batch_size, cfg.reward_workers),
+        ("dpo", cfg.dpo_batch_size, cfg.dpo_micro_batch_size, cfg.dpo_workers),
+    ):
+        micro = micro or batch // workers
+        if micro == 0 or batch % (micro * workers):
+            errors.append(
+                f"{stage}_batch_size: {batch} is not a multiple of "
+                f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
+            )
+    errors += stage_errors(cfg)
+    samples = cfg.ppo_batch_size * cfg.n_samples_per_prompt
+    if samples % cfg.ppo_mini_batch_size:
+        errors.append(f"ppo_mini_batch_size: ppo_batch_size ({cfg.ppo_batch_size}) x n_samples_per_prompt "
+                      f"({cfg.n_samples_per_prompt}) = {samples} samples is not a multiple of {cfg.ppo_mini_batch_size}")
+    errors += algorithm_errors(cfg)
+    learners = cfg.roles.policy.num_workers
+    micro = cfg.ppo_micro_batch_size or cfg.ppo_mini_batch_size // learners
+    for role in ("policy", "critic") if cfg.algorithm == "ppo" else ("policy",):
+        n = getattr(cfg.roles, role).num_workers
+        if micro == 0 or cfg.ppo_mini_batch_size % (micro * n):
+            errors.append(
+                f"ppo_mini_batch_size: {cfg.ppo_mini_batch_size} is not a multiple of "
+                f"ppo_micro_batch_size ({micro}) x roles.{role}.num_workers ({n})"
+            )
+    if cfg.gen_min_new_tokens > cfg.gen_max_new_tokens:
+        errors.append(f"gen_min_new_tokens: {cfg.gen_min_new_tokens} must be <= gen_max_new_tokens "
+                      f"({cfg.gen_max_new_tokens})")
+    if cfg.gen_max_new_tokens >= cfg.max_length:
+        errors.append(f"gen_max_new_tokens: {cfg.gen_max_new_tokens} must be < max_length ({cfg.max_length})")
+    if cfg.reward_model_weight == 0 and not cfg.reward_fn:
+        errors.append("reward_model_weight: 0 needs a reward_fn, or PPO has no reward")
+    if cfg.reward_fn and not re.fullmatch(r"[\w.]+:\w+", cfg.reward_fn):
+        errors.append(f"reward_fn: {cfg.reward_fn!r} is not of the form module:function")
+    if ".." in Path(cfg.save_dir).parts:
+        errors.append(f"save_dir: {cfg.save_dir!r} must not contain '..'")
+    for name in ("name", "group"):
+        v = getattr(cfg.wandb, name)
+        if v is not None and (v in (".", "..") or re.search(r"[/\\\x00]", v)):
+            errors.append(f"wandb.{name}: {v!r} must be a plain name, without '/' or '..'")
+    if cfg.bf16 is True and cfg.device in ("cpu", "mps"):
+        errors.append(f"bf16: true needs a CUDA GPU, but device is {cfg.device}; use auto or false")
+    if cfg.ppo_recompute_old_logprobs is True and cfg.ppo_overlap_rollout:
+        errors.append("ppo_recompute_old_logprobs: true removes ppo_overlap_rollout's off-policy correction (the "
+                      "rollout's logprobs carry the one-step lag); use one or the other")
+    return errors
+
+
+def algorithm_errors(cfg) -> list[str]:
+    """Options that make no sense for the chosen online algorithm are errors naming the field."""
+    errors = []
+    if cfg.algorithm in ("grpo", "rloo") and cfg.n_samples_per_prompt < 2:
+        errors.append(f"n_samples_per_prompt: {cfg.algorithm} needs 2 or more samples per prompt, got "
+                      f"{cfg.n_samples_per_prompt}")
+    if cfg.algorithm != "ppo":
+        from .schema import RLHFConfig
+
+        defaults = RLHFConfig(model_name="x")
+        for name in CRITIC_FIELDS:  # a value other than the default was set for a critic nobody starts
+            if _dotted(cfg, name) != _dotted(defaults, name):
+                errors.append(f"{name}: only used with algorithm: ppo (a critic); {cfg.algorithm} starts none")
+    if cfg.algorithm != "grpo" and cfg.grpo_norm_std is not True:
+        errors.append(f"grpo_norm_std: only used with algorithm: grpo, not {cfg.algorithm}")
+    if cfg.kl_in == "reward" and cfg.kl_estimator not in (None, "k1"):
+        errors.append(f"kl_estimator: {cfg.kl_estimator} in the reward gives a biased KL gradient; use k1 "
+                      "(or leave it unset), or kl_in: loss")
+    if cfg.kl_in == "loss" and cfg.kl_estimator == "k1":
+        errors.append("kl_estimator: k1 as a loss term has zero expected gradient; use k3 or k2 (or leave it unset)")
+    return errors
+
+
+def stage_errors(cfg) -> list[str]:
+    if cfg.stages is None:
+        return []
+    st = list(cfg.stages)
+    if not st:
+        return ["stages: must not be empty (unset it for the default sft, reward, ppo)"]
+    dup = sorted({s for s in st if st.count(s) > 1})
+    if dup:
+        return [f"stages: {', '.join(dup)} listed more than once"]
+    errors = []
+    if "sft" in st and st[0] != "sft":
+        errors.append(f"stages: sft must come first, the other stages start from its best model; got {st}")
+    if "ppo" in st and cfg.reward_model_weight != 0 and "reward" not in st[:st.index("ppo")]:
+        errors.append(f"stages: ppo scores with the reward model (reward_model_weight "
+                      f"{cfg.reward_model_weight:g}), so reward must come before ppo; got {st} "
+                      "(or set reward_model_weight: 0)")
+    return errors

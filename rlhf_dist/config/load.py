@@ -1,0 +1,141 @@
+"""Loading a config: YAML or JSON (or a dict), dotted key=value overrides, strict conversion with errors
+naming the field, then the cross-field checks. Also the redaction of secrets and the generated field docs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from .schema import ConfigError, RLHFConfig
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: '{p}' is not a group of fields")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["ppo_epochs=2", "wandb.mode=offline"]` -> nested dict. Values parse as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: cannot parse: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of field: value")
+    return data
+
+
+def _convert_error(e: msgspec.ValidationError) -> ConfigError:
+    # msgspec says "... - at `$.roles.policy.num_gpus`"; turn the path into the field name first.
+    msg = str(e)
+    m = re.search(r" - at `\$\.?(.*)`$", msg)
+    if m:
+        field = re.sub(r"\[(\d+)\]", r".\1", m.group(1)) or "(top level)"
+        msg = f"{field}: {msg[: m.start()]}"
+    m = re.match(r"Object contains unknown field `(\w+)`", msg)
+    if m:
+        msg = msg.replace(m.group(0), f"unknown field `{m.group(1)}`")
+    m = re.match(r"Object missing required field `(\w+)`", msg)
+    if m:
+        msg = f"{m.group(1)}: required field is missing"
+    return ConfigError(f"invalid config: {msg}")
+
+
+def load_config(source: "str | os.PathLike | dict | RLHFConfig", overrides: list[str] | None = None) -> RLHFConfig:
+    """Build a checked RLHFConfig from a YAML/JSON path, a dict or a config, plus key=value overrides."""
+    if isinstance(source, RLHFConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    else:
+        data = read_config_file(source)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    try:
+        cfg = msgspec.convert(data, RLHFConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise _convert_error(e) from None
+    return cfg.check()
+
+
+# Environment variables whose values must never reach a snapshot, a log line or W&B.
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
+
+
+def secret_values() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """Replace any occurrence of a secret from the environment in strings of a nested structure."""
+    secrets = secret_values() if secrets is None else secrets
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "***")
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secrets) for v in obj]
+    return obj
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, doc) for every field: the README's config reference is made from it."""
+    import inspect
+    import typing
+
+    rows = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls, include_extras=True)
+        src = inspect.getsource(cls)
+        docs = dict(re.findall(r"\n    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", src, re.S))
+        for name in cls.__struct_fields__:
+            hint = hints[name]
+            default = getattr(cls(**({"model_name": "x"} if cls is RLHFConfig else {})), name)
+            if isinstance(default, msgspec.Struct):
+                walk(type(default), f"{prefix}{name}.")
+                continue
+            t = re.sub(r"typing\.|Annotated\[(\w+), .*?\]", r"\1", str(hint)).replace("<class '", "").replace("'>", "")
+            rows.append((prefix + name, t, "required" if name == "model_name" else json.dumps(default),
+                         " ".join(docs.get(name, "").split())))
+
+    walk(RLHFConfig, "")
+    return rows
