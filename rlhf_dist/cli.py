@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("run", "the config's stages in order (default: SFT -> reward model -> PPO)"),
                         ("sft", "supervised fine-tuning (Ray Train + DeepSpeed)"),
                         ("reward", "reward-model training on preference pairs"),
-                        ("ppo", "PPO against the reward model"),
+                        ("ppo", "online RL (algorithm: ppo, grpo, rloo or reinforce_pp) against the reward model and/or reward_fn"),
                         ("dpo", "DPO on preference pairs from the SFT model (Ray Train + DeepSpeed)"),
                         ("check", "validate the config and every data file, then exit")):
         _add_config(sub.add_parser(name, help=help_))
