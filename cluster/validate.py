@@ -82,7 +82,7 @@ def check_rayjob(path: Path) -> list[str]:
 
 def check_run_config(path: Path) -> list[str]:
     from rlhf_dist.config import load_config
-    from rlhf_dist.roles.actors import plan_placement
+    from rlhf_dist.roles.placement import plan_placement
 
     cfg = load_config(path)
     bundles, _ = plan_placement(cfg, 8)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rlhf_dist import cli
-from rlhf_dist.online import driver as ppo
+from rlhf_dist.online import setup as ppo  # where save_iteration writes state.json
 
 
 def die() -> None:

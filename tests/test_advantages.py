@@ -83,3 +83,22 @@ def test_running_moments_match_one_pass():
     again = RunningMoments()
     again.load_state_dict(m.state_dict())
     assert again.state_dict() == m.state_dict()
+
+
+def test_overlong_penalty_normalisation_and_clip():
+    """Two responses of 3 new tokens at most: the first ends with eos (2), the second is cut off without it."""
+    from types import SimpleNamespace
+
+    from rlhf_dist.online.experience import process_scores, truncated
+    from rlhf_dist.rollout import Samples
+
+    seq = torch.tensor([[9, 5, 2, 0], [9, 5, 6, 7]])  # prompt 9, then the responses
+    s = Samples(seq, torch.ones_like(seq), torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.zeros(2, 3), 1, [0, 1], 0)
+    assert truncated(s, eos_id=2, max_new_tokens=3).tolist() == [False, True]
+    cfg = SimpleNamespace(overlong_penalty=0.5, gen_max_new_tokens=3, reward_clip=None)
+    torch.testing.assert_close(process_scores(torch.tensor([1.0, 1.0]), s, cfg, 2, None), torch.tensor([1.0, 0.5]))
+    moments = RunningMoments()
+    cfg = SimpleNamespace(overlong_penalty=0.0, gen_max_new_tokens=3, reward_clip=0.5)
+    # (1, 3): mean 2, unbiased std sqrt(2) -> -0.707, 0.707 -> clipped to -0.5, 0.5
+    torch.testing.assert_close(process_scores(torch.tensor([1.0, 3.0]), s, cfg, 2, moments), torch.tensor([-0.5, 0.5]))
+    assert moments.count == 2 and moments.mean == 2.0
