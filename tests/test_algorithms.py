@@ -65,7 +65,8 @@ def test_algorithm_raises_the_reward(algorithm, tiny, sft, tmp_path_factory):
 
 def test_reward_model_and_function_both_weighted(tiny, sft, tmp_path_factory):
     """A reward model (the SFT model with a fresh score head, sealed as a finished stage) and the rule
-    reward, weighted 0.5 and 2: the score is their weighted sum. The critic starts from the reward model."""
+    reward, weighted 0.5 and 2: the score is their weighted sum, before normalisation. The critic starts
+    from the reward model. eval_every logs held-out figures."""
     from rlhf_dist.models import load_scalar_model, load_tokenizer, save_hf
 
     save = tmp_path_factory.mktemp("rm_fn") / "run"
@@ -76,11 +77,15 @@ def test_reward_model_and_function_both_weighted(tiny, sft, tmp_path_factory):
         save_hf(load_scalar_model(src, pad_token_id=load_tokenizer(src).pad_token_id), load_tokenizer(src), tmp)
     mark_stage_finished(save / "reward_model" / "best_model")
     cfg = base_config(tiny, save, ppo_iterations=2, save_interval=2, reward_fn="rlhf_dist.demo:positivity_reward",
-                      reward_fn_weight=2.0, reward_model_weight=0.5, critic_init="reward", reward_normalize=True)
+                      reward_fn_weight=2.0, reward_model_weight=0.5, critic_init="reward", reward_normalize=True,
+                      eval_every=1, eval_num_prompts=8)
     run_ppo(load_config(cfg), "cpu")
     rows = iteration_rows(save)
     for r in rows:
         assert r["score_raw_mean"] == pytest.approx(0.5 * r["rm_score"] + 2.0 * r["fn_score"], rel=1e-4, abs=1e-5)
     assert rows[0]["reward_mean"] == pytest.approx(0.0, abs=1e-5)  # the first batch: normalised by its own moments
+    for r in rows:  # eval_every 1: held-out figures each iteration, raw scores (not normalised)
+        assert r["eval/reward_mean"] == pytest.approx(0.5 * r["eval/rm_score"] + 2.0 * r["eval/fn_score"], abs=1e-5)
+        assert r["eval/kl"] is not None and r["eval/response_length"] > 0 and r["time/eval"] > 0
     state = json.loads((save / "ppo" / "iteration_000002" / "state.json").read_text())
     assert state["reward_moments"]["count"] == 2 * 16  # both iterations' scores, kept for a resume

@@ -92,7 +92,21 @@ class RLHFConfig(_Strict):
     model_name: str
     """Base model: a Hugging Face model directory (or a hub id where a network exists)."""
     tokenizer_path: str | None = None
-    """Tokenizer directory; defaults to the model directory."""
+    """Tokenizer directory, or a `tokenizer.json` file; defaults to the policy's start (policy_model_path,
+    sft/best_model or model_name). A file's special tokens (eos, pad, bos) and chat template come from the
+    tokenizer_config.json or special_tokens_map.json (and chat_template.jinja) beside it, as AutoTokenizer
+    reads them; a file with neither beside it names no eos and is an error."""
+    policy_model_path: str | None = None
+    """Bring your own policy: a Hugging Face causal-LM directory (or a hub id where a network exists) that
+    reward, dpo and ppo start from instead of the SFT stage's sft/best_model; `run` then skips sft."""
+    reference_model_path: str | None = None
+    """PPO's (and eval's) frozen reference, in the policy's tokenizer; unset = the policy's start."""
+    reward_model_path: str | None = None
+    """Bring your own reward model (HF sequence classification, one label; directory or hub id) instead of
+    reward_model/best_model; `run` then skips reward. Its tokenizer and chat template may differ from the
+    policy's: the reward role then re-tokenises the decoded text."""
+    critic_model_path: str | None = None
+    """The critic's start (ppo only); unset = per critic_init (sft: the policy's start, reward: the reward model)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto picks CUDA, then MPS, then CPU, and logs the choice."""
     seed: int = 42
@@ -120,7 +134,8 @@ class RLHFConfig(_Strict):
     """The stages `rlhf-dist run` runs, in order, skipping those already complete in save_dir. Unset =
     sft, reward, ppo (reward left out when reward_model_weight is 0: PPO then loads no reward model).
     E.g. [sft, dpo] or [sft, ppo]. sft, when listed, comes first (the others start from its best model);
-    ppo with reward_model_weight != 0 needs reward before it."""
+    ppo with reward_model_weight != 0 needs reward before it (or reward_model_path). A stage whose output
+    is given is not run: sft when policy_model_path is set, reward when reward_model_path is set."""
 
     # --- SFT ------------------------------------------------------------------------
     sft_data_path: str | None = None
@@ -220,7 +235,8 @@ class RLHFConfig(_Strict):
     devices or cores of its own, or leaves cores idle (docs/benchmarks.md). A resumed run redoes the
     first rollout on-policy, so it is not bit-identical to an uninterrupted one."""
     critic_init: Literal["sft", "reward"] = "sft"
-    """Initialise the critic from the SFT policy (default) or from the reward model (ppo only)."""
+    """Initialise the critic from the policy's start (default) or from the reward model (ppo only; unused
+    when critic_model_path is set)."""
 
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference goes: a per-token penalty in the reward (PPO's classic form, estimated
@@ -299,6 +315,18 @@ class RLHFConfig(_Strict):
     save_dir: str = "runs/default"
     save_interval: PositiveInt = 5
     """Save ppo/iteration_NNNNNN every N PPO iterations."""
+    save_total_limit: PositiveInt | None = None
+    """Keep the newest N complete ppo/iteration_* directories: older ones are deleted (and logged) after each
+    successful save. Unset = keep all."""
+    eval_every: NonNegInt = 0
+    """Every N online iterations (and after the last), generate on held-out prompts with the current weights
+    and log their reward (and rm_score / fn_score), KL to the reference and length as `eval/*` in the
+    metrics, W&B and the report; no update. 0 = off."""
+    eval_data_path: str | None = None
+    """Held-out prompts for eval_every (prompt rows; a response field is ignored). Default: the eval.jsonl
+    beside sft_data_path, as `rlhf-dist eval` uses."""
+    eval_num_prompts: PositiveInt = 64
+    """The first N rows of the held-out prompts are used."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     wandb: WandbConfig = WandbConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -314,10 +342,18 @@ class RLHFConfig(_Strict):
         return self
 
     def run_stages(self) -> tuple[str, ...]:
-        """The stages `run` runs: `stages`, or its documented default."""
+        """The stages `run` runs: `stages`, or its documented default, less those whose output is given."""
         if self.stages is not None:
-            return tuple(self.stages)
-        return ("sft", "reward", "ppo") if self.reward_model_weight != 0 else ("sft", "ppo")
+            listed = tuple(self.stages)
+        else:
+            listed = ("sft", "reward", "ppo") if self.reward_model_weight != 0 else ("sft", "ppo")
+        given = self.given_stages()
+        return tuple(s for s in listed if s not in given)
+
+    def given_stages(self) -> dict[str, str]:
+        """{stage: field} for the stages whose output a *_model_path field gives: `run` skips them."""
+        return {s: f for s, f in (("sft", "policy_model_path"), ("reward", "reward_model_path"))
+                if getattr(self, f) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

@@ -147,6 +147,9 @@ def _plot_ppo(rows, out: Path, md: list[str]) -> dict[str, Any]:
             lo = [m - std.get(x, 0.0) for x, m in zip(xs, mean)]
             hi = [m + std.get(x, 0.0) for x, m in zip(xs, mean)]
             ax.fill_between(xs, lo, hi, color="tab:green", alpha=0.2, label="± 1 std (across the batch)")
+        ex, ey = _series(rows, X, "eval/reward_mean")
+        if ey:  # eval_every: the same held-out prompts each time
+            ax.plot(ex, ey, color="black", lw=LW, marker="o", label="held-out reward (eval_every)")
         ax.legend()
         _save(fig, out / "ppo_reward.png")
         made.append("![PPO reward](ppo_reward.png)")
@@ -154,6 +157,9 @@ def _plot_ppo(rows, out: Path, md: list[str]) -> dict[str, Any]:
     if ky:
         fig, ax = _new("KL to the reference policy", xl, "KL (nats / response, summed over tokens)")
         ax.plot(kx, ky, color="tab:red", lw=LW, marker="." if len(kx) < 50 else None, label="KL(policy || reference)")
+        ex, ey = _series(rows, X, "eval/kl")
+        if ey:
+            ax.plot(ex, ey, color="black", lw=LW, marker="o", label="held-out KL (eval_every)")
         ax.legend()
         _save(fig, out / "ppo_kl.png")
         made.append("![PPO KL](ppo_kl.png)")
@@ -193,7 +199,9 @@ def _plot_ppo(rows, out: Path, md: list[str]) -> dict[str, Any]:
     last = rows[-1] if rows else {}
     return {"PPO iterations": xs[-1] if xs else last.get(X), "PPO reward mean (last)": mean[-1] if mean else None,
             "PPO KL (last)": ky[-1] if ky else None, "PPO response length (last)": ly[-1] if ly else None,
-            "PPO entropy (last)": last.get("entropy"), "PPO clip fraction (last)": last.get("clip_frac")}
+            "PPO entropy (last)": last.get("entropy"), "PPO clip fraction (last)": last.get("clip_frac"),
+            "held-out reward (last eval)": next((r["eval/reward_mean"] for r in reversed(rows)
+                                                 if "eval/reward_mean" in r), None)}
 
 
 def _fmt(v: Any) -> str:

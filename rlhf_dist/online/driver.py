@@ -27,6 +27,7 @@ from ..precision import recompute_old_logprobs
 from ..roles.calls import wait
 from ..roles.placement import ROLES
 from ..rollout import merge_samples, slice_samples
+from .evaluation import held_out_metrics, load_eval_prompts
 from .experience import experience_stats, make_experience, process_scores
 from .prompts import PromptSampler, sample_ids_for
 from .recovery import dead_actors
@@ -115,6 +116,7 @@ class PPORun:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.sampler = PromptSampler(len(self.prompts), cfg.seed, state.get("cursor", 0))
         self.version = state.get("version", 0)
+        self.eval_prompts = load_eval_prompts(cfg, self.tok) if cfg.eval_every else None
         self.moments = RunningMoments() if cfg.reward_normalize else None
         if self.moments is not None and "reward_moments" in state:
             self.moments.load_state_dict(state["reward_moments"])
@@ -200,6 +202,10 @@ class PPORun:
         with timers.phase("checkpoint"):
             if (it + 1) % cfg.save_interval == 0 or it + 1 == cfg.ppo_iterations:
                 self.save(it)
+        if self.eval_prompts and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.ppo_iterations):
+            with timers.phase("eval"):  # the weights just synced: the rollout holds the updated policy
+                rec.update(self._retrying("eval", lambda: held_out_metrics(
+                    self.roles, cfg, *self.eval_prompts, self.tok, cfg.seed * 100003 + 99991)))
         seconds = time.perf_counter() - t_iter
         rec.update({**est, "kl_coef": self.kl_ctl.value, "score_raw_mean": float(raw.mean()),
                     **{k: pstats[k] for k in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "kl_loss",
