@@ -109,6 +109,9 @@ def _dispatch(args, loaded: dict) -> int:
         # The files `run` reads, and DPO's own file when one is set (else it reads reward_data_path).
         stages = pipe.config.run_stages() + (("dpo",) if pipe.config.dpo_data_path else ())
         pipe.validate_data(tuple(dict.fromkeys(stages)))
+        from .io.sources import check_model_paths
+
+        check_model_paths(pipe.config)
         print("config and data ok")
         return 0
     run = {"run": pipe.run_full_pipeline, "sft": pipe.run_sft, "reward": pipe.run_reward_training,

@@ -82,10 +82,13 @@ def make_engine(model, *, lr: float, total_steps: int, warmup_steps: int, micro_
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full weights of the engine's module; a collective under ZeRO-3 (every rank must call it)."""
+    """Full weights of the engine's module as its plain HF model names them (LoRA: adapters merged); a
+    collective under ZeRO-3 (every rank must call it)."""
+    from .models import hf_state_dict
+
     if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in hf_state_dict(engine.module).items()}
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 import torch
 
-from .io.checkpoint import complete_iterations, is_complete
+from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
+from .io.sources import check_model_paths, policy_start, reference_model
+from .io.sources import reward_model as find_reward_model
 from .config import ConfigError, RLHFConfig, load_config
 from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
 from .precision import use_bf16
@@ -77,13 +79,39 @@ def parse_checkpoint_args(items: list[str]) -> dict[str, str]:
 
 
 def _model_dir(path: str) -> str:
-    """A PPO iteration directory holds the policy in policy/; accept either."""
+    """A PPO iteration directory holds the policy in policy/ (a LoRA run's: its adapter); accept either."""
     p = Path(path)
-    if not (p / "config.json").is_file() and (p / "policy" / "config.json").is_file():
+    is_model = lambda d: (d / "config.json").is_file() or (d / "adapter_config.json").is_file()  # noqa: E731
+    if not is_model(p) and is_model(p / "policy"):
         return str(p / "policy")
-    if not (p / "config.json").is_file():
+    if not is_model(p):
         raise FileNotFoundError(f"{p}: not a model directory (no config.json)")
     return str(p)
+
+
+def verify_checkpoint(path: str) -> None:
+    """A sealed checkpoint is checked against its manifest before eval reads it: the directory itself, or
+    a PPO iteration's policy/ (not its optimizer states). Plain HF directories have no manifest."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        verify(p, under="policy" if (p / "policy").is_dir() else None)
+    elif p.name == "policy" and (p.parent / MANIFEST).is_file():
+        verify(p.parent, under="policy")
+
+
+def eval_models(cfg: RLHFConfig, notes: list[str]) -> tuple[str, str, str | None]:
+    """(policy's start, reference, reward model or None) as PPO resolves them (`io.sources`), verified."""
+    check_model_paths(cfg)
+    start = policy_start(cfg, "eval")
+    reference, why = reference_model(cfg, start)
+    if reference == cfg.model_name:
+        notes.append(f"no complete SFT checkpoint: reference and win-rate baseline are model_name {cfg.model_name}")
+    rm = find_reward_model(cfg, "eval")
+    if rm is None:
+        rm_dir = Path(cfg.save_dir) / "reward_model" / "best_model"
+        notes.append(f"no reward model (reward_model_path, or a complete {rm_dir}): rm_score and win_rate_vs_sft skipped")
+    log.info("eval: reference %s (%s); reward model %s", reference, why, f"{rm[0]} ({rm[1]})" if rm else "none")
+    return start[0], reference, rm[0] if rm else None
 
 
 def resolve_eval_data(cfg: RLHFConfig, data_path: str | None) -> Path:
@@ -292,7 +320,7 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
     """Evaluate `checkpoints` ({name: model dir}; default: the run's own) and write save_dir/eval/."""
     from tqdm import tqdm
 
-    from .models import load_causal_lm, load_tokenizer, resolve_device
+    from .models import load_causal_lm, load_causal_lm_or_adapter, load_tokenizer, resolve_device
 
     cfg = cfg if isinstance(cfg, RLHFConfig) else load_config(cfg)
     if num_prompts is not None and num_prompts <= 0:
@@ -306,19 +334,14 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
     if not checkpoints:
         raise FileNotFoundError(f"{save}: no complete checkpoint (sft/best_model, dpo/best_model, ppo/iteration_*, "
                                 f"ppo/final_model); pass --checkpoints NAME=DIR")
+    for p in checkpoints.values():
+        verify_checkpoint(p)
     checkpoints = {name: _model_dir(p) for name, p in checkpoints.items()}
-    sft = save / "sft" / "best_model"
-    reference = str(sft) if is_complete(sft) else cfg.model_name
-    if reference == cfg.model_name:
-        notes.append(f"no complete SFT checkpoint: reference and win-rate baseline are model_name {cfg.model_name}")
-    rm_dir = save / "reward_model" / "best_model"
-    reward_model = str(rm_dir) if is_complete(rm_dir) else None
-    if reward_model is None:
-        notes.append(f"no complete reward model at {rm_dir}: rm_score and win_rate_vs_sft skipped")
+    start, reference, reward_model = eval_models(cfg, notes)
     gold = gold or cfg.reward_fn
     gold_fn = load_fn(gold) if gold else None
 
-    tok = load_tokenizer(cfg.tokenizer_path or reference)
+    tok = load_tokenizer(cfg.tokenizer_path or start)
     data = resolve_eval_data(cfg, data_path)
     es = load_eval_set(tok, data, num_prompts, cfg.max_length)
     ref_model = load_causal_lm(reference, bf16).to(device).eval()
@@ -332,7 +355,7 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
             return cache[key]
         t0 = time.time()
         same_as_ref = key == str(Path(reference).resolve())
-        model = ref_model if same_as_ref else load_causal_lm(path, bf16).to(device).eval()
+        model = ref_model if same_as_ref else load_causal_lm_or_adapter(path, bf16, start).to(device).eval()
         batches = sample(model, es, tok, cfg, device, batch_size)
         responses = decode(tok, batches)
         lp = seq_logprobs(model, batches, device, cfg.gen_temperature)  # (N,)

@@ -7,13 +7,20 @@
 
 Weights are loaded with `use_safetensors=True`: a directory that only has pickled `.bin` weights is
 refused, and nothing a user hands us is ever unpickled.
+
+LoRA (`apply_lora`, PEFT) wraps a trained model; `unwrap`, `merged_weights` and `save_hf` turn it back
+into the plain HF model's weights (adapters merged) for the rollout, best_model and final_model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -52,10 +59,30 @@ def _check_dir(path: str) -> None:
             raise ModelError(f"{p}: only pickled weights found; convert them to safetensors (pickles are never loaded)")
 
 
+# Files beside a tokenizer.json that name its special tokens and chat template (AutoTokenizer reads them).
+_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def _tokenizer_from_file(path: Path):
+    """A bare `tokenizer.json` (tokenizers' format). It names no eos/pad/bos nor a chat template: those come
+    from the tokenizer_config.json / special_tokens_map.json (and chat_template.jinja) beside it, read by
+    from_pretrained exactly as AutoTokenizer reads a directory, with this file as the vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+
+    if any((path.parent / n).is_file() for n in _TOKENIZER_SIDE_FILES):
+        return PreTrainedTokenizerFast.from_pretrained(str(path.parent), tokenizer_file=str(path))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer_path: {path} names no eos token (a tokenizer.json alone cannot); put its "
+                         "tokenizer_config.json or special_tokens_map.json beside it")
+    return tok
+
+
 def load_tokenizer(path: str):
+    """`path`: a tokenizer directory (AutoTokenizer) or a `tokenizer.json` file."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = _tokenizer_from_file(Path(path)) if Path(path).is_file() else AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         # A tokenizer without pad (Llama, GPT-2) still needs a pad id for batching; attention masks
         # decide what is real, so any id works. Say it instead of doing it silently.
@@ -101,6 +128,7 @@ def backbone(model):
 
 def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-token scalar outputs of a reward/critic model: (B, T) -> (B, T)."""
+    model = unwrap(model)  # LoRA: the HF model, its adapter layers in place
     position_ids = position_ids_from_mask(attention_mask)  # (B, T)
     hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
@@ -127,8 +155,90 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def save_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """An HF-format directory: safetensors weights, config, generation config, tokenizer."""
+    """An HF-format directory: safetensors weights, config, generation config, tokenizer. A LoRA model is
+    saved as its plain HF model, adapters merged (`hf_state_dict`)."""
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    if state_dict is None and is_lora(model):
+        state_dict = hf_state_dict(model)
+    unwrap(model).save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA (PEFT)
+# ---------------------------------------------------------------------------------------
+
+def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Iterable[str],
+               modules_to_save: list[str] | None = None):
+    """`model` wrapped with fresh LoRA adapters: only they and `modules_to_save` (trained in full, e.g. a
+    reward model's `score` head) require grad. PEFT starts B at zero, so the model starts as the base."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                            modules_to_save=modules_to_save))
+
+
+def load_lora(model, adapter_dir: str | os.PathLike):
+    """`model` wrapped with the trained adapters of `adapter_dir` (PEFT's `save_pretrained`), trainable."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def load_causal_lm_or_adapter(path: str, bf16: bool, base: str):
+    """A causal LM directory, or a LoRA adapter directory (a LoRA run's PPO iteration) merged onto `base`."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        return load_causal_lm(path, bf16)
+    return load_lora(load_causal_lm(base, bf16), path).merge_and_unload()
+
+
+def is_lora(model) -> bool:
+    peft = sys.modules.get("peft")  # no PEFT model exists before peft is imported: don't import it (1.6 s)
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def unwrap(model):
+    """The HF model inside a PEFT wrapper (with its LoRA layers), else `model`."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def adapters_off(model):
+    """Context in which a LoRA model computes as its base model (the reference); a no-op without LoRA."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")  # score.modules_to_save.default.weight -> score.weight
+
+
+def merged_weights(model, named: Iterable[tuple[str, torch.Tensor]] | None = None,
+                   merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """A LoRA model's weights under the plain base model's names, in its order: each adapted weight as
+    W + B @ A * alpha / r (a new tensor), each `modules_to_save` module's trained copy, the rest as they are.
+    `named`: (name, tensor) of the inner HF model, default its named_parameters() (a `state_dict().items()`
+    for a save). merge=False: the base weights instead of merged ones (same names, shapes and dtypes)."""
+    base = unwrap(model)
+    for name, t in base.named_parameters() if named is None else named:
+        if ".lora_" in name or ".original_module." in name:
+            continue  # the adapter factors; the frozen original of a modules_to_save module
+        name = _SAVED_COPY.sub(".", name)
+        owner, sep, leaf = name.rpartition(".base_layer.")
+        if sep:
+            name = f"{owner}.{leaf}"
+            if merge and leaf == "weight":
+                t = _merged(base.get_submodule(owner), t)
+        yield name, t.detach()
+
+
+@torch.no_grad()
+def _merged(layer, weight: torch.Tensor) -> torch.Tensor:
+    """W + each active adapter's delta (PEFT's own B @ A * scale, transposed where the layer stores W^T)."""
+    return weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(weight.dtype)
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict of the plain HF model: a LoRA model's merged (`merged_weights`), else the model's own."""
+    if not is_lora(model):
+        return model.state_dict()
+    return dict(merged_weights(model, unwrap(model).state_dict().items()))

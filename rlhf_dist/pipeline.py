@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
+from .io.sources import check_model_paths
 from .config import RLHFConfig, load_config, redact
 from .data import DataError, read_dataset
 from .io.tracking import setup_logging
@@ -69,6 +70,7 @@ class RLHFPipeline:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.config.log_level, self.save_dir / "logs")
         write_json_atomic(self.save_dir / "config.json", redact(self.config.to_dict()))
+        check_model_paths(self.config)
         self.validate_data(stages)
 
     def _device(self) -> str:
@@ -147,8 +149,10 @@ class RLHFPipeline:
         from .offline.job import run_supervised
 
         cfg = self.config
-        stages = cfg.run_stages()
+        stages = cfg.run_stages()  # less the stages whose output a *_model_path gives
         self._start(stages)
+        for stage, field in cfg.given_stages().items():
+            log.info("%s: not run, %s gives its output (%s)", stage, field, getattr(cfg, field))
         out: dict[str, Path] = {}
         with ray_session(cfg):
             device = self._preflight(tuple(s for s in stages if not self._finished(s)))
@@ -163,6 +167,15 @@ class RLHFPipeline:
                 else:
                     out[stage] = self._timed(stage, lambda s=stage: run_supervised(cfg, s, device))
         return out
+
+    def evaluate_model(self, checkpoints: dict[str, str] | None = None, num_prompts: int | None = None, *,
+                       data_path: str | None = None, gold: str | None = None, batch_size: int = 32) -> dict:
+        """`rlhf-dist eval` on this pipeline's config: compare `checkpoints` ({name: model dir}; default: the
+        run's own) and write save_dir/eval/. See rlhf_dist.evaluate.evaluate_model."""
+        from .evaluate import evaluate_model
+
+        return evaluate_model(self.config, checkpoints, num_prompts, data_path=data_path, gold=gold,
+                              batch_size=batch_size)
 
     def _finished(self, stage: str) -> bool:
         # PPO writes final_model only at its end; SFT, RM and DPO rewrite best_model as they go.

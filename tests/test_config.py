@@ -110,3 +110,48 @@ def test_critic_free_plan_has_no_critic():
     assert sorted(s.role for s in slots) == ["policy", "reference", "reward", "rollout"]
     _, slots = plan_placement(load_config({"model_name": "m"}), 0, [2.0])
     assert "critic" in {s.role for s in slots}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"ppo_epochs": "2"}, "ppo_epochs: Expected `int`, got `str`"),
+    ({"truncate": 1}, "truncate: Expected `bool`, got `int`"),
+    ({"freeze_reward_backbone": "true"}, "freeze_reward_backbone: Expected `bool`, got `str`"),
+    ({"seed": True}, "seed: Expected `int`, got `bool`"),
+    ({"ppo_lr_policy": "1e-4"}, "ppo_lr_policy: Expected `float`, got `str`"),
+    ({"bf16": "true"}, "bf16: Invalid enum value 'true', expected one of: auto, true, false"),
+    ({"stages": ["sft", "rl"]}, "stages.1: Invalid enum value 'rl', expected one of: sft, reward, dpo, ppo"),
+])
+def test_types_are_strict(bad, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config({"model_name": "m", **bad})
+    assert str(e.value) == f"invalid config: {needle}"
+
+
+def test_int_fills_a_float_field():
+    cfg = load_config({"model_name": "m", "ppo_lr_policy": 1, "roles": {"policy": {"num_gpus": 1}}})
+    assert cfg.ppo_lr_policy == 1.0 and isinstance(cfg.ppo_lr_policy, float)
+    assert isinstance(cfg.roles.policy.num_gpus, float)
+
+
+def test_yaml_exponent_floats(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 and 2E5 as strings; the loader reads them as floats.
+    p = tmp_path / "c.yaml"
+    p.write_text("model_name: m\nppo_lr_policy: 1e-4\nsft_lr: 2E-3\nreward_lr: 1.5e-5\ncall_timeout_s: 6e2\n"
+                 "wandb: {name: 1e-4x, tags: [3e5x]}\n")
+    cfg = load_config(p)
+    assert (cfg.ppo_lr_policy, cfg.sft_lr, cfg.reward_lr, cfg.call_timeout_s) == (1e-4, 2e-3, 1.5e-5, 600.0)
+    assert cfg.wandb.name == "1e-4x" and cfg.wandb.tags == ["3e5x"]  # not numbers: stay strings
+    with pytest.raises(ConfigError, match="ppo_epochs: Expected `int`, got `float`"):
+        load_config(p, ["ppo_epochs=1e2"])
+
+
+def test_overrides_parse_as_yaml_scalars():
+    cfg = load_config(SEED_FIELDS, ["ppo_lr_policy=1e-4", "bf16=false", "truncate=false", "wandb.tags=[a,b]",
+                                    "sft_lr=2", "roles.policy.num_gpus=0", "wandb.name=run1", "seed=7"])
+    assert (cfg.ppo_lr_policy, cfg.bf16, cfg.truncate, cfg.wandb.tags) == (1e-4, False, False, ["a", "b"])
+    assert load_config({"model_name": "m"}, ["bf16=true"]).bf16 is True
+    assert (cfg.sft_lr, cfg.roles.policy.num_gpus, cfg.wandb.name, cfg.seed) == (2.0, 0.0, "run1", 7)
+    with pytest.raises(ConfigError, match="truncate: Expected `bool`, got `int`"):
+        load_config(SEED_FIELDS, ["truncate=1"])
+    with pytest.raises(ConfigError, match="sft_epochs: Expected `int`, got `str`"):
+        load_config(SEED_FIELDS, ["sft_epochs=two"])

@@ -103,6 +103,20 @@ def test_gold_only_when_set_and_explicit_checkpoints(run_dir):
     assert abs(m["kl_ref"]) < 1e-4 and m["win_rate_vs_sft"] == 0.5
 
 
+def test_pipeline_evaluate_model_delegates(run_dir):
+    from rlhf_dist.pipeline import create_rlhf_pipeline
+
+    sft = str(run_dir["save"] / "sft/best_model")
+    kw = {"num_prompts": 3, "data_path": str(run_dir["tiny"]["eval"]), "gold": GOLD, "batch_size": 2}
+    res = create_rlhf_pipeline(run_dir["cfg"]).evaluate_model({"mine": sft}, **kw)
+    assert list(res["checkpoints"]) == ["mine"] and "gold" in res["checkpoints"]["mine"]
+    assert res["settings"]["num_prompts"] == 3 and res["settings"]["gold"] == GOLD
+    again = evaluate_model(load_config(run_dir["cfg"]), {"mine": sft}, **kw)
+    for r in (res, again):
+        r["checkpoints"]["mine"].pop("seconds")  # wall time: the one thing that differs
+    assert res == again  # seeded: the same numbers from the same arguments
+
+
 def test_perplexity_matches_the_sft_loss(run_dir):
     from rlhf_dist.offline.sft import sft_batch, sft_loss
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # Fields of the critic; setting one with a critic-free algorithm is an error.
-CRITIC_FIELDS = ("critic_init", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
+CRITIC_FIELDS = ("critic_init", "critic_model_path", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
 
 
 def _dotted(obj: Any, name: str) -> Any:
@@ -66,9 +66,35 @@ def config_errors(cfg) -> list[str]:
             errors.append(f"wandb.{name}: {v!r} must be a plain name, without '/' or '..'")
     if cfg.bf16 is True and cfg.device in ("cpu", "mps"):
         errors.append(f"bf16: true needs a CUDA GPU, but device is {cfg.device}; use auto or false")
+    if cfg.critic_model_path is not None and cfg.critic_init != "sft":
+        errors.append(f"critic_init: {cfg.critic_init} is not used when critic_model_path is set; unset one")
     if cfg.ppo_recompute_old_logprobs is True and cfg.ppo_overlap_rollout:
         errors.append("ppo_recompute_old_logprobs: true removes ppo_overlap_rollout's off-policy correction (the "
                       "rollout's logprobs carry the one-step lag); use one or the other")
+    errors += lora_errors(cfg)
+    return errors
+
+
+def lora_errors(cfg) -> list[str]:
+    """LoRA settings that cannot work together with the rest of the config."""
+    from .schema import RLHFConfig
+
+    if not cfg.lora_rank:
+        defaults = RLHFConfig(model_name="x")
+        return [f"{name}: only used with lora_rank > 0 (LoRA is off at lora_rank 0)"
+                for name in ("lora_alpha", "lora_dropout", "lora_target_modules")
+                if getattr(cfg, name) != getattr(defaults, name)]
+    errors = []
+    if cfg.zero_stage == 3:  # the weight sync and the saves merge adapters into whole (not partitioned) weights
+        errors.append(f"zero_stage: 3 is not supported with lora_rank {cfg.lora_rank}; use zero_stage 2 or less")
+    if cfg.freeze_reward_backbone:
+        errors.append(f"freeze_reward_backbone: true trains only the score head, lora_rank {cfg.lora_rank} adds "
+                      "adapters to the backbone; use one or the other")
+    if cfg.reference_model_path is not None:
+        errors.append(f"reference_model_path: with lora_rank {cfg.lora_rank} PPO's reference is the policy's own "
+                      "base weights (adapters off); unset it")
+    if cfg.lora_target_modules == []:
+        errors.append("lora_target_modules: must not be empty")
     return errors
 
 
@@ -107,8 +133,9 @@ def stage_errors(cfg) -> list[str]:
     errors = []
     if "sft" in st and st[0] != "sft":
         errors.append(f"stages: sft must come first, the other stages start from its best model; got {st}")
-    if "ppo" in st and cfg.reward_model_weight != 0 and "reward" not in st[:st.index("ppo")]:
+    if ("ppo" in st and cfg.reward_model_weight != 0 and "reward" not in st[:st.index("ppo")]
+            and cfg.reward_model_path is None):
         errors.append(f"stages: ppo scores with the reward model (reward_model_weight "
                       f"{cfg.reward_model_weight:g}), so reward must come before ppo; got {st} "
-                      "(or set reward_model_weight: 0)")
+                      "(or set reward_model_path, or reward_model_weight: 0)")
     return errors

@@ -6,13 +6,32 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import yaml
 
 from .schema import ConfigError, RLHFConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, plus YAML 1.2's floats: YAML 1.1 reads `1e-4` and `2E5` (no dot, unsigned exponent) as
+    strings, which a strict conversion would then refuse for a float field."""
+
+
+# Added after the int resolver, so it only sees what 1.1's float and int patterns left as strings.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: as safe as safe_load
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -32,7 +51,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(out, key.strip(), _yaml(raw) if raw != "" else "")
     return out
 
 
@@ -49,7 +68,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else _yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{p}: cannot parse: {e}") from None
     if data is None:
@@ -59,6 +78,29 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _members(tp: Any) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def _allowed_values(field: str) -> list[str]:
+    """The values a Literal (or Literal | bool) field accepts, e.g. bf16 -> [auto, true, false]."""
+    tp: Any = RLHFConfig
+    for part in field.split("."):
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            tp = typing.get_type_hints(tp).get(part)
+        else:  # an item of a list field, e.g. stages.1
+            tp = next((typing.get_args(a)[0] for a in _members(tp) if typing.get_origin(a) is list), None)
+        if tp is None:
+            return []
+    out: list[str] = []
+    for a in _members(tp):
+        if a is bool:
+            out += ["true", "false"]
+        elif typing.get_origin(a) is Literal:
+            out += [str(v) for v in typing.get_args(a)]
+    return out
+
+
 def _convert_error(e: msgspec.ValidationError) -> ConfigError:
     # msgspec says "... - at `$.roles.policy.num_gpus`"; turn the path into the field name first.
     msg = str(e)
@@ -66,6 +108,9 @@ def _convert_error(e: msgspec.ValidationError) -> ConfigError:
     if m:
         field = re.sub(r"\[(\d+)\]", r".\1", m.group(1)) or "(top level)"
         msg = f"{field}: {msg[: m.start()]}"
+        allowed = _allowed_values(field) if msg.startswith(f"{field}: Invalid enum value") else []
+        if allowed:  # e.g. bf16: "true" quoted in YAML is a string, not the bool
+            msg += f", expected one of: {', '.join(allowed)}"
     m = re.match(r"Object contains unknown field `(\w+)`", msg)
     if m:
         msg = msg.replace(m.group(0), f"unknown field `{m.group(1)}`")
@@ -86,7 +131,8 @@ def load_config(source: "str | os.PathLike | dict | RLHFConfig", overrides: list
     if overrides:
         data = _merge(data, parse_overrides(overrides))
     try:
-        cfg = msgspec.convert(data, RLHFConfig, strict=False)
+        # strict: "2" is not an int nor 1 a bool (an int still fills a float field).
+        cfg = msgspec.convert(data, RLHFConfig, strict=True)
     except msgspec.ValidationError as e:
         raise _convert_error(e) from None
     return cfg.check()

@@ -12,6 +12,9 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 UnitFloat = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
+# The attention and MLP projections of Llama, Mistral and Qwen2: lora_target_modules' default.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the field (e.g. `ppo_epochs: expected int, got str`)."""
@@ -106,7 +109,8 @@ class RLHFConfig(_Strict):
     reward_model/best_model; `run` then skips reward. Its tokenizer and chat template may differ from the
     policy's: the reward role then re-tokenises the decoded text."""
     critic_model_path: str | None = None
-    """The critic's start (ppo only); unset = per critic_init (sft: the policy's start, reward: the reward model)."""
+    """The critic's start (ppo only); unset = per critic_init (sft: the policy's start, reward: the reward
+    model). The critic reads the policy's tokens, so it needs the policy's vocabulary (checked at start)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto picks CUDA, then MPS, then CPU, and logs the choice."""
     seed: int = 42
@@ -117,6 +121,20 @@ class RLHFConfig(_Strict):
     bf16: Literal["auto"] | bool = "auto"
     """Train and generate in bfloat16. auto: bf16 on CUDA, float32 elsewhere (logged at start); true
     without a GPU is an error. A role placed on the CPU in a GPU run (0 GPUs) stays in float32."""
+
+    # --- LoRA -----------------------------------------------------------------------------
+    lora_rank: NonNegInt = 0
+    """LoRA (PEFT) rank of every trained model: SFT, the reward model, DPO, PPO's policy and critic (their
+    `score` head trains in full). 0 = full fine-tuning. With LoRA, PPO starts no reference actor: the policy
+    learner computes the reference's logprobs with its adapters off. Checkpoints hold the adapters;
+    best_model and final_model are merged HF models. Not with zero_stage 3."""
+    lora_alpha: PositiveFloat = 16.0
+    """LoRA scale numerator: an adapter adds B @ A * lora_alpha / lora_rank to its weight."""
+    lora_dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    """Dropout on the adapters' input during training."""
+    lora_target_modules: list[str] | Literal["all-linear"] = msgspec.field(default_factory=lambda: list(LORA_TARGETS))
+    """Modules that get adapters: names (suffixes of module names, as PEFT matches them; the default fits
+    Llama, Mistral and Qwen2), or "all-linear" (every linear layer but the output head)."""
 
     # --- data handling ------------------------------------------------------------------
     bad_rows: Literal["error", "skip"] = "error"

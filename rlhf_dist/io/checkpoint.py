@@ -14,6 +14,8 @@
       dpo/stage_complete.json
       ppo/iteration_000NNN/     policy/, critic/ (HF), {policy,critic}_engine/ (optimizer states), state.json
       ppo/final_model/          the final policy (HF) and critic/
+                                (lora_rank > 0: iteration policy/ and critic/ hold PEFT adapters; final_model
+                                and every best_model are merged HF models, final_model/adapter/ the adapter)
       ppo/metrics.jsonl
       ray_train/{sft,reward,dpo}/  Ray Train runs: checkpoints to resume SFT/RM/DPO from (DeepSpeed states, RNG, loop state)
 
@@ -128,13 +130,16 @@ def warn_if_unfinished(best_model: str | os.PathLike, user: str) -> None:
                     "(it resumes) to finish it", user, best_model)
 
 
-def verify(path: str | os.PathLike) -> None:
-    """Check the marker and every file's sha256; raise CheckpointError naming the bad file."""
+def verify(path: str | os.PathLike, under: str | None = None) -> None:
+    """Check the marker and every file's sha256 (only those below `under`, e.g. an iteration's policy/);
+    raise CheckpointError naming the bad file."""
     p = Path(path)
     if not is_complete(p):
         raise CheckpointError(f"{p}: incomplete checkpoint (no {MARKER} marker)")
     manifest = json.loads((p / MANIFEST).read_text())
     for rel, meta in manifest.items():
+        if under is not None and not rel.startswith(under.rstrip("/") + "/"):
+            continue
         f = p / rel
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in the manifest but missing")
@@ -156,6 +161,26 @@ def complete_iterations(ppo_dir: str | os.PathLike) -> list[Path]:
         else:
             log.warning("ignoring incomplete checkpoint %s (no %s marker)", p, MARKER)
     return out
+
+
+def iterations_to_remove(complete: list[Path], keep: int | None, writing: Path | None = None) -> list[Path]:
+    """Which of the complete iterations `complete` (oldest first) go so that the newest `keep` stay
+    (save_total_limit; None = keep all). Never `writing` (a save in progress), never the newest."""
+    if keep is None:
+        return []
+    return [p for p in complete[:max(0, len(complete) - keep)] if p != writing]
+
+
+def prune_iterations(ppo_dir: str | os.PathLike, keep: int | None, writing: Path | None = None) -> list[Path]:
+    """Delete the complete iterations beyond the newest `keep`, each logged. Each is renamed to a `.old-`
+    name first, so a crash mid-delete leaves no half-deleted directory that still looks complete."""
+    gone = iterations_to_remove(complete_iterations(ppo_dir), keep, writing)
+    for p in gone:
+        old = p.parent / f".{p.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(p, old)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed checkpoint %s (save_total_limit: %d)", p, keep)
+    return gone
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

@@ -4,6 +4,7 @@ with no reward model and no sampling (single-process, no Ray, no DeepSpeed).
 The reference is the frozen starting model. Its sequence log-probs never change, so `attach_reference`
 computes them once, in one no-grad pass before training, and stores them beside each pair: training then
 holds one model instead of two (half the weights' memory) and does one forward per pair instead of two.
+With LoRA the reference is the base model: that pass runs with the adapters off.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ..algo import dpo_loss, logprobs_from_logits
 from ..data import Encoded, pad_right
-from ..models import position_ids_from_mask
+from ..models import adapters_off, position_ids_from_mask
 
 
 @dataclass
@@ -69,7 +70,8 @@ def attach_reference(model, to_dev, items: list, pad_id: int, micro: int) -> lis
     out: list[DPOPair] = []
     for i in range(0, len(items), micro):
         chunk = [DPOPair(c, r) for c, r, _ in items[i:i + micro]]
-        logps = sequence_logprobs(model, to_dev(dpo_batch(chunk, pad_id))).cpu()  # (2b,)
+        with adapters_off(model):
+            logps = sequence_logprobs(model, to_dev(dpo_batch(chunk, pad_id))).cpu()  # (2b,)
         b = len(chunk)
         out += [DPOPair(p.chosen, p.rejected, logps[j].item(), logps[b + j].item()) for j, p in enumerate(chunk)]
     return out

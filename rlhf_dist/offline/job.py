@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-from ..io.checkpoint import (atomic_dir, is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps,
-                             safe_join, warn_if_unfinished)
+from ..io.checkpoint import atomic_dir, is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join
+from ..io.sources import check_model_paths, policy_start
 from ..config import RLHFConfig, load_config
 from ..data import ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
-from ..models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
+from ..models import apply_lora, load_causal_lm, load_scalar_model, load_tokenizer, save_hf
 from ..precision import use_bf16
 from .dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
 from .reward import reward_batch, reward_count, reward_loss
@@ -64,12 +64,12 @@ class Task:
 
 
 def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
-    """(model dir, why) for a stage: reward and DPO start from SFT's best model when present."""
-    sft_best = safe_join(cfg.save_dir, "sft", "best_model")
-    if stage in ("reward", "dpo") and is_complete(sft_best):
-        warn_if_unfinished(sft_best, stage)
-        return str(sft_best), "the SFT checkpoint"
-    return cfg.model_name, "model_name (no SFT checkpoint in save_dir)" if stage != "sft" else "model_name"
+    """(model dir, why) for a stage: reward and DPO start from the policy's start (policy_model_path, else
+    SFT's best model, its manifest verified first, else model_name). Resolved once, on the driver."""
+    if stage == "sft":
+        return cfg.model_name, "model_name"
+    check_model_paths(cfg)
+    return policy_start(cfg, stage)
 
 
 def _sft_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
@@ -102,12 +102,16 @@ def _dpo_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, 
         prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro))
 
 
-def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False) -> Task:
-    model_dir, why = input_model_dir(cfg, stage)
-    tok = load_tokenizer(cfg.tokenizer_path or (model_dir if why.startswith("the SFT") else cfg.model_name))
+def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, start: tuple[str, str] | None = None) -> Task:
+    """`start`: (model dir, why) as `input_model_dir` gave the driver (resolved here when None)."""
+    model_dir, why = start or input_model_dir(cfg, stage)
+    tok = load_tokenizer(cfg.tokenizer_path or model_dir)
     parts_of = {"sft": _sft_parts, "reward": _reward_parts, "dpo": _dpo_parts}[stage]
     items, stats, parts = parts_of(cfg, tok, model_dir, bf16)
     check_special_tokens(tok, parts["model"].get_input_embeddings().weight.shape[0])
+    if cfg.lora_rank:  # the reward model's score head is new, so it trains in full
+        parts["model"] = apply_lora(parts["model"], cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                    cfg.lora_target_modules, ["score"] if stage == "reward" else None)
     log.info("%s: starting from %s (%s); data: %s", stage, model_dir, why, stats.summary())
     train_idx, eval_idx = split_eval(len(items), cfg.eval_fraction, cfg.seed)
     hp = lambda name: getattr(cfg, f"{stage}_{name}")  # sft_epochs, reward_lr, dpo_batch_size, ...
@@ -129,13 +133,14 @@ def supervised_worker(config: dict) -> None:
     stage = config.pop("_stage")
     cpus = config.pop("_cpus_per_worker")
     bf16 = use_bf16(config["bf16"], config.pop("_device"))
+    start = tuple(config.pop("_start"))  # verified once by the driver, not by every worker
     cfg = load_config(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_logging(cfg.log_level, Path(cfg.save_dir) / "logs", role=f"{stage}-worker-{rank}")
     set_threads(cpus)
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg, stage, world, bf16)
+    task = build_task(cfg, stage, world, bf16, start)
     accum = task.batch_size // (task.micro_batch * world)
     steps_per_epoch = len(task.train) // task.batch_size
     if steps_per_epoch == 0:
@@ -340,7 +345,8 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     # that piled up, and a tiny SFT stage waited 17 s after its last step for them. Polling is one small remote
     # call per worker.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _device=device, _cwd=os.getcwd())
+    config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _device=device, _cwd=os.getcwd(),
+                  _start=input_model_dir(cfg, stage))
     remove_stale_temps(safe_join(cfg.save_dir, OUT_DIRS[stage]))
     trainer = TorchTrainer(
         supervised_worker,

@@ -153,6 +153,10 @@ class PPORun:
                            "checkpoint")
                 self._wait([a.save.remote(str(tmp / "critic"), self.inputs.tokenizer) for a in self.roles.critic],
                            "critic", "checkpoint")
+                if cfg.lora_rank:  # beside each merged model, the adapters merged into it
+                    for kind, sub in (("policy", "adapter"), ("critic", "critic/adapter")):
+                        self._wait([a.save_adapter.remote(str(tmp / sub)) for a in getattr(self.roles, kind)], kind,
+                                   "checkpoint")
             log.info("ppo: final model at %s", final)
             self._write_summary(metrics)  # reporting only: after the save, so it cannot cost the model
             return final
@@ -288,13 +292,15 @@ class PPORun:
                         for a, (s, e) in zip(group, split(len(samples), len(group)))]
             r_old = fan(roles.policy, "forward") if self.recompute else None
             r_val = fan(roles.critic, "forward") if roles.critic else None
-            r_ref = fan(roles.reference, "logprobs")
+            # LoRA: the policy learners give the reference's logprobs (their base weights), no reference actor.
+            ref_role = "policy" if cfg.lora_rank else "reference"
+            r_ref = fan(roles.policy, "reference_logprobs") if cfg.lora_rank else fan(roles.reference, "logprobs")
             r_rew = [a.score.remote(slice_samples(samples, s, e), [self.prompts[i // n] for i in samples.sample_ids[s:e]])
                      for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
             old_logp = (torch.cat(self._wait(r_old, "policy", "experience")) if r_old is not None
                         else samples.rollout_logprobs)  # (B, R)
             values = torch.cat(self._wait(r_val, "critic", "experience")) if r_val else None  # (B, R)
-            ref_logp = torch.cat(self._wait(r_ref, "reference", "experience"))  # (B, R)
+            ref_logp = torch.cat(self._wait(r_ref, ref_role, "experience"))  # (B, R)
             rew = self._wait(r_rew, "reward", "experience")
         return samples, old_logp, values, ref_logp, rew
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RLHFConfig
-from ..io.checkpoint import atomic_dir, is_complete, safe_join, warn_if_unfinished, write_json_atomic
+from ..io.checkpoint import atomic_dir, prune_iterations, safe_join, write_json_atomic
+from ..io.sources import check_model_paths, policy_start, reference_model, reward_model, verify_if_sealed
 from ..roles.actors import ReferenceWorker, RewardWorker, RolloutWorker
 from ..roles.calls import create_placement_group, spawn, wait
 from ..roles.learner import Learner
@@ -32,40 +33,82 @@ class Roles:
 
 @dataclass
 class Inputs:
-    """Where PPO's models come from, resolved from the standard layout."""
+    """Where PPO's models come from (`resolve_inputs`)."""
 
-    policy: str  # initial policy weights (SFT best model, or a resumed iteration)
-    reference: str  # frozen reference = the SFT policy
+    policy: str  # initial policy weights (policy_model_path, SFT best model, or a resumed iteration)
+    reference: str  # frozen reference: reference_model_path, else the policy's start
     critic: str | None  # None: a critic-free algorithm
     reward: str | None
     tokenizer: str
+    adapters: str | None = None  # LoRA resume: the iteration whose policy/ and critic/ adapters the learners load
 
 
 def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
-    sft = safe_join(cfg.save_dir, "sft", "best_model")
-    rm = safe_join(cfg.save_dir, "reward_model", "best_model")
-    reference = str(sft) if is_complete(sft) else cfg.model_name
-    warn_if_unfinished(sft, "ppo")
-    if cfg.reward_model_weight != 0:
-        warn_if_unfinished(rm, "ppo")
-    if not is_complete(sft):
-        log.warning("ppo: no complete SFT checkpoint at %s; starting from model_name %s", sft, cfg.model_name)
-    reward = None
-    if cfg.reward_model_weight != 0:
-        if not is_complete(rm):
-            raise FileNotFoundError(f"ppo: reward_model_weight is {cfg.reward_model_weight} but {rm} is not a "
-                                    f"complete reward model; run `rlhf-dist reward` first or set reward_model_weight: 0")
-        reward = str(rm)
-    critic = None  # critic-free algorithms start none
-    if cfg.algorithm == "ppo":
-        critic = str(rm) if cfg.critic_init == "reward" and reward else reference
-        if cfg.critic_init == "reward" and not reward:
-            raise FileNotFoundError("critic_init: 'reward' needs a reward model")
-    policy = reference
-    if resume_from is not None:
-        policy = str(resume_from / "policy")
-        critic = str(resume_from / "critic") if critic else None
-    return Inputs(policy, reference, critic, reward, cfg.tokenizer_path or reference)
+    """Each role's model (`io.sources`: an explicit *_model_path, else the stage output, verified against
+    its manifest, else model_name), logged one line per role. A resumed run's learners start from the
+    iteration's weights."""
+    check_model_paths(cfg)
+    start = policy_start(cfg, "ppo")
+    if cfg.policy_model_path is None and start[0] == cfg.model_name:
+        log.warning("ppo: no complete SFT checkpoint in %s; starting from model_name %s", cfg.save_dir, cfg.model_name)
+    critic_from_rm = cfg.algorithm == "ppo" and cfg.critic_model_path is None and cfg.critic_init == "reward"
+    rm = reward_model(cfg, "ppo") if cfg.reward_model_weight != 0 or critic_from_rm else None
+    if cfg.reward_model_weight != 0 and rm is None:
+        raise FileNotFoundError(f"ppo: reward_model_weight is {cfg.reward_model_weight} but "
+                                f"{safe_join(cfg.save_dir, 'reward_model', 'best_model')} is not a complete reward "
+                                "model; run `rlhf-dist reward` first, set reward_model_path, or set "
+                                "reward_model_weight: 0")
+    if critic_from_rm and rm is None:
+        raise FileNotFoundError("critic_init: 'reward' needs a reward model (reward_model/best_model or "
+                                "reward_model_path)")
+    critic = _critic_source(cfg, start, rm)
+    policy = start
+    adapters = None
+    if resume_from is not None and cfg.lora_rank:  # the same base models; the iteration's adapters go on top
+        adapters = str(resume_from)
+        log.info("ppo: the learners take the LoRA adapters of %s (the rollout, their merged weights)", resume_from.name)
+    elif resume_from is not None:
+        policy = (str(resume_from / "policy"), f"resumed from {resume_from.name}")
+        critic = (str(resume_from / "critic"), f"resumed from {resume_from.name}") if critic else None
+    reward = rm if cfg.reward_model_weight != 0 else None
+    sources = {"rollout": policy, "policy": policy, "critic": critic, "reference": reference_model(cfg, start),
+               "reward": reward}
+    none_why = {"critic": f"{cfg.algorithm} starts no critic", "reward": "reward_model_weight 0: reward_fn only"}
+    for role, src in sources.items():
+        log.info("ppo: %s loads %s", role, f"{src[0]} ({src[1]})" if src else f"no model ({none_why[role]})")
+    return Inputs(policy[0], sources["reference"][0], critic and critic[0], reward and reward[0],
+                  cfg.tokenizer_path or start[0], adapters)
+
+
+def _critic_source(cfg: RLHFConfig, start: tuple[str, str], rm: tuple[str, str] | None) -> tuple[str, str] | None:
+    """(model, why) of the critic's start: critic_model_path, else per critic_init; None without a critic."""
+    if cfg.algorithm != "ppo":
+        return None
+    if cfg.critic_model_path is not None:
+        verify_if_sealed(cfg.critic_model_path)
+        src, field = (cfg.critic_model_path, "critic_model_path"), "critic_model_path"
+    elif cfg.critic_init == "reward":
+        src, field = (rm[0], f"critic_init reward: {rm[1]}"), "critic_init"
+    else:
+        return start[0], f"critic_init sft: {start[1]}"
+    _check_critic_vocab(field, src[0], cfg.tokenizer_path or start[0])
+    return src
+
+
+def _check_critic_vocab(field: str, critic: str, policy_tokenizer: str) -> None:
+    """The critic reads the policy's token ids (unlike the reward role, which can re-tokenise the text), so a
+    critic with another vocabulary would read them wrongly: an error naming the field."""
+    from ..config import ConfigError
+    from ..models import load_tokenizer
+
+    try:
+        vocab = load_tokenizer(critic).get_vocab()
+    except (OSError, ValueError):  # no tokenizer files beside the weights: nothing to compare
+        log.info("ppo: %s has no tokenizer; assuming the policy's", critic)
+        return
+    if vocab != load_tokenizer(policy_tokenizer).get_vocab():
+        raise ConfigError(f"{field}: the critic's start {critic} has another vocabulary than the policy's tokenizer "
+                          f"{policy_tokenizer}; the critic reads the policy's tokens")
 
 
 def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) -> Roles:
@@ -99,7 +142,8 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
         if not group:
             continue
         addr, port = wait(group[0].address.remote(), kind, "setup", cfg.setup_timeout_s)
-        setups.append((kind, [a.setup.remote(addr, port, model_dir, total_steps) for a in group]))
+        adapter_dir = str(Path(inputs.adapters) / kind) if inputs.adapters else None
+        setups.append((kind, [a.setup.remote(addr, port, model_dir, total_steps, adapter_dir) for a in group]))
     for kind, refs in setups:
         wait(refs, kind, "setup", cfg.setup_timeout_s)
     roles.info = wait([a.info.remote() for r in by_role.values() for a in r], "all", "setup", cfg.setup_timeout_s)
@@ -151,12 +195,15 @@ def sync_weights(cfg: RLHFConfig, roles: Roles, version: int) -> int:
 def save_iteration(cfg: RLHFConfig, roles: Roles, out: Path, tokenizer_dir: str, state: dict) -> None:
     T = cfg.call_timeout_s
     with atomic_dir(out) as tmp:
-        wait([a.save.remote(str(tmp / "policy"), tokenizer_dir) for a in roles.policy], "policy", "checkpoint", T)
-        wait([a.save.remote(str(tmp / "critic"), tokenizer_dir) for a in roles.critic], "critic", "checkpoint", T)
+        for kind in ("policy", "critic"):  # LoRA: the adapters only, the base weights are the run's inputs
+            saves = [a.save_adapter.remote(str(tmp / kind)) if cfg.lora_rank else
+                     a.save.remote(str(tmp / kind), tokenizer_dir) for a in getattr(roles, kind)]
+            wait(saves, kind, "checkpoint", T)
         wait([a.save_state.remote(str(tmp / "policy_engine")) for a in roles.policy], "policy", "checkpoint", T)
         wait([a.save_state.remote(str(tmp / "critic_engine")) for a in roles.critic], "critic", "checkpoint", T)
         write_json_atomic(tmp / "state.json", state)
     log.info("ppo: checkpoint %s", out)
+    prune_iterations(out.parent, cfg.save_total_limit, writing=out)
 
 
 def stop_roles(roles: Roles) -> None:

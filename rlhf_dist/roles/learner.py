@@ -18,11 +18,12 @@ class Learner(RoleWorker):
         self.kind, self.world = kind, world
         self.engine = None
 
-    def setup(self, addr: str, port: int, model_dir: str, total_steps: int) -> dict:
+    def setup(self, addr: str, port: int, model_dir: str, total_steps: int, adapter_dir: str | None = None) -> dict:
+        """`adapter_dir`: with lora_rank > 0, trained adapters (a resumed iteration's) to put on `model_dir`."""
         import torch.distributed as dist
 
         from ..distributed import init_local_group_env, make_engine
-        from ..models import load_causal_lm, load_scalar_model, load_tokenizer
+        from ..models import apply_lora, load_causal_lm, load_lora, load_scalar_model, load_tokenizer
 
         init_local_group_env(self.rank, self.world, addr, port)
         if not dist.is_initialized():
@@ -36,6 +37,10 @@ class Learner(RoleWorker):
             tok = load_tokenizer(model_dir)
             model = load_scalar_model(model_dir, self.bf16, tok.pad_token_id)
             lr = c.ppo_lr_value
+        if c.lora_rank:  # the critic's score head (new, or the reward model's) trains in full
+            model = load_lora(model, adapter_dir) if adapter_dir else apply_lora(
+                model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
+                None if self.kind == "policy" else ["score"])
         micro = c.ppo_micro_batch_size or c.ppo_mini_batch_size // self.world
         self.micro = micro
         self.accum = c.ppo_mini_batch_size // (micro * self.world)
@@ -44,17 +49,28 @@ class Learner(RoleWorker):
                                   bf16=self.bf16, constant_lr=True)
         return {"params": sum(p.numel() for p in model.parameters())}
 
+    def sync_params(self, merge: bool = False):
+        """(name, tensor) of what the rollout's plain model receives: the parameters, or with LoRA the
+        weights merged under the base model's names (merge=False: the base weights, for names and shapes)."""
+        from ..models import merged_weights
+
+        if self.cfg.lora_rank:
+            return merged_weights(self.engine.module, merge=merge)
+        return self.engine.module.named_parameters()
+
     def signature(self) -> list:
         from .weight_sync import param_signature
 
-        return param_signature(self.engine.module.named_parameters())
+        return param_signature(self.sync_params())
 
     def join_sync(self, addr: str, port: int, world: int, backend: str, ipc_receivers: list) -> None:
         """Every policy rank gets a sender (ZeRO-3 gathers are collectives); rank 0 also sends: by CUDA IPC
         to `ipc_receivers` (rollout actors on its GPU) and as rank 0 of the broadcast group when `world` > 1."""
         from .weight_sync import Broadcast, WeightSender
 
-        self.sender = WeightSender(self.engine.module.named_parameters(), self.rank, self.engine.zero_optimization_stage() == 3)
+        merged = (lambda: (t for _, t in self.sync_params(merge=True))) if self.cfg.lora_rank else None
+        self.sender = WeightSender(self.sync_params(), self.rank, self.engine.zero_optimization_stage() == 3,
+                                   tensors=merged)
         self.ipc_receivers = ipc_receivers if self.rank == 0 else []
         self.group = (Broadcast(addr, port, 0, world, backend, self.cfg.sync_timeout_s)
                       if self.rank == 0 and world > 1 else None)
@@ -74,6 +90,14 @@ class Learner(RoleWorker):
         out = in_chunks(one, forward_micro_batch(self.cfg), samples.sequences, samples.attention_mask)  # (B, R)
         self.engine.train()
         return out
+
+    def reference_logprobs(self, samples) -> torch.Tensor:
+        """The reference's logprobs (b, R) with lora_rank > 0: the policy's own base weights, adapters off
+        (so no reference actor holds a second copy of the model)."""
+        from ..models import adapters_off
+
+        with adapters_off(self.engine.module):
+            return self.forward(samples)
 
     def train(self, exp, seed: int, kl_coef: float = 0.0) -> dict:
         """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch.
@@ -144,13 +168,15 @@ class Learner(RoleWorker):
         return all_reduce_sum([float(bad)])[0] == 0
 
     def save_state(self, out_dir: str) -> None:
-        """Optimizer and scheduler state for an exact resume (DeepSpeed's own format; a collective)."""
-        self.engine.save_checkpoint(out_dir, tag="engine", client_state={"version": self.version})
+        """Optimizer and scheduler state for an exact resume (DeepSpeed's own format; a collective). With
+        LoRA only the trained parameters: the frozen base weights are the run's input model."""
+        self.engine.save_checkpoint(out_dir, tag="engine", client_state={"version": self.version},
+                                    exclude_frozen_parameters=bool(self.cfg.lora_rank))
 
     def load_state(self, in_dir: str) -> None:
         # DeepSpeed's loader unpickles: the driver calls this only on the run's own checkpoint, after
         # its manifest (sha256 of every file) has been verified.
-        _, client = self.engine.load_checkpoint(in_dir, tag="engine")
+        _, client = self.engine.load_checkpoint(in_dir, tag="engine", load_module_strict=not self.cfg.lora_rank)
         self.version = client["version"]
 
     def send_weights(self) -> int:
@@ -171,6 +197,15 @@ class Learner(RoleWorker):
             raise FloatingPointError(f"{self.role}: non-finite parameters; refusing to write them to {out_dir}")
         if self.rank == 0:
             save_hf(self.engine.module, load_tokenizer(tokenizer_dir), out_dir, state_dict=state)
+
+    def save_adapter(self, out_dir: str) -> None:
+        """The LoRA adapters (and the trained score head) as PEFT's `save_pretrained` writes them (rank 0)."""
+        if self.rank != 0:
+            return
+        trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        if not all(bool(torch.isfinite(p).all()) for p in trained):
+            raise FloatingPointError(f"{self.role}: non-finite parameters; refusing to write them to {out_dir}")
+        self.engine.module.save_pretrained(out_dir)
 
 
 def _to_device(exp, device):

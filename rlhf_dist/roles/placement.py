@@ -46,8 +46,10 @@ def _spec(roles, role: str):
 
 
 def roles_of(cfg) -> tuple[str, ...]:
-    """The roles a run starts: critic-free algorithms (grpo, rloo, reinforce_pp) start no critic."""
-    return tuple(r for r in ROLES if r != "critic" or cfg.algorithm == "ppo")
+    """The roles a run starts: critic-free algorithms (grpo, rloo, reinforce_pp) start no critic; with LoRA
+    no reference starts (the policy learner computes its logprobs with the adapters off)."""
+    return tuple(r for r in ROLES
+                 if (r != "critic" or cfg.algorithm == "ppo") and (r != "reference" or not cfg.lora_rank))
 
 
 def _hosts(roles, names) -> dict[str, str]:

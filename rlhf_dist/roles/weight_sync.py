@@ -20,7 +20,7 @@ import contextlib
 import datetime
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -192,10 +192,13 @@ class WeightSender:
     """Learner side. Rank 0 sends each bucket to the IPC receivers (`deliver`) and to the broadcast group;
     the other ranks only take part in the ZeRO-3 gathers."""
 
-    def __init__(self, named_params, rank: int, zero3: bool, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, named_params, rank: int, zero3: bool, bucket_bytes: int = BUCKET_BYTES,
+                 tensors: Callable[[], Iterator[torch.Tensor]] | None = None):
+        """`tensors`: called once per send, yields what to send in `named_params`' order and shapes (LoRA:
+        the weights merged afresh, one bucket's worth alive at a time); default the parameters themselves."""
         named_params = list(named_params)
         self.params = [p for _, p in named_params]
-        self.rank, self.zero3 = rank, zero3
+        self.rank, self.zero3, self.tensors = rank, zero3, tensors
         self.buckets = make_buckets(param_signature(named_params), bucket_bytes)
 
     @torch.no_grad()
@@ -203,17 +206,20 @@ class WeightSender:
         """Returns the bytes sent (0 on ranks other than 0). `deliver(bucket, handle)` returns once every
         IPC receiver has copied the bucket, so the bucket can be freed."""
         moved = 0
+        fresh = self.tensors() if self.tensors is not None else None
         for b, idx in enumerate(self.buckets):
             params = [self.params[i] for i in idx]
             with _gathered(params, self.zero3):
                 if self.rank != 0:
                     continue
-                flat = flatten(params)
+                flat = flatten(params if fresh is None else [next(fresh) for _ in idx])
                 if deliver is not None:
                     deliver(b, export_ipc(flat) if flat.is_cuda else flat)
                 if group is not None:
                     group(flat)
                 moved += flat.numel() * flat.element_size()
+        if deliver is not None and torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # blocks the receivers have let go of return to the allocator
         return moved
 
 
