@@ -202,7 +202,7 @@ def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size
 @torch.inference_mode()
 def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: int) -> list:
     """One response per prompt, in fixed batches with a generator seeded by cfg.seed."""
-    from .rollout import generate
+    from .rollout.decode import generate
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return [generate(model, es.prompt_ids[a:b], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,

@@ -230,7 +230,7 @@ def bench_decode(assets: dict, reps: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_dist.rollout import generate, left_pad
+    from rlhf_dist.rollout.decode import generate, left_pad
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
@@ -270,7 +270,7 @@ def bench_calls(assets: dict, reps: int) -> dict:
     from rlhf_dist.online.experience import Experience, response_logprobs, response_values
     from rlhf_dist.online.update import policy_loss, value_loss
     from rlhf_dist.models import load_scalar_model, sequence_scores
-    from rlhf_dist.rollout import generate
+    from rlhf_dist.rollout.decode import generate
 
     torch.set_num_threads(1)
     rollout_model, reference = (AutoModelForCausalLM.from_pretrained(assets["model"]).eval().requires_grad_(False)

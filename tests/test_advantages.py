@@ -90,7 +90,7 @@ def test_overlong_penalty_normalisation_and_clip():
     from types import SimpleNamespace
 
     from rlhf_dist.online.experience import process_scores, truncated
-    from rlhf_dist.rollout import Samples
+    from rlhf_dist.rollout.samples import Samples
 
     seq = torch.tensor([[9, 5, 2, 0], [9, 5, 6, 7]])  # prompt 9, then the responses
     s = Samples(seq, torch.ones_like(seq), torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.zeros(2, 3), 1, [0, 1], 0)

@@ -7,7 +7,8 @@ from rlhf_dist.config import field_docs, load_config
 from rlhf_dist.data import encode_prompt, encode_prompt_response
 from rlhf_dist.online.experience import response_logprobs, response_values
 from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-from rlhf_dist.rollout import generate, generate_chunked
+from rlhf_dist.rollout.decode import generate, generate_chunked
+from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
 from rlhf_dist.roles.actors import ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
 from rlhf_dist.roles.learner import Learner
 from rlhf_dist.data import pad_right
@@ -156,7 +157,9 @@ def test_chunked_generation_keeps_count_order_and_seed(models):
     lm, _, tok = models
     ps = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in TEXTS]
     ids = [40, 3, 17, 9, 0, 21, 5]
-    w = bare(RolloutWorker, cfg(gen_batch_size=3), model=lm, generator=torch.Generator())
+    c = cfg(gen_batch_size=3)
+    w = bare(RolloutWorker, c, engine=HFDecodeEngine(lm), sampling=SamplingParams.from_config(c),
+             generator=torch.Generator())
     a = w.generate(ps, ids, seed=7, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     b = w.generate(ps, ids, seed=7, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     assert len(a) == 7 and a.sample_ids == ids

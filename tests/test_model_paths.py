@@ -19,7 +19,7 @@ from rlhf_dist.io.checkpoint import (CheckpointError, atomic_dir, iterations_to_
                                      prune_iterations, verify)
 from rlhf_dist.io.sources import check_model_paths
 from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf, sequence_scores
-from rlhf_dist.rollout import generate
+from rlhf_dist.rollout.decode import generate
 from rlhf_dist.roles.actors import RewardWorker, RoleWorker
 
 pytestmark = pytest.mark.timeout(600)

@@ -7,7 +7,8 @@ import torch
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.models import load_causal_lm, load_tokenizer
-from rlhf_dist.rollout import generate, merge_samples
+from rlhf_dist.rollout.decode import generate
+from rlhf_dist.rollout.samples import merge_samples
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_static_decoder_matches_the_model_forward(tiny, kv_heads, pack, monkeypa
     the batch at eos."""
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from rlhf_dist.rollout import StaticDecoder
+    from rlhf_dist.rollout.decode import StaticDecoder
 
     cfg = AutoConfig.from_pretrained(tiny["model"])
     cfg.num_key_value_heads = kv_heads
@@ -68,7 +69,7 @@ def test_compiled_decode_matches_eager_with_padding_and_early_eos(model_tok):
     """gen_compile: the torch.compile'd step on its fixed-shape path (finished rows stay in the batch, the
     whole bucketed cache is attended with later slots masked) picks the same greedy tokens, lengths and
     logprobs as the eager step that drops finished rows."""
-    from rlhf_dist.rollout import StaticDecoder
+    from rlhf_dist.rollout.decode import StaticDecoder
 
     model, tok = model_tok
     ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 2)
@@ -140,3 +141,94 @@ def test_merge_repads(model_tok):
     with torch.no_grad():
         lp = response_logprobs(model, m.sequences, m.attention_mask, m.prompt_len)
     assert ((lp - m.rollout_logprobs).abs() * m.action_mask).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# The engine (HFDecodeEngine) against a plain teacher-forced forward
+# ---------------------------------------------------------------------------------------
+
+MIXED = ["Hi", "What do you think of this movie? Tell me more.", "Describe the cat.", "Park?",
+         "How was the city at night, and the food?"]  # mixed lengths: left padding on most rows
+
+
+def teacher_forced(model, s):
+    """The plain forward over the generated sequences -> logits (B, R, V) at temperature 1."""
+    from rlhf_dist.online.experience import response_logits
+
+    with torch.no_grad():
+        return response_logits(model, s.sequences, s.attention_mask, s.prompt_len, 1.0).float()
+
+
+@pytest.mark.parametrize("static", [True, False])  # the StaticDecoder and the generic forward + DynamicCache
+@pytest.mark.parametrize("chunk", [None, 2])  # gen_batch_size: chunks re-padded into one batch
+def test_engine_greedy_matches_the_plain_forward(model_tok, static, chunk, monkeypatch):
+    from rlhf_dist.rollout import decode
+    from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
+
+    model, tok = model_tok
+    if not static:
+        monkeypatch.setattr(decode.StaticDecoder, "supports", classmethod(lambda cls, m, n: False))
+    ps = prompts(tok, MIXED)
+    engine = HFDecodeEngine(model)
+    s = engine.generate(ps, SamplingParams(max_new_tokens=10, top_k=1, batch_size=chunk), pad_id=tok.pad_token_id,
+                        eos_id=tok.eos_token_id)
+    assert len({len(p) for p in ps}) > 1 and s.sequences.shape[0] == len(ps)
+    for row, p in zip(s.sequences[:, :s.prompt_len], ps):  # left-padded prompts
+        assert row[s.prompt_len - len(p):].tolist() == p and (row[:s.prompt_len - len(p)] == tok.pad_token_id).all()
+    logits = teacher_forced(model, s)  # (B, R, V)
+    m = s.action_mask.bool()  # (B, R)
+    assert torch.equal(s.responses[m], logits.argmax(-1)[m])  # greedy: each token is the forward's argmax
+    ref = torch.log_softmax(logits, -1).gather(-1, s.responses[..., None]).squeeze(-1)  # (B, R)
+    torch.testing.assert_close(s.rollout_logprobs[m], ref[m], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("top_p,top_k", [(0.8, 0), (1.0, 5), (0.9, 8)])
+def test_engine_sampling_matches_the_plain_forward(model_tok, top_p, top_k):
+    """Sampled with top-p / top-k: every token lies in the truncated set of the plain forward's distribution,
+    its logprob is that forward's (untruncated, at the temperature), and a fixed generator repeats the batch."""
+    from rlhf_dist.online.experience import response_logprobs
+    from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
+
+    model, tok = model_tok
+    ps = prompts(tok, MIXED * 2)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=top_p, top_k=top_k)
+    engine = HFDecodeEngine(model)
+    a, b = (engine.generate(ps, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                            generator=torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.rollout_logprobs, b.rollout_logprobs)
+    probs = (teacher_forced(model, a) / sp.temperature).softmax(-1)  # (B, R, V)
+    m = a.action_mask.bool()  # (B, R)
+    for p_row, tok_id in zip(probs[m], a.responses[m]):  # (V,), ()
+        order = p_row.argsort(descending=True)
+        kept = order[:top_k] if top_k else order
+        q = p_row[kept] / p_row[kept].sum()  # renormalised after top-k
+        kept = kept[: int((q.cumsum(0) - q < top_p).sum())]  # the smallest prefix with mass >= top_p
+        assert tok_id in kept.tolist()
+    with torch.no_grad():
+        lp = response_logprobs(model, a.sequences, a.attention_mask, a.prompt_len, sp.temperature)
+    torch.testing.assert_close(a.rollout_logprobs[m], lp[m], atol=1e-4, rtol=0)
+
+
+def test_engine_weights_and_version_come_through_the_receiver(tiny):
+    """A sync into `named_weights` (the IPC path's plain-tensor buckets) then `update_weights`: the engine
+    generates as an engine built on the sender's weights, and stamps the new version."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
+    from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams
+
+    cfg = AutoConfig.from_pretrained(tiny["model"])
+    src, dst = (LlamaForCausalLM(cfg).eval() for _ in range(2))
+    tok = load_tokenizer(str(tiny["model"]))
+    engine = HFDecodeEngine(dst)
+    assert isinstance(engine, RolloutEngine) and engine.version == 0
+    sig = param_signature(src.named_parameters())
+    receiver = WeightReceiver(engine.named_weights(), sig, "rollout-0", bucket_bytes=1 << 14)
+    params = list(src.parameters())
+    for b, idx in enumerate(make_buckets(sig, 1 << 14)):
+        receiver.load_bucket(b, flatten([params[i] for i in idx]))
+    engine.update_weights(4)
+    ps, sp = prompts(tok, MIXED), SamplingParams(max_new_tokens=6, top_k=1)
+    got, want = (e.generate(ps, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+                 for e in (engine, HFDecodeEngine(src)))
+    assert torch.equal(got.sequences, want.sequences) and got.version == 4 and want.version == 0

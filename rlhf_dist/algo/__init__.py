@@ -12,5 +12,5 @@ from .advantages import (advantages_for, broadcast_to_tokens, compute_gae, grpo_
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimator_for, kl_penalty  # noqa: F401
 from .losses import (LOSS_AGG, aggregate_loss, dpo_loss, loss_units, pairwise_ranking_loss,  # noqa: F401
                      ppo_policy_loss, ppo_value_loss)
-from .stats import (RunningMoments, entropy_from_logits, logprobs_from_logits, masked_mean,  # noqa: F401
+from .stats import (RunningMoments, chunked_logprobs, entropy_from_logits, logprobs_from_logits, masked_mean,  # noqa: F401
                     masked_sum, masked_var, masked_whiten, response_lengths)

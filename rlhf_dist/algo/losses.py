@@ -21,12 +21,12 @@ def ppo_policy_loss(
     clip_range: float,
     agg: str = "token_mean",
     units: Optional[torch.Tensor | float] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:  # loss () scalar, stats
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # loss () scalar, stats () each
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), written as a loss:
         L = agg_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)),
     ratio_t = exp(logp_t - old_logp_t), reduced by `aggregate_loss(.., agg, units)`.
 
-    stats (plain floats, over valid tokens):
+    stats (0-dim tensors, so no host sync; over valid tokens):
     - clip_frac: fraction of tokens where the clipped term is the larger (active) one, i.e. the
       gradient through the ratio is cut off;
     - approx_kl: mean of 0.5 * (logp - old_logp)^2, the "k2" estimator of KL(pi_old || pi) from
@@ -45,12 +45,14 @@ def ppo_policy_loss(
     loss = aggregate_loss(torch.maximum(unclipped, clipped), valid, agg, units)
 
     with torch.no_grad():
-        n = int(valid.sum())
+        ratio_f = ratio.float()
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).float(), valid).item(),
-            "approx_kl": masked_mean(0.5 * log_ratio.float() ** 2, valid).item(),
-            "ratio_mean": masked_mean(ratio.float(), valid).item(),
-            "ratio_max": ratio.float()[valid.expand_as(ratio)].max().item() if n > 0 else 0.0,
+            "clip_frac": masked_mean((clipped > unclipped).float(), valid),
+            "approx_kl": masked_mean(0.5 * log_ratio.float() ** 2, valid),
+            "ratio_mean": masked_mean(ratio_f, valid),
+            # ratio > 0, so filling padding with 0 leaves the max over valid tokens (0 when there are none).
+            "ratio_max": torch.where(valid, ratio_f, torch.zeros((), device=ratio.device)).amax()
+            if ratio.numel() else torch.zeros((), device=ratio.device),
         }
     return loss, stats
 
@@ -61,12 +63,12 @@ def ppo_value_loss(
     returns: torch.Tensor,  # (B, T) GAE returns (regression targets)
     mask: torch.Tensor,  # (B, T)
     clip_range: float,
-) -> tuple[torch.Tensor, dict[str, float]]:  # loss () scalar, stats
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # loss () scalar, stats () each
     """Clipped value loss as in openai/baselines ppo2 and openai/lm-human-preferences:
         v_clip = old + clip(v - old, -eps, eps)
         L = 0.5 * mean_t max((v - R)^2, (v_clip - R)^2)
     The pessimistic max keeps the critic from moving far from its rollout-time values in one update.
-    stats: value_clip_frac, the fraction of valid tokens where the clipped error is the larger.
+    stats: value_clip_frac (0-dim tensor), the fraction of valid tokens where the clipped error is the larger.
     """
     valid = _valid(mask)
     old_values = old_values.detach()
@@ -76,7 +78,7 @@ def ppo_value_loss(
     err_clipped = (v_clipped - returns) ** 2  # (B, T)
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), valid)
     with torch.no_grad():
-        stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), valid).item()}
+        stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), valid)}
     return loss, stats
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 
 def _valid(mask: torch.Tensor) -> torch.Tensor:  # (...) -> (...) bool
@@ -126,6 +127,54 @@ def entropy_from_logits(
     if not _needs_upcast(logits):
         return _entropy_rows(logits)
     return torch.stack([_entropy_rows(row.float()) for row in logits])
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor,  # (n, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: Optional[torch.Tensor],  # (V,) or None
+    targets: torch.Tensor,  # (n,) long
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (n,) logprob of each target, (n,) entropy (empty without it)
+    # Project in the weights' dtype, then upcast half precision: the same numbers as `lm_head(h).float()`.
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (n, V)
+    logits = logits.float() if _needs_upcast(logits) else logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = logprobs_from_logits(logits[None], targets[None])[0]  # (n,)
+    entropy = _entropy_rows(logits) if with_entropy else logits.new_empty(0)  # (n,)
+    return logp, entropy
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,  # (N, H) final hidden states (after the last norm)
+    weight: torch.Tensor,  # (V, H) output projection (lm_head.weight)
+    targets: torch.Tensor,  # (N,) long, token ids in [0, V)
+    chunk: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    bias: Optional[torch.Tensor] = None,  # (V,) or None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # (N,) log p(target), (N,) entropy or None; float32 (or 64)
+    """`logprobs_from_logits` (and `entropy_from_logits`) of `hidden @ weight.T / temperature`, computed
+    `chunk` rows at a time so that only a (chunk, V) float32 slice of the logits ever exists. With
+    gradients each chunk is checkpointed: backward recomputes its logits instead of keeping every
+    chunk's, so neither pass holds the full (N, V)."""
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    logps, ents = [], []
+    for i in range(0, hidden.shape[0], chunk):
+        args = (hidden[i:i + chunk], weight, bias, targets[i:i + chunk], temperature, with_entropy)
+        if grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:  # N == 0
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
 def response_lengths(

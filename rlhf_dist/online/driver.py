@@ -26,7 +26,7 @@ from ..models import load_tokenizer
 from ..precision import recompute_old_logprobs
 from ..roles.calls import wait
 from ..roles.placement import ROLES
-from ..rollout import merge_samples, slice_samples
+from ..rollout.samples import merge_samples, slice_samples
 from .evaluation import held_out_metrics, load_eval_prompts
 from .experience import experience_stats, make_experience, process_scores
 from .prompts import PromptSampler, sample_ids_for

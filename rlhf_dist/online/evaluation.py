@@ -8,7 +8,7 @@ import torch
 
 from ..data import read_dataset, tokenize_prompts
 from ..roles.calls import wait
-from ..rollout import merge_samples, slice_samples
+from ..rollout.samples import merge_samples, slice_samples
 from .setup import split
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algo import advantages_for, kl_estimator_for, kl_penalty, logprobs_from_logits, masked_mean
+from ..algo import (advantages_for, chunked_logprobs, entropy_from_logits, kl_estimator_for, kl_penalty,
+                    logprobs_from_logits, masked_mean)
 from ..models import position_ids_from_mask, token_scalars
 
 
@@ -21,10 +22,65 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return logits if temperature == 1.0 else logits / temperature  # skip a pass over (B, R, V) when it is a no-op
 
 
+# Config fields of architectures whose logits are not just lm_head(hidden): they take the full-logits path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def plain_lm_head(model) -> torch.nn.Linear | None:
+    """The output projection when logits = lm_head(decoder(...).last_hidden_state), so chunks of positions can
+    be projected by hand; None otherwise: a wrapped (LoRA) lm_head, hooks on it (projecting by hand would skip
+    them), a logit transform in the config, or ZeRO-3 partitioned weights (gathered only by its forward hooks)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    if hasattr(head.weight, "ds_id"):
+        return None
+    if any(getattr(model.config, k, None) not in (None, 1.0) for k in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """(B, P+R) -> (B, R, H): the decoder's last hidden states at the positions that predict the response
+    tokens. `get_decoder` reaches through PEFT wrappers, whose LoRA layers sit inside the decoder."""
+    out = model.get_decoder()(input_ids=sequences, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state[:, prompt_len - 1:-1]  # (B, R, H)
+
+
+def response_logprobs_entropy(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
+                              entropy_rows: int | None = 0, chunk: int = 1024):
+    """(B, P+R) -> logprobs (B, R) of the response tokens and entropies (b, R) of the policy there.
+    `entropy_rows`: None = every row, differentiable with the logprobs; k = only the first k rows, without
+    gradient (a sample, for logging; no entropy and None returned for k = 0). The logits are projected
+    `chunk` positions at a time (`chunked_logprobs`), so no (B, R, V) float32 tensor exists, except for
+    models `plain_lm_head` rejects, which take the full-logits path."""
+    targets = sequences[:, prompt_len:]  # (B, R)
+    B, R = targets.shape
+    head = plain_lm_head(model)
+    if head is None:
+        logits = response_logits(model, sequences, attention_mask, prompt_len, temperature)  # (B, R, V)
+        logp = logprobs_from_logits(logits, targets)  # (B, R)
+        if entropy_rows == 0:
+            return logp, None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_rows is None):
+            return logp, entropy_from_logits(logits[:entropy_rows])  # (b, R)
+    hidden = response_hidden(model, sequences, attention_mask, prompt_len)  # (B, R, H)
+    H = hidden.shape[-1]
+    logp, entropy = chunked_logprobs(hidden.reshape(-1, H), head.weight, targets.reshape(-1), chunk, temperature,
+                                     with_entropy=entropy_rows is None, bias=head.bias)  # (B*R,) each
+    if entropy_rows == 0:
+        return logp.view(B, R), None
+    if entropy_rows is not None:
+        with torch.no_grad():  # one more projection, of k rows only
+            _, entropy = chunked_logprobs(hidden[:entropy_rows].reshape(-1, H), head.weight,
+                                          targets[:entropy_rows].reshape(-1), chunk, temperature, True, head.bias)
+    return logp.view(B, R), entropy.view(-1, R)
+
+
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:
     """(B, P+R) -> (B, R) logprob of each response token."""
-    logits = response_logits(model, sequences, attention_mask, prompt_len, temperature)  # (B, R, V)
-    return logprobs_from_logits(logits, sequences[:, prompt_len:])
+    return response_logprobs_entropy(model, sequences, attention_mask, prompt_len, temperature)[0]
 
 
 def response_values(critic, sequences, attention_mask, prompt_len: int) -> torch.Tensor:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..algo import (aggregate_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean,
-                    ppo_policy_loss, ppo_value_loss)
-from .experience import Experience, response_logits, response_values
+from ..algo import aggregate_loss, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
+from .experience import Experience, response_logprobs_entropy, response_values
 
 
 def token_weight(micro: Experience, minibatch_tokens: float, n_micro_total: int) -> float:
@@ -23,32 +22,34 @@ def token_weight(micro: Experience, minibatch_tokens: float, n_micro_total: int)
 
 def policy_loss(model, mb: Experience, *, clip_range: float, entropy_coef: float, temperature: float,
                 agg: str = "token_mean", units: float | None = None, scale: float = 1.0, kl_coef: float = 0.0,
-                kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, float]]:
+                kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate, plus `kl_coef` x the KL to the reference (with kl_in: loss; 0 otherwise), minus
-    the entropy bonus, each reduced by `agg` over `units` (the mini-batch's count; None = this batch's)."""
-    logits = response_logits(model, mb.sequences, mb.attention_mask, mb.prompt_len, temperature)  # (B, R, V)
-    logp = logprobs_from_logits(logits, mb.sequences[:, mb.prompt_len:])  # (B, R)
+    the entropy bonus, each reduced by `agg` over `units` (the mini-batch's count; None = this batch's).
+    Stats are 0-dim tensors (no host sync). With entropy_coef 0 the logged `entropy` is that of the first
+    sequence only, without gradient: a sample, which spares a vocabulary pass over the whole micro-batch."""
+    logp, entropy = response_logprobs_entropy(model, mb.sequences, mb.attention_mask, mb.prompt_len, temperature,
+                                              entropy_rows=None if entropy_coef > 0 else 1)  # (B, R), (b, R)
     mask = mb.action_mask  # (B, R)
     loss, stats = ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mask, clip_range, agg, units)
     if kl_coef > 0:
         kl = kl_penalty(logp, mb.ref_logprobs.to(logp.dtype), kl_estimator)  # (B, R), differentiated
         kl_term = aggregate_loss(kl, mask, agg, units)
         loss = loss + kl_coef * kl_term
-        stats["kl_loss"] = float(masked_mean(kl.detach(), mask))
-    with torch.set_grad_enabled(entropy_coef > 0):
-        entropy = entropy_from_logits(logits)  # (B, R)
+        stats["kl_loss"] = masked_mean(kl.detach(), mask)
     if entropy_coef > 0:
         loss = loss - entropy_coef * aggregate_loss(entropy, mask, agg, units)
-    stats["entropy"] = masked_mean(entropy.detach(), mask).item()
-    stats["policy_loss"] = loss.item()
-    stats["ratio_dev_max"] = (logp - mb.old_logprobs).abs().masked_fill(mask == 0, 0).max().exp().item() - 1
+    stats["entropy"] = masked_mean(entropy.detach(), mask[:entropy.shape[0]])
+    stats["policy_loss"] = loss.detach()
+    stats["ratio_dev_max"] = (logp.detach() - mb.old_logprobs).abs().masked_fill(mask == 0, 0).max().exp() - 1
     return loss * scale, stats
 
 
-def value_loss(model, mb: Experience, *, clip_range: float, weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def value_loss(model, mb: Experience, *, clip_range: float,
+               weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stats are 0-dim tensors (no host sync)."""
     values = response_values(model, mb.sequences, mb.attention_mask, mb.prompt_len)  # (B, R)
     loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip_range)
-    stats["value_loss"] = loss.item()
+    stats["value_loss"] = loss.detach()
     return loss * weight, stats
 
 

@@ -82,11 +82,15 @@ class RoleWorker:
 
 
 class RolloutWorker(RoleWorker):
+    """Generates through a `RolloutEngine` (the HF decoder here), which holds the weights and their version."""
+
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
         super().__init__("rollout", rank, config, num_cpus, device)
         from ..models import load_causal_lm
+        from ..rollout.engine import HFDecodeEngine, SamplingParams
 
-        self.model = load_causal_lm(model_dir, self.bf16).to(self.device).eval()
+        self.engine = HFDecodeEngine(load_causal_lm(model_dir, self.bf16).to(self.device))
+        self.sampling = SamplingParams.from_config(self.cfg)
         self.generator = torch.Generator(device=self.device)
         if self.cfg.gen_compile:
             from torch._inductor import config as inductor
@@ -95,29 +99,23 @@ class RolloutWorker(RoleWorker):
             inductor.compile_threads = self.threads
 
     def generate(self, prompts: list[list[int]], sample_ids: list[int], seed: int, pad_id: int, eos_id: int):
-        from ..rollout import generate_chunked
-
-        self.generator.manual_seed(seed)  # once per call: the chunks draw from it in order
-        c = self.cfg
-        return generate_chunked(self.model, prompts, c.gen_batch_size, pad_id=pad_id, eos_id=eos_id,
-                                max_new_tokens=c.gen_max_new_tokens, temperature=c.gen_temperature,
-                                top_p=c.gen_top_p, top_k=c.gen_top_k, min_new_tokens=c.gen_min_new_tokens,
-                                generator=self.generator, sample_ids=sample_ids, version=self.version,
-                                compiled=c.gen_compile)
+        self.generator.manual_seed(seed)  # once per call: the engine's chunks draw from it in order
+        return self.engine.generate(prompts, self.sampling, pad_id=pad_id, eos_id=eos_id, sample_ids=sample_ids,
+                                    generator=self.generator)
 
     def join_sync(self, signature: list, addr: str, port: int, group_rank: int | None, world: int,
                   backend: str) -> None:
         """Take weights by IPC (`group_rank` None) or as rank `group_rank` of the broadcast group."""
         from .weight_sync import Broadcast, WeightReceiver
 
-        self.receiver = WeightReceiver(self.model.named_parameters(), signature, f"rollout-{self.rank}")
+        self.receiver = WeightReceiver(self.engine.named_weights(), signature, f"rollout-{self.rank}")
         self.group = (None if group_rank is None else
                       Broadcast(addr, port, group_rank, world, backend, self.cfg.sync_timeout_s))
 
     def receive_weights(self, version: int) -> int:
         """Take the broadcast (a worker in the group); an IPC worker's buckets come by `load_bucket`."""
         moved = self.receiver.receive(self.group) if self.group is not None else 0
-        self.version = version
+        self.engine.update_weights(version)
         return moved
 
     def load_bucket(self, bucket: int, handle) -> int:

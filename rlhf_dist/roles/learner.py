@@ -108,11 +108,14 @@ class Learner(RoleWorker):
 
         c = self.cfg
         dev = self.engine.device
-        stats_sum: dict[str, float] = {}
+        # Stats stay 0-dim device tensors through the micro-batch loop and are read once at the end, so
+        # the loop adds no host synchronisation of its own.
+        stats_sum: dict[str, torch.Tensor] = {}
         n_steps = 0
-        first: dict[str, float] = {}
+        first: dict[str, torch.Tensor] = {}
         skipped_before = self.engine.skipped_steps
-        nonfinite_ids: list[int] = []
+        nonfinite: list[tuple[torch.Tensor, list[int]]] = []  # (loss not finite (), the micro-batch's ids)
+        grad_norm = 0.0
         for j, idx in enumerate(minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
             mb = exp.select(idx)
             tokens = float(mb.action_mask.sum())
@@ -121,8 +124,8 @@ class Learner(RoleWorker):
             mine = mb.select(list(range(self.rank * per_rank, (self.rank + 1) * per_rank)))
             for m in range(self.accum):
                 micro = mine.select(list(range(m * self.micro, (m + 1) * self.micro)))
+                w = token_weight(micro, tokens, self.world * self.accum)  # on the host, before the copy
                 micro = _to_device(micro, dev)
-                w = token_weight(micro, tokens, self.world * self.accum)
                 if self.kind == "policy":
                     loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
                                            entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature,
@@ -131,23 +134,32 @@ class Learner(RoleWorker):
                                            kl_estimator=kl_estimator_for(c.kl_in, c.kl_estimator))
                 else:
                     loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, weight=w)
-                if not torch.isfinite(loss):
-                    nonfinite_ids += micro.sample_ids
+                nonfinite.append((~torch.isfinite(loss.detach()), micro.sample_ids))
                 # A non-finite loss gives non-finite gradients; DeepSpeed's ZeRO-1/2 optimizer then skips
                 # the whole optimizer step (counted in engine.skipped_steps), so no NaN reaches the weights.
                 self.engine.backward(loss)
                 self.engine.step()
                 for k, v in st.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v
+                    v = v.detach().float()
+                    stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
                 if j == 0:
                     for k, v in st.items():
-                        first[k] = max(first.get(k, v), v) if k in ("ratio_max", "ratio_dev_max") else v
+                        v = v.detach().float()
+                        keep_max = k in first and k in ("ratio_max", "ratio_dev_max")
+                        first[k] = torch.maximum(first[k], v) if keep_max else v
                 n_steps += 1
             gn = self.engine.get_global_grad_norm()
-            stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + (float(gn) if gn is not None else 0.0) * self.accum
+            grad_norm += (float(gn) if gn is not None else 0.0) * self.accum
         keys = sorted(stats_sum)
-        totals = all_reduce_sum([stats_sum[k] for k in keys])
-        out = {k: v / (n_steps * self.world) for k, v in zip(keys, totals)}
+        first_keys = sorted(first)
+        # The one read of the step's statistics.
+        flat = torch.stack([stats_sum[k] for k in keys] + [first[k] for k in first_keys]
+                           + [bad.float() for bad, _ in nonfinite]).tolist() if nonfinite else []
+        totals = all_reduce_sum(flat[:len(keys)] + [grad_norm])
+        out = {k: v / max(n_steps * self.world, 1) for k, v in zip(keys + ["grad_norm"], totals)}
+        first = dict(zip(first_keys, flat[len(keys):len(keys) + len(first_keys)]))
+        bad_flags = flat[len(keys) + len(first_keys):]
+        nonfinite_ids = [i for bad, (_, ids) in zip(bad_flags, nonfinite) if bad for i in ids]
         out["skipped_steps"] = self.engine.skipped_steps - skipped_before
         out["nonfinite_ids"] = sorted(set(nonfinite_ids))
         out["params_finite"] = self.params_finite()

@@ -1,35 +1,15 @@
-"""rollout: prompts -> responses, with a KV cache, left-padded batches and no work on finished rows."""
+"""The HF decoder: prompts -> responses, with a KV cache, left-padded batches and no work on finished rows."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from .models import position_ids_from_mask
+from ..models import position_ids_from_mask
+from .samples import Samples, merge_samples
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Samples:
-    """What the rollout role returns for a batch of prompts."""
-
-    sequences: torch.Tensor  # (B, P+R) long: left-padded prompt, then right-padded response
-    attention_mask: torch.Tensor  # (B, P+R) long: 1 on real prompt and response tokens
-    action_mask: torch.Tensor  # (B, R) long: 1 on generated tokens, eos included
-    rollout_logprobs: torch.Tensor  # (B, R) float: logprob of each sampled token under the rollout weights
-    prompt_len: int  # P
-    sample_ids: list[int]  # index of each row's prompt in the prompt file
-    version: int  # weight version that generated the batch
-
-    @property
-    def responses(self) -> torch.Tensor:  # (B, R)
-        return self.sequences[:, self.prompt_len:]
-
-    def __len__(self) -> int:
-        return self.sequences.shape[0]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +40,9 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
         sorted_lp, order = torch.sort(filtered, descending=True)  # (N, V)
-        cum = sorted_lp.exp().cumsum(-1)
-        drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
+        # Mass renormalised over what top-k and the ban left, as HF's and vLLM's top-p see it.
+        probs = sorted_lp.softmax(-1)  # (N, V)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
     # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per vocabulary
     # entry, which took 12% of a decode step here (scripts/bench_ppo.py --decode).
@@ -313,24 +294,6 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     )
 
 
-def merge_samples(parts: list[Samples], pad_id: int) -> Samples:
-    """Concatenate rollouts of several workers, re-padding prompts (left) and responses (right)."""
-    if len(parts) == 1:
-        return parts[0]
-    P = max(s.prompt_len for s in parts)
-    R = max(s.action_mask.shape[1] for s in parts)
-
-    def pad(s: Samples):
-        lp, rp = P - s.prompt_len, R - s.action_mask.shape[1]
-        seq = torch.nn.functional.pad(s.sequences, (lp, rp), value=pad_id)
-        attn = torch.nn.functional.pad(s.attention_mask, (lp, rp), value=0)
-        return seq, attn, torch.nn.functional.pad(s.action_mask, (0, rp)), torch.nn.functional.pad(s.rollout_logprobs, (0, rp))
-
-    cols = list(zip(*(pad(s) for s in parts)))
-    return Samples(torch.cat(cols[0]), torch.cat(cols[1]), torch.cat(cols[2]), torch.cat(cols[3]), P,
-                   [i for s in parts for i in s.sample_ids], min(s.version for s in parts))
-
-
 def generate_chunked(model, prompts: list[list[int]], chunk: int | None, *, pad_id: int,
                      sample_ids: list[int] | None = None, **kw) -> Samples:
     """`generate` over chunks of `chunk` prompts (None = all at once), merged in prompt order: only one
@@ -341,8 +304,3 @@ def generate_chunked(model, prompts: list[list[int]], chunk: int | None, *, pad_
     parts = [generate(model, prompts[i:i + size], pad_id=pad_id, sample_ids=ids[i:i + size], **kw)
              for i in range(0, len(prompts), size)]
     return merge_samples(parts, pad_id)
-
-
-def slice_samples(s: Samples, start: int, end: int) -> Samples:
-    return Samples(s.sequences[start:end], s.attention_mask[start:end], s.action_mask[start:end],
-                   s.rollout_logprobs[start:end], s.prompt_len, s.sample_ids[start:end], s.version)
