@@ -63,10 +63,11 @@ def ppo_value_loss(
     returns: torch.Tensor,  # (B, T) GAE returns (regression targets)
     mask: torch.Tensor,  # (B, T)
     clip_range: float,
+    units: Optional[torch.Tensor | float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # loss () scalar, stats () each
     """Clipped value loss as in openai/baselines ppo2 and openai/lm-human-preferences:
         v_clip = old + clip(v - old, -eps, eps)
-        L = 0.5 * mean_t max((v - R)^2, (v_clip - R)^2)
+        L = 0.5 * mean_t max((v - R)^2, (v_clip - R)^2), the mean over `units` tokens (default: this batch's)
     The pessimistic max keeps the critic from moving far from its rollout-time values in one update.
     stats: value_clip_frac (0-dim tensor), the fraction of valid tokens where the clipped error is the larger.
     """
@@ -76,7 +77,7 @@ def ppo_value_loss(
     v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)  # (B, T)
     err = (values - returns) ** 2  # (B, T)
     err_clipped = (v_clipped - returns) ** 2  # (B, T)
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), valid)
+    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), valid, "token_mean", units)
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), valid)}
     return loss, stats

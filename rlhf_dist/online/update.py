@@ -14,12 +14,6 @@ from ..algo import aggregate_loss, kl_penalty, masked_mean, ppo_policy_loss, ppo
 from .experience import Experience, response_logprobs_entropy, response_values
 
 
-def token_weight(micro: Experience, minibatch_tokens: float, n_micro_total: int) -> float:
-    """Scale of a micro-batch's token-mean loss so that the averaged gradient is the mini-batch token mean.
-    `n_micro_total` = world size x accumulation steps (DeepSpeed divides by both)."""
-    return float(micro.action_mask.sum()) / max(minibatch_tokens, 1.0) * n_micro_total
-
-
 def policy_loss(model, mb: Experience, *, clip_range: float, entropy_coef: float, temperature: float,
                 agg: str = "token_mean", units: float | None = None, scale: float = 1.0, kl_coef: float = 0.0,
                 kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -39,18 +33,19 @@ def policy_loss(model, mb: Experience, *, clip_range: float, entropy_coef: float
     if entropy_coef > 0:
         loss = loss - entropy_coef * aggregate_loss(entropy, mask, agg, units)
     stats["entropy"] = masked_mean(entropy.detach(), mask[:entropy.shape[0]])
-    stats["policy_loss"] = loss.detach()
+    stats["policy_loss"] = loss.detach() * scale  # the mean's equivalent: the learner averages over micro-steps
     stats["ratio_dev_max"] = (logp.detach() - mb.old_logprobs).abs().masked_fill(mask == 0, 0).max().exp() - 1
     return loss * scale, stats
 
 
-def value_loss(model, mb: Experience, *, clip_range: float,
-               weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stats are 0-dim tensors (no host sync)."""
+def value_loss(model, mb: Experience, *, clip_range: float, units: float | None = None,
+               scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped value loss, a token mean over `units` tokens (the mini-batch's; None = this batch's).
+    Stats are 0-dim tensors (no host sync)."""
     values = response_values(model, mb.sequences, mb.attention_mask, mb.prompt_len)  # (B, R)
-    loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip_range)
-    stats["value_loss"] = loss.detach()
-    return loss * weight, stats
+    loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip_range, units)
+    stats["value_loss"] = loss.detach() * scale  # the mean's equivalent, as policy_loss logs it
+    return loss * scale, stats
 
 
 def minibatches(n: int, mini_batch_size: int, epochs: int, seed: int) -> list[list[int]]:

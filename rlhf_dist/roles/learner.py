@@ -104,7 +104,7 @@ class Learner(RoleWorker):
         `kl_coef`: the KL term's weight in the policy loss (with kl_in: loss)."""
         from ..distributed import all_reduce_sum
         from ..algo import kl_estimator_for, loss_units
-        from ..online.update import minibatches, policy_loss, token_weight, value_loss
+        from ..online.update import minibatches, policy_loss, value_loss
 
         c = self.cfg
         dev = self.engine.device
@@ -124,7 +124,6 @@ class Learner(RoleWorker):
             mine = mb.select(list(range(self.rank * per_rank, (self.rank + 1) * per_rank)))
             for m in range(self.accum):
                 micro = mine.select(list(range(m * self.micro, (m + 1) * self.micro)))
-                w = token_weight(micro, tokens, self.world * self.accum)  # on the host, before the copy
                 micro = _to_device(micro, dev)
                 if self.kind == "policy":
                     loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
@@ -133,7 +132,8 @@ class Learner(RoleWorker):
                                            kl_coef=kl_coef if c.kl_in == "loss" else 0.0,
                                            kl_estimator=kl_estimator_for(c.kl_in, c.kl_estimator))
                 else:
-                    loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, weight=w)
+                    loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, units=tokens,
+                                          scale=self.world * self.accum)
                 nonfinite.append((~torch.isfinite(loss.detach()), micro.sample_ids))
                 # A non-finite loss gives non-finite gradients; DeepSpeed's ZeRO-1/2 optimizer then skips
                 # the whole optimizer step (counted in engine.skipped_steps), so no NaN reaches the weights.
