@@ -32,18 +32,29 @@ def set_threads(num_cpus: float) -> int:
 
 
 def ds_config(*, micro_batch: int, grad_accum: int, world_size: int, zero_stage: int, grad_clip: float,
-              bf16: bool) -> dict:
-    """DeepSpeed config (https://www.deepspeed.ai/docs/config-json/); the optimizer is a torch one we pass in."""
-    return {
+              bf16: bool, offload_optimizer: bool = False) -> dict:
+    """DeepSpeed config (https://www.deepspeed.ai/docs/config-json/); the optimizer is a torch one we pass in.
+
+    offload_optimizer: ZeRO-Offload of the optimizer states and step to CPU memory (zero_stage >= 1). DeepSpeed
+    refuses a client optimizer with it unless zero_force_ds_cpu_optimizer is false: the step then stays our
+    torch AdamW (fused, on the CPU's fp32 partitions) instead of DeepSpeedCPUAdam, whose op compiles first."""
+    zero: dict = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if offload_optimizer:
+        if zero_stage == 0:
+            raise ValueError("offload_optimizer: true needs zero_stage >= 1, but zero_stage is 0")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -59,8 +70,10 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def make_engine(model, *, lr: float, total_steps: int, warmup_steps: int, micro_batch: int, grad_accum: int,
-                zero_stage: int, grad_clip: float, bf16: bool, params=None, constant_lr: bool = False):
-    """A DeepSpeed engine over `model` (the default process group is its data-parallel group)."""
+                zero_stage: int, grad_clip: float, bf16: bool, params=None, constant_lr: bool = False,
+                offload_optimizer: bool = False):
+    """A DeepSpeed engine over `model` (the default process group is its data-parallel group);
+    `offload_optimizer`: ZeRO-Offload of the optimizer to CPU memory (`ds_config`)."""
     import deepspeed
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -71,7 +84,7 @@ def make_engine(model, *, lr: float, total_steps: int, warmup_steps: int, micro_
     schedule = (lambda step: 1.0) if constant_lr else cosine_with_warmup(total_steps, warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     config = ds_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=world, zero_stage=zero_stage,
-                       grad_clip=grad_clip, bf16=bf16)
+                       grad_clip=grad_clip, bf16=bf16, offload_optimizer=offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     if world == 1 and zero_stage == 0 and not bf16:
         # One rank has nothing to all-reduce, yet ZeRO-0's backward still copies every gradient into a
@@ -79,6 +92,23 @@ def make_engine(model, *, lr: float, total_steps: int, warmup_steps: int, micro_
         # Not under ZeRO-1/2, whose reduce step fills the optimizer's own buffers, nor bf16 (not measured).
         engine.enable_backward_allreduce = False
     return engine
+
+
+def accumulate(engine, n: int):
+    """Yield 0..n-1 for the n micro-batches of one optimizer step, after setting DeepSpeed's accumulation
+    boundary for each (the last one is it), so a step may have any number of micro-batches (packed steps
+    do). The caller runs each micro-batch's forward and `engine.backward(loss, scale_wrt_gas=False)`, its
+    loss already carrying its share of the step; this then calls `engine.step()`, which applies the update
+    at the boundary."""
+    for i in range(n):
+        engine.set_gradient_accumulation_boundary(i == n - 1)
+        # What engine.forward does before a forward, which the steps bypass (they call the module, or its
+        # decoder and head, directly). Without it ZeRO-3 never advances its micro-step id, so each backward
+        # overwrote the gradient partitions instead of adding to them: only the last micro-batch counted.
+        if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+            engine.optimizer.clear_backward_seen_flag()
+        yield i
+        engine.step()
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -93,11 +123,20 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum over the default group's ranks. NCCL reduces only CUDA tensors, gloo CPU ones."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Elementwise maximum over the default group's ranks."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], op) -> list[float]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 

@@ -232,11 +232,11 @@ def seq_logprobs(model, batches: list, device: str, temperature: float) -> torch
 class RewardScorer:
     """The run's reward model, scoring the policy's tokens directly when the tokenizers agree."""
 
-    def __init__(self, path: str, policy_tok, bf16: bool, device: str):
+    def __init__(self, path: str, policy_tok, bf16: bool, device: str, attn_implementation: str = "sdpa"):
         from .models import load_scalar_model, load_tokenizer
 
         self.tok = load_tokenizer(path)
-        self.model = load_scalar_model(path, bf16, self.tok.pad_token_id).to(device).eval()
+        self.model = load_scalar_model(path, bf16, self.tok.pad_token_id, attn_implementation).to(device).eval()
         self.device = device
         # As in PPO's reward role: re-tokenising is only needed when vocabulary or template differ.
         self.same_tokens = (self.tok.get_vocab() == policy_tok.get_vocab()
@@ -344,8 +344,9 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
     tok = load_tokenizer(cfg.tokenizer_path or start)
     data = resolve_eval_data(cfg, data_path)
     es = load_eval_set(tok, data, num_prompts, cfg.max_length)
-    ref_model = load_causal_lm(reference, bf16).to(device).eval()
-    rm = RewardScorer(reward_model, tok, bf16, device) if reward_model else None
+    attn = cfg.attn_implementation
+    ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
+    rm = RewardScorer(reward_model, tok, bf16, device, attn) if reward_model else None
 
     cache: dict[str, dict[str, Any]] = {}  # resolved model dir -> raw results, so a dir is evaluated once
 
@@ -355,7 +356,7 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
             return cache[key]
         t0 = time.time()
         same_as_ref = key == str(Path(reference).resolve())
-        model = ref_model if same_as_ref else load_causal_lm_or_adapter(path, bf16, start).to(device).eval()
+        model = ref_model if same_as_ref else load_causal_lm_or_adapter(path, bf16, start, attn).to(device).eval()
         batches = sample(model, es, tok, cfg, device, batch_size)
         responses = decode(tok, batches)
         lp = seq_logprobs(model, batches, device, cfg.gen_temperature)  # (N,)

@@ -95,24 +95,52 @@ def _dtype(bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def load_causal_lm(path: str, bf16: bool = False):
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # the config's attn_implementation
+
+
+def check_attn_implementation(attn_implementation: str) -> None:
+    """Refuse an unknown attention kernel, or flash_attention_2 without the flash-attn package, before a
+    model loads (transformers would otherwise fail mid-load, or try to fetch a kernel from the hub)."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelError(f"attn_implementation: {attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelError("attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+                             "importable in this process; use sdpa")
+
+
+def load_causal_lm(path: str, bf16: bool = False, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     _check_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(bf16), use_safetensors=True)
+    check_attn_implementation(attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(bf16), use_safetensors=True,
+                                                attn_implementation=_kernel(attn_implementation))
 
 
-def load_scalar_model(path: str, bf16: bool = False, pad_token_id: int | None = None):
+def _kernel(attn_implementation: str) -> str:
+    """What transformers loads for the config's attn_implementation: sdpa as `attention.VARLEN_SDPA` (the
+    same, plus sequence boundaries for packed rows)."""
+    from .attention import register
+
+    return register() if attn_implementation == "sdpa" else attn_implementation
+
+
+def load_scalar_model(path: str, bf16: bool = False, pad_token_id: int | None = None,
+                      attn_implementation: str = "sdpa"):
     """A reward/critic model: a backbone plus a 1-output `score` head (new if `path` is a causal LM)."""
     import transformers
     from transformers import AutoModelForSequenceClassification
 
     _check_dir(path)
+    check_attn_implementation(attn_implementation)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=_dtype(bf16), use_safetensors=True)
+            path, num_labels=1, dtype=_dtype(bf16), use_safetensors=True, attn_implementation=_kernel(attn_implementation))
     finally:
         transformers.logging.set_verbosity(verbosity)
     if pad_token_id is not None and model.config.pad_token_id is None:
@@ -122,17 +150,38 @@ def load_scalar_model(path: str, bf16: bool = False, pad_token_id: int | None = 
     return model
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (the config's gradient_checkpointing), on the
+    plain HF model before any LoRA wrap. Non-reentrant checkpointing needs no input that requires grad, so a
+    LoRA model (frozen embeddings) gets its adapters' gradients too, and the gradients equal those without."""
+    model = unwrap(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    """Whether `enable_gradient_checkpointing` is on for `model` (either transformers name of the flag)."""
+    model = unwrap(model)
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, flag))
+
+
 def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token scalar outputs of a reward/critic model: (B, T) -> (B, T)."""
+def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed=None) -> torch.Tensor:
+    """Per-token scalar outputs of a reward/critic model: (B, T) -> (B, T). `packed`: the forward runs
+    over the batch's packed layout (`packing.Packed`)."""
+    from .packing import forward, padded
+
     model = unwrap(model)  # LoRA: the HF model, its adapter layers in place
-    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
-    return model.score(hidden).squeeze(-1).float()  # (B, T)
+    hidden = forward(backbone(model), input_ids, attention_mask, packed).last_hidden_state  # (rows, T, H)
+    return padded(model.score(hidden).squeeze(-1).float(), packed)  # (B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -142,9 +191,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (pos * attention_mask.long()).argmax(-1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed=None) -> torch.Tensor:
     """Reward model score at the last real token: (B, T) -> (B,)."""
-    values = token_scalars(model, input_ids, attention_mask)  # (B, T)
+    values = token_scalars(model, input_ids, attention_mask, packed)  # (B, T)
     idx = last_token_index(attention_mask)  # (B,)
     return values.gather(1, idx[:, None]).squeeze(1)
 
@@ -187,11 +236,11 @@ def load_lora(model, adapter_dir: str | os.PathLike):
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
-def load_causal_lm_or_adapter(path: str, bf16: bool, base: str):
+def load_causal_lm_or_adapter(path: str, bf16: bool, base: str, attn_implementation: str = "sdpa"):
     """A causal LM directory, or a LoRA adapter directory (a LoRA run's PPO iteration) merged onto `base`."""
     if not (Path(path) / "adapter_config.json").is_file():
-        return load_causal_lm(path, bf16)
-    return load_lora(load_causal_lm(base, bf16), path).merge_and_unload()
+        return load_causal_lm(path, bf16, attn_implementation)
+    return load_lora(load_causal_lm(base, bf16, attn_implementation), path).merge_and_unload()
 
 
 def is_lora(model) -> bool:

@@ -12,5 +12,5 @@ PYTHONPATH="$PWD/$floor" python - <<'PY'
 import transformers
 assert transformers.__version__ == "4.56.2", transformers.__version__
 PY
-PYTHONPATH="$PWD/$floor" python -m pytest -q -p no:cacheprovider tests/test_tiny.py tests/test_rollout.py \
+PYTHONPATH="$PWD/$floor" python -m pytest -q -p no:cacheprovider tests/test_tiny.py tests/test_rollout.py tests/test_packing.py \
   tests/test_forward_batching.py tests/test_data.py

@@ -23,6 +23,27 @@ def tiny(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, hidden_size=64, num_layers=2, intermediate_size=128)
 
 
+@pytest.fixture
+def gloo_group():
+    """A one-rank gloo group for a test's DeepSpeed engines, destroyed after it. DeepSpeed caches a clone of
+    the world group, which is forgotten too, so that a later test can start a group of its own."""
+    import sys
+
+    import torch.distributed as dist
+
+    from rlhf_dist.distributed import init_local_group_env
+    from rlhf_dist.roles.calls import free_port
+
+    init_local_group_env(0, 1, "127.0.0.1", free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray on loopback for one test module; shut down after it (never `ray stop`)."""

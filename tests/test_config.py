@@ -37,6 +37,8 @@ def test_seed_field_names_load(tmp_path):
     ({"wandb": {"name": "../../x"}}, "wandb.name"),
     ({"wandb": {"group": "a/b"}}, "wandb.group"),
     ({"kl_max": 0}, "kl_max"),
+    ({"sft_max_tokens_per_micro_batch": 0}, "sft_max_tokens_per_micro_batch"),
+    ({"ppo_max_tokens_per_micro_batch": 512, "ppo_micro_batch_size": 4}, "ppo_max_tokens_per_micro_batch: set it"),
 ])
 def test_bad_values_name_the_field(bad, needle):
     with pytest.raises(ConfigError) as e:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from rlhf_dist.data import encode_prompt
-from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.models import load_causal_lm, load_tokenizer
+from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.rollout.decode import generate
 from rlhf_dist.rollout.samples import merge_samples
 
@@ -74,7 +74,7 @@ def test_compiled_decode_matches_eager_with_padding_and_early_eos(model_tok):
     model, tok = model_tok
     ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 2)
     assert StaticDecoder.supports(model, 64)
-    kw = dict(pad_id=tok.pad_token_id, max_new_tokens=20, top_k=1)
+    kw = {"pad_id": tok.pad_token_id, "max_new_tokens": 20, "top_k": 1}
     free = generate(model, ps, eos_id=-1, **kw)  # no eos: every row runs 20 tokens
     # An "eos" that row 0 emits at its 6th token and some other rows never emit, so rows finish at
     # different steps (the greedy random model repeats itself, so the first occurrence is what counts).
@@ -214,7 +214,12 @@ def test_engine_weights_and_version_come_through_the_receiver(tiny):
     generates as an engine built on the sender's weights, and stamps the new version."""
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
+    from rlhf_dist.roles.weight_sync import (
+        WeightReceiver,
+        flatten,
+        make_buckets,
+        param_signature,
+    )
     from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams
 
     cfg = AutoConfig.from_pretrained(tiny["model"])

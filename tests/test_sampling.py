@@ -30,7 +30,7 @@ def draws(x: torch.Tensor, n: int, **kw) -> torch.Tensor:
     return torch.stack([sample_token(x, generator=g, **kw)[0] for _ in range(n)])
 
 
-@pytest.mark.parametrize("kw", [dict(top_p=1.0, top_k=1), dict(top_p=1e-6, top_k=0), dict(top_p=1e-6, top_k=5)])
+@pytest.mark.parametrize("kw", [{"top_p": 1.0, "top_k": 1}, {"top_p": 1e-6, "top_k": 0}, {"top_p": 1e-6, "top_k": 5}])
 def test_top_k_one_and_tiny_top_p_are_argmax(kw):
     x = logits(8)
     tokens = draws(x, 20, temperature=1.0, **kw)  # (20, 8)
@@ -91,3 +91,36 @@ def test_same_generator_seed_same_tokens():
     x = logits(8)
     a, b = (sample_token(x, 1.0, 0.9, 20, torch.Generator().manual_seed(5))[0] for _ in range(2))
     assert torch.equal(a, b)
+
+
+def reference_truncated(logp: torch.Tensor, top_p: float, top_k: int, ban: int | None) -> torch.Tensor:
+    """The straightforward truncation over the whole vocabulary: ban, mask below the k-th largest, sort
+    everything for top-p -> logprobs (N, V) with -inf where cut."""
+    x = logp.clone()
+    if ban is not None:
+        x[:, ban] = float("-inf")
+    if top_k:
+        x = x.masked_fill(x < x.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+    if top_p < 1.0:
+        s, order = x.sort(-1, descending=True)
+        probs = s.softmax(-1)
+        x = x.scatter(-1, order, s.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf")))
+    return x
+
+
+@pytest.mark.parametrize("top_p,top_k,ban", [(1.0, 7, None), (0.6, 0, None), (0.9, 12, 3), (0.5, 40, None),
+                                            (0.95, 0, 1), (1.0, 0, 2)])
+def test_truncate_keeps_the_reference_distribution(top_p, top_k, ban):
+    """The topk-based path (no sort of the vocabulary when top_k is set) leaves exactly the distribution the
+    full-vocabulary reference leaves, on random logits without ties."""
+    from rlhf_dist.rollout.decode import truncate
+
+    x = torch.randn((16, 1000), generator=torch.Generator().manual_seed(top_k)) * 2  # continuous: no ties
+    logp = torch.log_softmax(x, -1)
+    cand, idx = truncate(logp, top_p, top_k, ban)  # (16, C)
+    if top_k:
+        assert cand.shape == (16, top_k)
+    got = cand.softmax(-1) if idx is None else torch.zeros_like(logp).scatter(1, idx, cand.softmax(-1))
+    want = reference_truncated(logp, top_p, top_k, ban).softmax(-1)
+    assert torch.equal(got > 0, want > 0)  # the same kept set
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

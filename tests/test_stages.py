@@ -87,37 +87,37 @@ def test_frozen_backbone_only_moves_the_head(tiny, tmp_path, local_ray):
             assert torch.equal(v, init[k]), k
 
 
-def test_engine_steps_like_torch(tiny):
-    """A DeepSpeed engine (ZeRO-0, one rank, fused AdamW) with two accumulated micro-batches takes the step
-    of plain torch: the mean gradient, clipped, through AdamW."""
+@pytest.mark.parametrize("stage", [0, 3])
+def test_engine_steps_like_torch(tiny, stage, gloo_group):
+    """A DeepSpeed engine (one rank, fused AdamW) with two accumulated micro-batches takes the step of plain
+    torch: the mean gradient, clipped, through AdamW. The loop owns the boundary (one step() after the
+    micro-batches, each loss carrying its own 1/2: `accumulate`), and calls the module itself, not the
+    engine, as the learners do. Under ZeRO-3 that once lost every micro-batch's gradient but the last."""
     import copy
 
-    import torch.distributed as dist
+    import deepspeed
 
-    from rlhf_dist.distributed import init_local_group_env, make_engine
+    from rlhf_dist.distributed import accumulate, make_engine
     from rlhf_dist.models import load_causal_lm
-    from rlhf_dist.roles.calls import free_port
 
     model = load_causal_lm(str(tiny["model"]))
     ref = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids = torch.randint(0, model.config.vocab_size, (4, 12))  # (B, T)
-    init_local_group_env(0, 1, "127.0.0.1", free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        engine = make_engine(model, lr=1e-2, total_steps=1, warmup_steps=0, micro_batch=2, grad_accum=2,
-                             zero_stage=0, grad_clip=0.1, bf16=False, constant_lr=True)
-        for half in (ids[:2], ids[2:]):
-            engine.backward(engine(input_ids=half, labels=half, use_cache=False).loss)
-            engine.step()
-    finally:
-        dist.destroy_process_group()
+    ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))  # (B, T)
+    engine = make_engine(model, lr=1e-2, total_steps=1, warmup_steps=0, micro_batch=2, grad_accum=2,
+                         zero_stage=stage, grad_clip=0.1, bf16=False, constant_lr=True)
+    for i in accumulate(engine, 2):
+        half = ids[2 * i:2 * i + 2]
+        engine.backward(engine.module(input_ids=half, labels=half, use_cache=False).loss / 2, scale_wrt_gas=False)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     for half in (ids[:2], ids[2:]):
         (ref(input_ids=half, labels=half, use_cache=False).loss / 2).backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
     opt.step()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, p), q in zip(after.items(), ref.parameters()):
+        # Steps are about lr = 1e-2; AdamW's direction on a near-zero gradient amplifies float noise.
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
         if name.endswith("proj.weight"):
             assert not torch.equal(p, before[name]), name

@@ -3,6 +3,10 @@
 Under ZeRO-3 each learner holds only a partition of every parameter: the weight sync gathers each bucket,
 the health check reads the partitions, and the saves consolidate them. The rollout's logprobs are checked
 against the learner's recomputed ones every iteration, so a sync that sent nothing would show.
+
+The ZeRO-3 run packs its micro-batches (ppo_max_tokens_per_micro_batch: 32, about one sample each, so the
+ranks plan different counts and must agree on one: ZeRO-3 forwards are collectives), and still agrees with
+the padded ZeRO-1 and ZeRO-2 runs on the first iteration's losses.
 """
 
 import json
@@ -26,7 +30,8 @@ def config(tiny, save, stage: int, iterations: int):
     return load_config(base_config(
         tiny, save, zero_stage=stage, ppo_iterations=iterations, save_interval=2, ppo_batch_size=8,
         ppo_mini_batch_size=4, gen_max_new_tokens=8, ppo_lr_policy=5e-4, reward_fn="rlhf_dist.demo:positivity_reward",
-        reward_model_weight=0.0, ppo_recompute_old_logprobs=True, roles=ROLES))
+        reward_model_weight=0.0, ppo_recompute_old_logprobs=True, roles=ROLES,
+        ppo_max_tokens_per_micro_batch=32 if stage == 3 else None))
 
 
 @pytest.fixture(scope="module")

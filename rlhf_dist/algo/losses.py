@@ -95,7 +95,7 @@ def pairwise_ranking_loss(
     preference is clearer. The centering term pulls the mean reward towards 0: the ranking loss is
     invariant to a constant shift, so without it the reward's offset drifts freely.
     -log sigmoid(x) is computed as softplus(-x), which is stable for large |x|.
-    stats: accuracy (fraction with r_c > r_r) and margin_mean (mean r_c - r_r), plain floats.
+    stats: accuracy (fraction with r_c > r_r) and margin_mean (mean r_c - r_r), 0-dim tensors (no host sync).
     """
     diff = r_chosen - r_rejected  # (B,)
     logits = diff if margin is None else diff - margin.to(device=diff.device, dtype=diff.dtype)
@@ -104,8 +104,8 @@ def pairwise_ranking_loss(
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     with torch.no_grad():
         stats = {
-            "accuracy": (diff > 0).float().mean().item(),
-            "margin_mean": diff.float().mean().item(),
+            "accuracy": (diff > 0).float().mean(),
+            "margin_mean": diff.float().mean(),
         }
     return loss, stats
 

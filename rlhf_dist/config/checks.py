@@ -34,6 +34,10 @@ def config_errors(cfg) -> list[str]:
                 f"{stage}_batch_size: {batch} is not a multiple of "
                 f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
             )
+    for stage in ("sft", "reward", "dpo", "ppo"):
+        if getattr(cfg, f"{stage}_max_tokens_per_micro_batch") and getattr(cfg, f"{stage}_micro_batch_size"):
+            errors.append(f"{stage}_max_tokens_per_micro_batch: set it (packed micro-batches) or "
+                          f"{stage}_micro_batch_size (padded ones), not both")
     errors += stage_errors(cfg)
     samples = cfg.ppo_batch_size * cfg.n_samples_per_prompt
     if samples % cfg.ppo_mini_batch_size:
@@ -72,6 +76,23 @@ def config_errors(cfg) -> list[str]:
         errors.append("ppo_recompute_old_logprobs: true removes ppo_overlap_rollout's off-policy correction (the "
                       "rollout's logprobs carry the one-step lag); use one or the other")
     errors += lora_errors(cfg)
+    errors += learner_option_errors(cfg)
+    return errors
+
+
+def learner_option_errors(cfg) -> list[str]:
+    """attn_implementation and offload_optimizer settings that cannot run; found before any model loads."""
+    errors = []
+    if cfg.attn_implementation == "flash_attention_2":  # flash_attn's import is checked where models load
+        if cfg.device in ("cpu", "mps"):
+            errors.append(f"attn_implementation: flash_attention_2 needs a CUDA GPU, but device is {cfg.device}; "
+                          "use sdpa")
+        elif cfg.bf16 is False:
+            errors.append("attn_implementation: flash_attention_2 runs only in bf16 or fp16, but bf16 is false; "
+                          "use sdpa, or bf16: auto")
+    if cfg.offload_optimizer and cfg.zero_stage == 0:
+        errors.append("offload_optimizer: true needs zero_stage >= 1 (ZeRO owns the optimizer states it "
+                      "offloads), but zero_stage is 0")
     return errors
 
 

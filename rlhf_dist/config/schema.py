@@ -121,6 +121,23 @@ class RLHFConfig(_Strict):
     bf16: Literal["auto"] | bool = "auto"
     """Train and generate in bfloat16. auto: bf16 on CUDA, float32 elsewhere (logged at start); true
     without a GPU is an error. A role placed on the CPU in a GPU run (0 GPUs) stays in float32."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of every model the run loads (learners, rollout, reference, reward, eval), passed to
+    Hugging Face's from_pretrained. sdpa: torch's scaled_dot_product_attention (CPU and GPU); packed
+    micro-batches (`*_max_tokens_per_micro_batch`) then attend per sequence in one row, through torch's flash
+    varlen kernel on CUDA in bf16 (rlhf_dist/attention.py). eager: the model's plain matmul-softmax code
+    (packed rows under a block mask). flash_attention_2: the flash-attn package's kernels, CUDA and bf16
+    only; a worker where flash_attn is not importable fails before loading a model (it is not a dependency,
+    and the driver need not have it)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (HF
+    gradient_checkpointing_enable, non-reentrant) in the trained models only: SFT, the reward model, DPO,
+    PPO's policy and critic. Less activation memory for one more forward per step; same gradients."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the optimizer states (AdamW's moments and the fp32 master weights) and run the
+    optimizer step in CPU memory instead of on the GPU (DeepSpeed's zero_optimization.offload_optimizer,
+    device cpu, pinned memory). In bf16 it frees 12 bytes of GPU memory per trained parameter; each step moves the
+    gradients to the CPU and the weights back. Needs zero_stage >= 1. The step stays a torch AdamW."""
 
     # --- LoRA -----------------------------------------------------------------------------
     lora_rank: NonNegInt = 0
@@ -162,6 +179,12 @@ class RLHFConfig(_Strict):
     """Global batch per optimizer step (across workers and accumulation)."""
     sft_micro_batch_size: PositiveInt | None = None
     """Per-worker micro-batch; default = sft_batch_size / sft_workers (no accumulation)."""
+    sft_max_tokens_per_micro_batch: PositiveInt | None = None
+    """Pack instead of pad: each worker's share of a batch goes into micro-batches of at most this many real
+    tokens (a longer conversation goes alone), their sequences laid end to end with attention kept within
+    each; sft_micro_batch_size is then unused. Unset = padded micro-batches of sft_micro_batch_size. The
+    loss stays the same token-weighted mean. Set it to the tokens a micro-batch fits in memory, e.g.
+    8 x max_length."""
     sft_lr: PositiveFloat = 1e-4
     sft_warmup_ratio: UnitFloat = 0.05
     sft_workers: PositiveInt = 1
@@ -178,6 +201,9 @@ class RLHFConfig(_Strict):
     reward_batch_size: PositiveInt = 16
     """Global number of preference pairs per optimizer step."""
     reward_micro_batch_size: PositiveInt | None = None
+    reward_max_tokens_per_micro_batch: PositiveInt | None = None
+    """Pack instead of pad, as sft_max_tokens_per_micro_batch, counting both sides of a pair (which stay in
+    one micro-batch). Unset = padded micro-batches of reward_micro_batch_size pairs."""
     reward_lr: PositiveFloat = 5e-5
     reward_warmup_ratio: UnitFloat = 0.05
     reward_workers: PositiveInt = 1
@@ -194,6 +220,9 @@ class RLHFConfig(_Strict):
     """Global number of preference pairs per optimizer step."""
     dpo_micro_batch_size: PositiveInt | None = None
     """Per-worker micro-batch of pairs; default = dpo_batch_size / dpo_workers (no accumulation)."""
+    dpo_max_tokens_per_micro_batch: PositiveInt | None = None
+    """Pack instead of pad, as sft_max_tokens_per_micro_batch, counting both sides of a pair (which stay in
+    one micro-batch). Unset = padded micro-batches of dpo_micro_batch_size pairs."""
     dpo_lr: PositiveFloat = 1e-6
     """DPO moves a model far with a small learning rate: 5e-7 to 1e-6 is usual for billion-parameter models."""
     dpo_warmup_ratio: UnitFloat = 0.1
@@ -226,6 +255,11 @@ class RLHFConfig(_Strict):
     """Samples per optimizer step; ppo_batch_size x n_samples_per_prompt must be a multiple."""
     ppo_micro_batch_size: PositiveInt | None = None
     """Per-learner-worker micro-batch (gradient accumulation); default = mini-batch / workers."""
+    ppo_max_tokens_per_micro_batch: PositiveInt | None = None
+    """Pack instead of pad in the policy and critic updates: each worker's share of a mini-batch goes into
+    micro-batches of at most this many real tokens (prompt and response; a longer sample goes alone), laid
+    end to end with attention kept within each sample; ppo_micro_batch_size is then unused by the updates.
+    The losses keep their token or sequence weighting (loss_agg). Unset = padded micro-batches."""
     ppo_forward_micro_batch_size: PositiveInt | None = None
     """Samples per forward pass of the no-gradient forwards: the reference's logprobs, the reward model's
     scores and the learners' old logprobs and values. Bounds their activation memory, which otherwise
@@ -298,6 +332,14 @@ class RLHFConfig(_Strict):
     compiles on its first rollout (3-15 s on CPU; torch caches compiled code on disk for later processes),
     with as many compile processes as it has CPUs, and once more per new batch size or cache-length
     bucket. Finished rows stay in the batch until all rows are done."""
+    gen_cuda_graphs: bool = True
+    """On a CUDA device, decode Llama, Mistral and Qwen2 models on the fixed-shape path
+    (rlhf_dist/rollout/fixed.py): rows padded to a power of two, finished rows masked rather than dropped,
+    and the decode step captured once as a CUDA graph per batch and cache-length bucket (up to 4 kept per
+    rollout worker, each with its KV cache). Not measured on a GPU here. No effect on a CPU."""
+    gen_check_every: PositiveInt = 8
+    """On the fixed-shape path, decode steps between checks whether every row has finished (the loop's
+    only host sync); up to this many steps minus one may run after the last row ends."""
 
     roles: RolesConfig = RolesConfig()
     call_timeout_s: PositiveFloat = 600.0

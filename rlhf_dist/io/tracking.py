@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -66,6 +67,24 @@ def quiet_local_ray_worker() -> None:
     and without a dashboard it logs a warning each time. A local Ray ends with its driver, bundles and all,
     so that watch has nothing to do here: silence it below errors."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+class Timers:
+    """Seconds per named phase (rollout, experience, ..., or a stage's start-up), summed over its entries."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
 
 
 class MetricsWriter:

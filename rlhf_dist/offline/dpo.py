@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algo import dpo_loss, logprobs_from_logits
+from ..algo import dpo_loss
 from ..data import Encoded, pad_right
-from ..models import adapters_off, position_ids_from_mask
+from ..models import adapters_off
+from .sft import next_token_logprobs
 
 
 @dataclass
@@ -35,27 +36,24 @@ def dpo_batch(items: list[DPOPair], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "ref_logps": ref}
 
 
-def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of log p(token) over each row's response tokens (the prompt masked as SFT masks it) -> (N,) float32."""
-    ids, attn = batch["input_ids"], batch["attention_mask"]  # (N, T)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                   use_cache=False).logits  # (N, T, V)
-    logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:]).float()  # (N, T-1): token t+1 given the prefix
+    logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch.get("packed"))  # (N, T-1)
     return (logp * batch["loss_mask"][:, 1:].float()).sum(-1)  # (N,)
 
 
-def dpo_step_loss(model, batch: dict[str, torch.Tensor], norm: float, beta: float,
-                  kind: str) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of per-pair DPO/IPO losses divided by `norm` (the optimizer step's global pair count)."""
+def dpo_step_loss(model, batch: dict, norm: float, beta: float, kind: str) -> tuple[torch.Tensor, dict]:
+    """Sum of per-pair DPO/IPO losses divided by `norm` (the optimizer step's global pair count). Stats are
+    sums, as 0-dim tensors (no host sync) or counts."""
     logps = sequence_logprobs(model, batch)  # (2B,)
     B = logps.shape[0] // 2
     ref = batch["ref_logps"]  # (2B,)
     losses, st = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, kind)  # (B,)
     total = losses.sum()
-    return total / norm, {"loss_sum": total.item(), "count": B, "accuracy": st["reward_accuracy"].sum().item(),
-                          "reward_margin": st["reward_margin"].sum().item(),
-                          "logp_chosen": logps[:B].sum().item(), "logp_rejected": logps[B:].sum().item(),
-                          "tokens": batch["attention_mask"].sum().item()}
+    stats = {"loss_sum": total, "count": B, "accuracy": st["reward_accuracy"].sum(),
+             "reward_margin": st["reward_margin"].sum(), "logp_chosen": logps[:B].sum(),
+             "logp_rejected": logps[B:].sum(), "tokens": batch["attention_mask"].sum()}
+    return total / norm, {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
 
 
 def dpo_count(items) -> int:

@@ -8,11 +8,9 @@ DPO), so 1 worker and 2 workers, or micro-batches and gradient accumulation, fol
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +20,14 @@ import torch
 
 from ..io.checkpoint import atomic_dir, is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join
 from ..io.sources import check_model_paths, policy_start
+from ..io.tracking import Timers
 from ..config import RLHFConfig, load_config
-from ..data import ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
+from ..data import Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
 from ..models import apply_lora, load_causal_lm, load_scalar_model, load_tokenizer, save_hf
+from ..packing import one_row, pack, plan_micro_batches
 from ..precision import use_bf16
-from .dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
+from .train_state import load_train_state, report_train_state
+from .dpo import DPOPair, attach_reference, dpo_batch, dpo_count, dpo_step_loss
 from .reward import reward_batch, reward_count, reward_loss
 from .sft import sft_batch, sft_count, sft_loss
 
@@ -61,6 +62,7 @@ class Task:
     higher_is_better: bool  # best_model by eval_accuracy (True) or eval_loss (False)
     stats: tuple[str, ...] = ()  # further sums the loss returns, logged as means per item (and as eval_*)
     prepare: Callable | None = None  # (model, to_dev, items, micro) -> items, once before training (DPO's reference)
+    max_tokens: int | None = None  # packed micro-batches of at most this many real tokens; None = padded
 
 
 def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
@@ -75,17 +77,22 @@ def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
 def _sft_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
     rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
     items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
-    return items, stats, dict(model=load_causal_lm(model_dir, bf16), batch=lambda it: sft_batch(it, tok.pad_token_id),
+    model = lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation)  # noqa: E731
+    return items, stats, dict(model=model, batch=lambda it: sft_batch(it, tok.pad_token_id),
                               loss=sft_loss, count=sft_count, higher_is_better=False, eval_every=cfg.sft_eval_every)
 
 
 def _reward_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
     rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
     items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
-    model = load_scalar_model(model_dir, bf16, tok.pad_token_id)
-    if cfg.freeze_reward_backbone:
-        for n, p in model.named_parameters():
-            p.requires_grad = n.startswith("score.")
+
+    def model():
+        m = load_scalar_model(model_dir, bf16, tok.pad_token_id, cfg.attn_implementation)
+        if cfg.freeze_reward_backbone:
+            for n, p in m.named_parameters():
+                p.requires_grad = n.startswith("score.")
+        return m
+
     return items, stats, dict(model=model, batch=lambda it: reward_batch(it, tok.pad_token_id),
                               loss=lambda m, b, n: reward_loss(m, b, n, cfg.reward_center_coef), count=reward_count,
                               higher_is_better=True, eval_every=0, stats=("accuracy",))
@@ -96,19 +103,30 @@ def _dpo_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, 
                                cfg.max_bad_fraction)
     items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
     return items, stats, dict(
-        model=load_causal_lm(model_dir, bf16), batch=lambda it: dpo_batch(it, tok.pad_token_id),
+        model=lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation),
+        batch=lambda it: dpo_batch(it, tok.pad_token_id),
         loss=lambda m, b, n: dpo_step_loss(m, b, n, cfg.dpo_beta, cfg.dpo_loss), count=dpo_count,
         higher_is_better=True, eval_every=0, stats=("accuracy", "reward_margin", "logp_chosen", "logp_rejected"),
         prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro))
 
 
-def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, start: tuple[str, str] | None = None) -> Task:
-    """`start`: (model dir, why) as `input_model_dir` gave the driver (resolved here when None)."""
+def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, start: tuple[str, str] | None = None,
+               timers: Timers | None = None) -> Task:
+    """`start`: (model dir, why) as `input_model_dir` gave the driver (resolved here when None). `timers`:
+    gets the seconds of its "data" (read, tokenise) and "model" (load) phases."""
+    timers = timers or Timers()
     model_dir, why = start or input_model_dir(cfg, stage)
-    tok = load_tokenizer(cfg.tokenizer_path or model_dir)
     parts_of = {"sft": _sft_parts, "reward": _reward_parts, "dpo": _dpo_parts}[stage]
-    items, stats, parts = parts_of(cfg, tok, model_dir, bf16)
+    with timers.phase("data"):
+        tok = load_tokenizer(cfg.tokenizer_path or model_dir)
+        items, stats, parts = parts_of(cfg, tok, model_dir, bf16)
+    with timers.phase("model"):
+        parts["model"] = parts["model"]()
     check_special_tokens(tok, parts["model"].get_input_embeddings().weight.shape[0])
+    if cfg.gradient_checkpointing:  # the trained model only (DPO's reference pass runs without grad)
+        from ..models import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(parts["model"])
     if cfg.lora_rank:  # the reward model's score head is new, so it trains in full
         parts["model"] = apply_lora(parts["model"], cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                     cfg.lora_target_modules, ["score"] if stage == "reward" else None)
@@ -118,6 +136,7 @@ def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, star
     return Task(stage, safe_join(cfg.save_dir, OUT_DIRS[stage]), tokenizer=tok, train=[items[i] for i in train_idx],
                 eval=[items[i] for i in eval_idx], epochs=hp("epochs"), batch_size=hp("batch_size"),
                 micro_batch=hp("micro_batch_size") or hp("batch_size") // world, lr=hp("lr"),
+                max_tokens=hp("max_tokens_per_micro_batch"),
                 warmup_ratio=hp("warmup_ratio"), **parts)
 
 
@@ -126,9 +145,11 @@ def supervised_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from ..distributed import all_reduce_sum, enter_workdir, full_state_dict, make_engine, set_threads
+    from ..distributed import all_reduce_max, all_reduce_sum, enter_workdir, full_state_dict, make_engine, set_threads
     from ..io.tracking import MetricsWriter, setup_logging, truncate_metrics
 
+    startup = Timers()  # where the time before the first step goes, logged with it
+    startup.seconds["worker_group"] = time.time() - config.pop("_t_submit")  # the job's start to this call
     enter_workdir(config.pop("_cwd"))
     stage = config.pop("_stage")
     cpus = config.pop("_cpus_per_worker")
@@ -140,23 +161,27 @@ def supervised_worker(config: dict) -> None:
     setup_logging(cfg.log_level, Path(cfg.save_dir) / "logs", role=f"{stage}-worker-{rank}")
     set_threads(cpus)
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg, stage, world, bf16, start)
+    task = build_task(cfg, stage, world, bf16, start, startup)
     accum = task.batch_size // (task.micro_batch * world)
     steps_per_epoch = len(task.train) // task.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{stage}: {len(task.train)} training rows, fewer than one batch of {task.batch_size}")
     total = steps_per_epoch * task.epochs
-    engine = make_engine(task.model, lr=task.lr, total_steps=total, warmup_steps=int(task.warmup_ratio * total),
-                         micro_batch=task.micro_batch, grad_accum=accum, zero_stage=cfg.zero_stage, grad_clip=1.0,
-                         bf16=bf16)
+    with startup.phase("deepspeed"):
+        engine = make_engine(task.model, lr=task.lr, total_steps=total, warmup_steps=int(task.warmup_ratio * total),
+                             micro_batch=task.micro_batch, grad_accum=accum, zero_stage=cfg.zero_stage,
+                             grad_clip=1.0, bf16=bf16, offload_optimizer=cfg.offload_optimizer)
     device = engine.device
     to_dev = lambda b: {k: v.to(device) for k, v in b.items()}
     keys = ("loss_sum", "count", "tokens", *task.stats)  # summed over micro-batches, then over ranks
+    agree = lambda k: int(all_reduce_max([float(k)])[0])  # micro-batches per step: the same on every rank
+    flat = one_row(cfg.attn_implementation)  # packed: one row with its boundaries, or rows under a mask
     best = None
     step = 0
     t_start = time.time()
     tokens_seen = 0.0
-    prepare_items(task, engine, to_dev)  # with the starting weights: before a resume loads the trained ones
+    with startup.phase("prepare"):
+        prepare_items(task, engine, to_dev)  # with the starting weights: before a resume loads the trained ones
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -171,13 +196,15 @@ def supervised_worker(config: dict) -> None:
     def evaluate() -> dict[str, float]:
         engine.eval()
         mine = task.eval[rank::world]
-        sums = dict.fromkeys(keys, 0.0)
+        sums: dict = {}
         with torch.no_grad():
-            for i in range(0, len(mine), task.micro_batch):
-                _, st = task.loss(engine.module, to_dev(task.batch(mine[i: i + task.micro_batch])), 1.0)
+            # ZeRO-3 forwards are collectives: packed, the ranks agree on a count (padded, ranks whose
+            # shares straddle a multiple of the micro-batch would differ by one: noted, not handled).
+            for micro in micro_batches(task, mine, agree if cfg.zero_stage == 3 else (lambda k: k)):
+                _, st = task.loss(engine.module, to_dev(make_batch(task, micro, flat)), 1.0)
                 _add(sums, st)
         engine.train()
-        return _means(dict(zip(keys, all_reduce_sum(list(sums.values())))), task.stats, "eval_")
+        return _means(dict(zip(keys, all_reduce_sum(_read(sums, keys)))), task.stats, "eval_")
 
     def maybe_save_best(ev: dict[str, float]) -> bool:
         nonlocal best
@@ -198,7 +225,8 @@ def supervised_worker(config: dict) -> None:
                 save_hf(engine.module, task.tokenizer, tmp, state_dict=state)
 
     if task.eval and resumed is None:
-        ev = evaluate()
+        with startup.phase("eval"):
+            ev = evaluate()
         if rank == 0:
             metrics.write({"step": 0, "epoch": 0, **ev})
         log.info("%s: before training %s", stage, _fmt(ev))
@@ -208,24 +236,23 @@ def supervised_worker(config: dict) -> None:
         random.Random(cfg.seed + epoch).shuffle(order)
         for s in range(step % steps_per_epoch if epoch == step // steps_per_epoch else 0, steps_per_epoch):
             global_items = [task.train[i] for i in order[s * task.batch_size:(s + 1) * task.batch_size]]
-            norm = task.count(global_items) / (world * accum)  # DeepSpeed averages over ranks and micro-steps
+            norm = task.count(global_items) / world  # DeepSpeed averages the gradients over ranks
             per_rank = task.batch_size // world
             mine = global_items[rank * per_rank:(rank + 1) * per_rank]
-            sums = dict.fromkeys(keys, 0.0)
             t0 = time.time()
-            for m in range(accum):
-                micro = mine[m * task.micro_batch:(m + 1) * task.micro_batch]
-                loss, st = task.loss(engine.module, to_dev(task.batch(micro)), norm)
-                engine.backward(loss)
-                engine.step()
-                _add(sums, st)
-            sums = dict(zip(keys, all_reduce_sum(list(sums.values()))))
+            sums, slots = train_step(task, engine, micro_batches(task, mine, agree), norm, flat, to_dev)
+            sums = dict(zip(keys + ("slots",), all_reduce_sum(_read(sums, keys) + [slots])))
+            slots = sums.pop("slots")
             step += 1
+            if step == first_step + 1:
+                startup.seconds["first_step"] = time.time() - t0
+                log.info("%s: start-up to the end of the first step %.1fs: %s", stage,
+                         sum(startup.seconds.values()), startup.summary())
             tokens_seen += sums["tokens"]
             rec = {"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, **_means(sums, task.stats),
                    "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "tokens_per_s": sums["tokens"] / max(time.time() - t0, 1e-9),
-                   "total_steps": total}
+                   "padding": 1.0 - sums["tokens"] / max(slots, 1.0), "total_steps": total}
             last_of_epoch = s == steps_per_epoch - 1
             if task.eval and ((task.eval_every and step % task.eval_every == 0) or last_of_epoch):
                 ev = evaluate()
@@ -245,12 +272,56 @@ def supervised_worker(config: dict) -> None:
         elapsed = time.time() - t_start
         rate = (tokens_seen - first_tokens) / elapsed
         metrics.write({"summary": True, "steps": step, "first_step": first_step, "seconds": elapsed,
-                       "tokens_per_s": rate, "best": best})
+                       "tokens_per_s": rate, "best": best, "startup_s": startup.seconds})
         metrics.close()
         log.info("%s: done, %d steps (%d in this attempt: %.1fs, %.0f tokens/s), best %s", stage, step,
                  step - first_step, elapsed, rate, best)
     if dist.is_initialized():
         dist.barrier()
+
+
+def micro_batches(task: Task, items: list, agree: Callable[[int], int] = lambda k: k) -> list[list]:
+    """This rank's items -> micro-batches: of `task.micro_batch` items, or packed by tokens (`agree`: the
+    count every rank reaches, see `packing.plan_micro_batches`)."""
+    if task.max_tokens is None:
+        return [items[i:i + task.micro_batch] for i in range(0, len(items), task.micro_batch)]
+    plan = plan_micro_batches([item_tokens(x) for x in items], task.max_tokens, agree)
+    return [[items[i] for i in b] for b in plan]
+
+
+def item_tokens(item) -> int:
+    """Tokens of an SFT conversation, or of both sides of a preference pair."""
+    if isinstance(item, Encoded):
+        return len(item.input_ids)
+    sides = (item.chosen, item.rejected) if isinstance(item, DPOPair) else item[:2]
+    return sum(len(e.input_ids) for e in sides)
+
+
+def make_batch(task: Task, items: list, flat: bool) -> dict:
+    """The task's padded batch, plus its packed layout when the task packs (built on the CPU; `flat`: one
+    row, `packing.one_row`)."""
+    batch = task.batch(items)
+    if task.max_tokens is not None:
+        batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)
+    return batch
+
+
+def train_step(task: Task, engine, micros: list[list], norm: float, flat: bool,
+               to_dev: Callable) -> tuple[dict, float]:
+    """One optimizer step over this rank's micro-batches -> (stat sums, token slots the forwards spent).
+    The loss carries its own scale (`norm`), so a step may have any number of micro-batches (`accumulate`)."""
+    from ..distributed import accumulate
+
+    sums: dict = {}
+    slots = 0
+    for i in accumulate(engine, len(micros)):
+        batch = make_batch(task, micros[i], flat)
+        packed = batch.get("packed")
+        slots += (batch["attention_mask"] if packed is None else packed.input_ids).numel()
+        loss, st = task.loss(engine.module, to_dev(batch), norm)
+        engine.backward(loss, scale_wrt_gas=False)
+        _add(sums, st)
+    return sums, float(slots)
 
 
 def prepare_items(task: Task, engine, to_dev: Callable) -> None:
@@ -266,58 +337,17 @@ def prepare_items(task: Task, engine, to_dev: Callable) -> None:
              time.time() - t0)
 
 
-def report_train_state(engine, state: dict, rank: int) -> None:
-    """Report a Ray Train checkpoint every rank contributes to (a collective): DeepSpeed's weights and
-    optimizer shards, this rank's torch RNG state, a sha256 manifest of this rank's files, and (rank 0)
-    the loop state. Ray Train merges the ranks' files and registers the checkpoint once all have reported."""
-    import ray.train
-    from ray.train import CheckpointUploadMode
-    from safetensors.torch import save_file
-
-    from ..io.checkpoint import sha256_file
-
-    d = Path(tempfile.mkdtemp(prefix="rlhf-dist-ckpt-"))
-    engine.save_checkpoint(str(d), tag="engine", client_state={})
-    save_file({"torch": torch.get_rng_state()}, d / f"rng.rank{rank}.safetensors")
-    if rank == 0:
-        (d / "state.json").write_text(json.dumps(state))
-    files = sorted(p for p in d.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(d)): sha256_file(p) for p in files}
-    (d / f"manifest.rank{rank}.json").write_text(json.dumps(manifest, indent=1))
-    # Asynchronous: a synchronous report waits its turn with the controller (about 1.7 s a call here,
-    # measured); the upload runs beside training and the local copy is deleted after it.
-    ray.train.report({"step": state["step"], "epoch": state["epoch"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
+def _add(sums: dict, st: dict) -> None:
+    """Add a micro-batch's stats (0-dim tensors or numbers) to `sums`, without reading them to the host."""
+    for k, v in st.items():
+        v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+        sums[k] = sums[k] + v if k in sums else v
 
 
-def load_train_state(engine, d: Path, rank: int, world: int) -> dict:
-    """Verify every rank's manifest, then load the DeepSpeed state (its loader unpickles, so only files
-    whose sha256 matches what this run wrote get to it) and this rank's RNG state."""
-    from safetensors.torch import load_file
-
-    from ..io.checkpoint import CheckpointError, sha256_file
-
-    state = json.loads((d / "state.json").read_text())
-    if state["world"] != world:
-        raise CheckpointError(f"{d} was written by {state['world']} workers, this run has {world}; resume with "
-                              f"the same number of workers, or delete {d.parent} to start the stage over")
-    for r in range(world):
-        m = d / f"manifest.rank{r}.json"
-        if not m.is_file():
-            raise CheckpointError(f"{d}: incomplete checkpoint, {m.name} is missing")
-        for rel, digest in json.loads(m.read_text()).items():
-            f = d / rel
-            actual = sha256_file(f) if f.is_file() else "missing"
-            if actual != digest:
-                raise CheckpointError(f"{f}: sha256 mismatch: expected {digest}, got {actual}")
-    engine.load_checkpoint(str(d), tag="engine")
-    torch.set_rng_state(load_file(d / f"rng.rank{rank}.safetensors")["torch"])
-    return state
-
-
-def _add(sums: dict[str, float], st: dict) -> None:
-    for k in sums:
-        sums[k] += float(st.get(k, 0.0))
+def _read(sums: dict, keys: tuple[str, ...]) -> list[float]:
+    """The sums of `keys` as floats: one host read for all of them."""
+    vals = [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64).cpu() for k in keys]
+    return torch.stack(vals).tolist()
 
 
 def _means(sums: dict[str, float], stats: tuple[str, ...], prefix: str = "") -> dict[str, float]:
@@ -346,7 +376,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     # call per worker.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _device=device, _cwd=os.getcwd(),
-                  _start=input_model_dir(cfg, stage))
+                  _start=input_model_dir(cfg, stage), _t_submit=time.time())
     remove_stale_temps(safe_join(cfg.save_dir, OUT_DIRS[stage]))
     trainer = TorchTrainer(
         supervised_worker,

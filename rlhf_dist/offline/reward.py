@@ -17,14 +17,15 @@ def reward_batch(items: list[tuple[Encoded, Encoded, float]], pad_id: int) -> di
             "margin": torch.tensor([m for _, _, m in items], dtype=torch.float32)}
 
 
-def reward_loss(model, batch: dict[str, torch.Tensor], norm: float, center_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Ranking loss (sum over pairs / norm) plus the centering regulariser."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+def reward_loss(model, batch: dict, norm: float, center_coef: float) -> tuple[torch.Tensor, dict]:
+    """Ranking loss (sum over pairs / norm) plus the centering regulariser. Stats: sums, as 0-dim tensors
+    (no host sync) or counts."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"], batch.get("packed"))  # (2B,)
     B = scores.shape[0] // 2
     chosen, rejected = scores[:B], scores[B:]  # (B,), (B,)
     loss_mean, stats = pairwise_ranking_loss(chosen, rejected, batch["margin"], center_coef)
-    return loss_mean * B / norm, {"loss_sum": loss_mean.item() * B, "count": B, "accuracy": stats["accuracy"] * B,
-                                  "tokens": batch["attention_mask"].sum().item()}
+    return loss_mean * B / norm, {"loss_sum": loss_mean.detach() * B, "count": B, "accuracy": stats["accuracy"] * B,
+                                  "tokens": batch["attention_mask"].sum()}
 
 
 def reward_count(items) -> int:

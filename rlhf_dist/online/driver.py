@@ -6,7 +6,6 @@ advantages (`algo.advantages_for`) and in whether a critic is started.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from ..data import read_dataset, tokenize_prompts
 from ..errors import RoleFailure
 from ..health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
 from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps, safe_join, verify
-from ..io.tracking import MetricsWriter, truncate_metrics
+from ..io.tracking import MetricsWriter, Timers, truncate_metrics
 from ..models import load_tokenizer
 from ..precision import recompute_old_logprobs
 from ..roles.calls import wait
@@ -34,19 +33,6 @@ from .recovery import dead_actors
 from .setup import Roles, join_weight_sync, resolve_inputs, save_iteration, split, start_roles, stop_roles, sync_weights
 
 log = logging.getLogger(__name__)
-
-
-class Timers:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 @dataclass

@@ -8,17 +8,22 @@ import torch
 
 from ..algo import (advantages_for, chunked_logprobs, entropy_from_logits, kl_estimator_for, kl_penalty,
                     logprobs_from_logits, masked_mean)
-from ..models import position_ids_from_mask, token_scalars
+from ..models import token_scalars
+from ..packing import Packed, forward, padded
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    temperature: float = 1.0) -> torch.Tensor:
+                    temperature: float = 1.0, packed: Packed | None = None) -> torch.Tensor:
     """Logits that predict the response tokens: (B, P+R) -> (B, R, V). Only response positions are
-    projected to the vocabulary (`logits_to_keep`), the rest of the sequence is context."""
+    projected to the vocabulary (`logits_to_keep`), the rest of the sequence is context; packed, every
+    position is (the response positions are spread over the rows)."""
     R = sequences.shape[1] - prompt_len
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                logits_to_keep=R + 1, use_cache=False)
-    logits = out.logits[:, :-1].float()  # (B, R, V)
+    if packed is None:
+        out = forward(model, sequences, attention_mask, None, logits_to_keep=R + 1)
+        logits = out.logits[:, :-1].float()  # (B, R, V)
+    else:
+        logits = padded(forward(model, sequences, attention_mask, packed).logits, packed)  # (B, P+R, V)
+        logits = logits[:, prompt_len - 1:-1].float()  # (B, R, V)
     return logits if temperature == 1.0 else logits / temperature  # skip a pass over (B, R, V) when it is a no-op
 
 
@@ -40,32 +45,33 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     return head
 
 
-def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    packed: Packed | None = None) -> torch.Tensor:
     """(B, P+R) -> (B, R, H): the decoder's last hidden states at the positions that predict the response
     tokens. `get_decoder` reaches through PEFT wrappers, whose LoRA layers sit inside the decoder."""
-    out = model.get_decoder()(input_ids=sequences, attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.last_hidden_state[:, prompt_len - 1:-1]  # (B, R, H)
+    out = forward(model.get_decoder(), sequences, attention_mask, packed)
+    return padded(out.last_hidden_state, packed)[:, prompt_len - 1:-1]  # (B, R, H)
 
 
 def response_logprobs_entropy(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
-                              entropy_rows: int | None = 0, chunk: int = 1024):
+                              entropy_rows: int | None = 0, chunk: int = 1024, packed: Packed | None = None):
     """(B, P+R) -> logprobs (B, R) of the response tokens and entropies (b, R) of the policy there.
     `entropy_rows`: None = every row, differentiable with the logprobs; k = only the first k rows, without
     gradient (a sample, for logging; no entropy and None returned for k = 0). The logits are projected
     `chunk` positions at a time (`chunked_logprobs`), so no (B, R, V) float32 tensor exists, except for
-    models `plain_lm_head` rejects, which take the full-logits path."""
+    models `plain_lm_head` rejects, which take the full-logits path. `packed`: the forward runs over the
+    packed layout of the batch (`packing.pack`)."""
     targets = sequences[:, prompt_len:]  # (B, R)
     B, R = targets.shape
     head = plain_lm_head(model)
     if head is None:
-        logits = response_logits(model, sequences, attention_mask, prompt_len, temperature)  # (B, R, V)
+        logits = response_logits(model, sequences, attention_mask, prompt_len, temperature, packed)  # (B, R, V)
         logp = logprobs_from_logits(logits, targets)  # (B, R)
         if entropy_rows == 0:
             return logp, None
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_rows is None):
             return logp, entropy_from_logits(logits[:entropy_rows])  # (b, R)
-    hidden = response_hidden(model, sequences, attention_mask, prompt_len)  # (B, R, H)
+    hidden = response_hidden(model, sequences, attention_mask, prompt_len, packed)  # (B, R, H)
     H = hidden.shape[-1]
     logp, entropy = chunked_logprobs(hidden.reshape(-1, H), head.weight, targets.reshape(-1), chunk, temperature,
                                      with_entropy=entropy_rows is None, bias=head.bias)  # (B*R,) each
@@ -78,14 +84,15 @@ def response_logprobs_entropy(model, sequences, attention_mask, prompt_len: int,
     return logp.view(B, R), entropy.view(-1, R)
 
 
-def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
+                      packed: Packed | None = None) -> torch.Tensor:
     """(B, P+R) -> (B, R) logprob of each response token."""
-    return response_logprobs_entropy(model, sequences, attention_mask, prompt_len, temperature)[0]
+    return response_logprobs_entropy(model, sequences, attention_mask, prompt_len, temperature, packed=packed)[0]
 
 
-def response_values(critic, sequences, attention_mask, prompt_len: int) -> torch.Tensor:
+def response_values(critic, sequences, attention_mask, prompt_len: int, packed: Packed | None = None) -> torch.Tensor:
     """(B, P+R) -> (B, R): V(s_t) for the state before each response token."""
-    values = token_scalars(critic, sequences, attention_mask)  # (B, P+R)
+    values = token_scalars(critic, sequences, attention_mask, packed)  # (B, P+R)
     return values[:, prompt_len - 1: -1]
 
 

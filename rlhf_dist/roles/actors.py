@@ -32,6 +32,25 @@ def in_chunks(fn, size: int, *rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(*(r[i:i + size] for r in rows)).cpu() for i in range(0, rows[0].shape[0], size)])
 
 
+def forward_chunks(fn, cfg, seq: torch.Tensor, attn: torch.Tensor, agree=lambda k: k) -> torch.Tensor:
+    """fn(seq, attn, packed) over the no-gradient forward's chunks of a padded batch (B, L), outputs on
+    CPU in row order: (B, ...). Chunks of `forward_micro_batch` rows (packed None), or with
+    ppo_max_tokens_per_micro_batch, chunks of at most that many real tokens, each packed (`packing.pack`;
+    `agree`: the chunk count over a learner's ranks, whose ZeRO-3 forwards are collectives)."""
+    from ..packing import one_row, pack, plan_micro_batches
+
+    budget = cfg.ppo_max_tokens_per_micro_batch
+    if budget is None:
+        return in_chunks(lambda s, a: fn(s, a, None), forward_micro_batch(cfg), seq, attn)
+    flat = one_row(cfg.attn_implementation)
+    out: list = [None] * seq.shape[0]
+    for ids in plan_micro_batches(attn.sum(1).tolist(), budget, agree):
+        s, a = seq[ids], attn[ids]
+        for i, y in zip(ids, fn(s, a, pack(s, a, flat)).cpu()):
+            out[i] = y
+    return torch.stack(out)
+
+
 # ---------------------------------------------------------------------------------------
 # Actors (plain classes; `spawn` wraps them with ray.remote)
 # ---------------------------------------------------------------------------------------
@@ -89,7 +108,7 @@ class RolloutWorker(RoleWorker):
         from ..models import load_causal_lm
         from ..rollout.engine import HFDecodeEngine, SamplingParams
 
-        self.engine = HFDecodeEngine(load_causal_lm(model_dir, self.bf16).to(self.device))
+        self.engine = HFDecodeEngine(load_causal_lm(model_dir, self.bf16, self.cfg.attn_implementation).to(self.device))
         self.sampling = SamplingParams.from_config(self.cfg)
         self.generator = torch.Generator(device=self.device)
         if self.cfg.gen_compile:
@@ -127,17 +146,18 @@ class ReferenceWorker(RoleWorker):
         super().__init__("reference", rank, config, num_cpus, device)
         from ..models import load_causal_lm
 
-        self.model = load_causal_lm(model_dir, self.bf16).to(self.device).eval().requires_grad_(False)
+        self.model = load_causal_lm(model_dir, self.bf16, self.cfg.attn_implementation).to(self.device).eval()
+        self.model.requires_grad_(False)
 
     @torch.no_grad()
     def logprobs(self, samples) -> torch.Tensor:
         from ..online.experience import response_logprobs
 
-        def one(seq, attn):  # (b, P+R) -> (b, R)
+        def one(seq, attn, packed):  # (b, P+R) -> (b, R)
             return response_logprobs(self.model, seq.to(self.device), attn.to(self.device), samples.prompt_len,
-                                     self.cfg.gen_temperature)
+                                     self.cfg.gen_temperature, packed and packed.to(self.device))
 
-        return in_chunks(one, forward_micro_batch(self.cfg), samples.sequences, samples.attention_mask)  # (B, R)
+        return forward_chunks(one, self.cfg, samples.sequences, samples.attention_mask)  # (B, R)
 
 
 class RewardWorker(RoleWorker):
@@ -152,7 +172,8 @@ class RewardWorker(RoleWorker):
         self.model = self.tok = None
         if model_dir is not None and self.cfg.reward_model_weight != 0:
             self.tok = load_tokenizer(model_dir)
-            self.model = load_scalar_model(model_dir, self.bf16, self.tok.pad_token_id).to(self.device).eval()
+            self.model = load_scalar_model(model_dir, self.bf16, self.tok.pad_token_id,
+                                           self.cfg.attn_implementation).to(self.device).eval()
             self.model.requires_grad_(False)
             # Same vocabulary and template: score the policy's tokens as they are; else re-tokenise the text.
             self.same_tokens = (self.tok.get_vocab() == self.policy_tok.get_vocab()
@@ -183,8 +204,9 @@ class RewardWorker(RoleWorker):
             else:
                 enc = [encode_prompt_response(self.tok, p, r).input_ids for p, r in zip(prompts, responses)]
                 ids, attn = pad_right(enc, self.tok.pad_token_id)
-            rm = in_chunks(lambda i, a: sequence_scores(self.model, i.to(self.device), a.to(self.device)).float(),
-                           forward_micro_batch(self.cfg), ids, attn)  # (B,)
+            rm = forward_chunks(lambda i, a, p: sequence_scores(self.model, i.to(self.device), a.to(self.device),
+                                                                p and p.to(self.device)).float(),
+                                self.cfg, ids, attn)  # (B,)
             out["rm_score"] = rm
             total += self.cfg.reward_model_weight * rm
         if self.fn is not None:

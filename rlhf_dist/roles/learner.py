@@ -6,7 +6,7 @@ import datetime
 
 import torch
 
-from .actors import RoleWorker, forward_micro_batch, in_chunks
+from .actors import RoleWorker, forward_chunks
 from .calls import wait
 
 
@@ -23,7 +23,8 @@ class Learner(RoleWorker):
         import torch.distributed as dist
 
         from ..distributed import init_local_group_env, make_engine
-        from ..models import apply_lora, load_causal_lm, load_lora, load_scalar_model, load_tokenizer
+        from ..models import (apply_lora, enable_gradient_checkpointing, load_causal_lm, load_lora,
+                              load_scalar_model, load_tokenizer)
 
         init_local_group_env(self.rank, self.world, addr, port)
         if not dist.is_initialized():
@@ -31,12 +32,14 @@ class Learner(RoleWorker):
                                     world_size=self.world, timeout=datetime.timedelta(seconds=self.cfg.call_timeout_s))
         c = self.cfg
         if self.kind == "policy":
-            model = load_causal_lm(model_dir, self.bf16)
+            model = load_causal_lm(model_dir, self.bf16, c.attn_implementation)
             lr = c.ppo_lr_policy
         else:
             tok = load_tokenizer(model_dir)
-            model = load_scalar_model(model_dir, self.bf16, tok.pad_token_id)
+            model = load_scalar_model(model_dir, self.bf16, tok.pad_token_id, c.attn_implementation)
             lr = c.ppo_lr_value
+        if c.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if c.lora_rank:  # the critic's score head (new, or the reward model's) trains in full
             model = load_lora(model, adapter_dir) if adapter_dir else apply_lora(
                 model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
@@ -46,7 +49,7 @@ class Learner(RoleWorker):
         self.accum = c.ppo_mini_batch_size // (micro * self.world)
         self.engine = make_engine(model, lr=lr, total_steps=total_steps, warmup_steps=0, micro_batch=micro,
                                   grad_accum=self.accum, zero_stage=c.zero_stage, grad_clip=c.ppo_max_grad_norm,
-                                  bf16=self.bf16, constant_lr=True)
+                                  bf16=self.bf16, constant_lr=True, offload_optimizer=c.offload_optimizer)
         return {"params": sum(p.numel() for p in model.parameters())}
 
     def sync_params(self, merge: bool = False):
@@ -78,16 +81,20 @@ class Learner(RoleWorker):
     @torch.no_grad()
     def forward(self, samples) -> torch.Tensor:
         """Old logprobs (policy) or values (critic) for a slice of the batch: (b, R)."""
+        from ..distributed import all_reduce_max
         from ..online.experience import response_logprobs, response_values
 
-        def one(seq, attn):  # (b, P+R) -> (b, R)
-            s, a = seq.to(self.engine.device), attn.to(self.engine.device)
+        def one(seq, attn, packed):  # (b, P+R) -> (b, R)
+            d = self.engine.device
+            s, a, p = seq.to(d), attn.to(d), packed and packed.to(d)
             if self.kind == "policy":
-                return response_logprobs(self.engine.module, s, a, samples.prompt_len, self.cfg.gen_temperature).float()
-            return response_values(self.engine.module, s, a, samples.prompt_len).float()
+                return response_logprobs(self.engine.module, s, a, samples.prompt_len, self.cfg.gen_temperature,
+                                         p).float()
+            return response_values(self.engine.module, s, a, samples.prompt_len, p).float()
 
         self.engine.eval()
-        out = in_chunks(one, forward_micro_batch(self.cfg), samples.sequences, samples.attention_mask)  # (B, R)
+        out = forward_chunks(one, self.cfg, samples.sequences, samples.attention_mask,
+                             lambda k: int(all_reduce_max([float(k)])[0]))  # (B, R)
         self.engine.train()
         return out
 
@@ -100,75 +107,74 @@ class Learner(RoleWorker):
             return self.forward(samples)
 
     def train(self, exp, seed: int, kl_coef: float = 0.0) -> dict:
-        """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch.
-        `kl_coef`: the KL term's weight in the policy loss (with kl_in: loss)."""
-        from ..distributed import all_reduce_sum
-        from ..algo import kl_estimator_for, loss_units
-        from ..online.update import minibatches, policy_loss, value_loss
+        """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch, in
+        micro-batches (`micro_batches`), then one optimizer step per mini-batch. `kl_coef`: the KL term's
+        weight in the policy loss (with kl_in: loss)."""
+        from ..distributed import accumulate
+        from ..online.update import minibatches
 
         c = self.cfg
-        dev = self.engine.device
         # Stats stay 0-dim device tensors through the micro-batch loop and are read once at the end, so
         # the loop adds no host synchronisation of its own.
-        stats_sum: dict[str, torch.Tensor] = {}
-        n_steps = 0
-        first: dict[str, torch.Tensor] = {}
+        acc = _StepStats()
         skipped_before = self.engine.skipped_steps
-        nonfinite: list[tuple[torch.Tensor, list[int]]] = []  # (loss not finite (), the micro-batch's ids)
-        grad_norm = 0.0
         for j, idx in enumerate(minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
             mb = exp.select(idx)
-            tokens = float(mb.action_mask.sum())
-            units = float(loss_units(mb.action_mask, c.loss_agg))  # what the policy loss averages over
             per_rank = len(idx) // self.world
             mine = mb.select(list(range(self.rank * per_rank, (self.rank + 1) * per_rank)))
-            for m in range(self.accum):
-                micro = mine.select(list(range(m * self.micro, (m + 1) * self.micro)))
-                micro = _to_device(micro, dev)
-                if self.kind == "policy":
-                    loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
-                                           entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature,
-                                           agg=c.loss_agg, units=units, scale=self.world * self.accum,
-                                           kl_coef=kl_coef if c.kl_in == "loss" else 0.0,
-                                           kl_estimator=kl_estimator_for(c.kl_in, c.kl_estimator))
-                else:
-                    loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range, units=tokens,
-                                          scale=self.world * self.accum)
-                nonfinite.append((~torch.isfinite(loss.detach()), micro.sample_ids))
+            micros = self.micro_batches(mine)
+            for i in accumulate(self.engine, len(micros)):
+                loss, st, micro = self.micro_loss(mine.select(micros[i]), mb.action_mask, kl_coef)
                 # A non-finite loss gives non-finite gradients; DeepSpeed's ZeRO-1/2 optimizer then skips
                 # the whole optimizer step (counted in engine.skipped_steps), so no NaN reaches the weights.
-                self.engine.backward(loss)
-                self.engine.step()
-                for k, v in st.items():
-                    v = v.detach().float()
-                    stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
-                if j == 0:
-                    for k, v in st.items():
-                        v = v.detach().float()
-                        keep_max = k in first and k in ("ratio_max", "ratio_dev_max")
-                        first[k] = torch.maximum(first[k], v) if keep_max else v
-                n_steps += 1
+                acc.add(st, ~torch.isfinite(loss.detach()), micro.sample_ids, first=j == 0)
+                self.engine.backward(loss, scale_wrt_gas=False)
             gn = self.engine.get_global_grad_norm()
-            grad_norm += (float(gn) if gn is not None else 0.0) * self.accum
-        keys = sorted(stats_sum)
-        first_keys = sorted(first)
-        # The one read of the step's statistics.
-        flat = torch.stack([stats_sum[k] for k in keys] + [first[k] for k in first_keys]
-                           + [bad.float() for bad, _ in nonfinite]).tolist() if nonfinite else []
-        totals = all_reduce_sum(flat[:len(keys)] + [grad_norm])
-        out = {k: v / max(n_steps * self.world, 1) for k, v in zip(keys + ["grad_norm"], totals)}
-        first = dict(zip(first_keys, flat[len(keys):len(keys) + len(first_keys)]))
-        bad_flags = flat[len(keys) + len(first_keys):]
-        nonfinite_ids = [i for bad, (_, ids) in zip(bad_flags, nonfinite) if bad for i in ids]
+            acc.grad_norm += float(gn) if gn is not None else 0.0
+            acc.minibatches += 1
+        out = acc.read(self.world)
         out["skipped_steps"] = self.engine.skipped_steps - skipped_before
-        out["nonfinite_ids"] = sorted(set(nonfinite_ids))
         out["params_finite"] = self.params_finite()
         if self.kind == "policy":
-            out["first_ratio_mean"] = first.get("ratio_mean", 1.0)
-            out["first_ratio_dev_max"] = first.get("ratio_dev_max", 0.0)
             self.version += 1
             out["version"] = self.version
         return out
+
+    def micro_batches(self, mine) -> list[list[int]]:
+        """This rank's share of a mini-batch -> micro-batches (indices): of ppo_micro_batch_size samples, or
+        packed by tokens (ppo_max_tokens_per_micro_batch), as many on every rank (`plan_micro_batches`)."""
+        from ..distributed import all_reduce_max
+        from ..packing import plan_micro_batches
+
+        budget = self.cfg.ppo_max_tokens_per_micro_batch
+        if budget is None:
+            return [list(range(i, i + self.micro)) for i in range(0, len(mine), self.micro)]
+        lengths = mine.attention_mask.sum(1).tolist()  # (b,) real tokens, on the host already
+        return plan_micro_batches(lengths, budget, lambda k: int(all_reduce_max([float(k)])[0]))
+
+    def micro_loss(self, micro, mb_action_mask: torch.Tensor, kl_coef: float):
+        """The policy or value loss of one micro-batch, as its share of the mini-batch's (whose action mask
+        gives the units the loss averages over), scaled by the ranks DeepSpeed averages over."""
+        from ..algo import kl_estimator_for, loss_units
+        from ..online.update import policy_loss, value_loss
+        from ..packing import one_row, pack
+
+        c = self.cfg
+        packed = None
+        if c.ppo_max_tokens_per_micro_batch is not None:  # laid out on the host, before the copy to the device
+            packed = pack(micro.sequences, micro.attention_mask, one_row(c.attn_implementation))
+            packed = packed.to(self.engine.device)
+        micro = _to_device(micro, self.engine.device)
+        if self.kind == "policy":
+            units = float(loss_units(mb_action_mask, c.loss_agg))  # what the policy loss averages over
+            loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
+                                   entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, agg=c.loss_agg,
+                                   units=units, scale=self.world, kl_coef=kl_coef if c.kl_in == "loss" else 0.0,
+                                   kl_estimator=kl_estimator_for(c.kl_in, c.kl_estimator), packed=packed)
+        else:
+            loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range,
+                                  units=float(mb_action_mask.sum()), scale=self.world, packed=packed)
+        return loss, st, micro
 
     def params_finite(self) -> bool:
         """Every parameter finite, on every rank. Under ZeRO-3 each rank checks its own partition
@@ -224,3 +230,45 @@ def _to_device(exp, device):
     from ..online.experience import Experience
 
     return Experience(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in exp.__dict__.items()})
+
+
+class _StepStats:
+    """A learner update's statistics, summed as device tensors over micro-batches and read once."""
+
+    LOSSES = ("policy_loss", "value_loss")  # shares of their mini-batch's loss: averaged per mini-batch
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first: dict[str, torch.Tensor] = {}  # the first mini-batch's (the ratio there must be 1)
+        self.nonfinite: list[tuple[torch.Tensor, list[int]]] = []  # (loss not finite (), the micro-batch's ids)
+        self.micro_batches = self.minibatches = 0
+        self.grad_norm = 0.0
+
+    def add(self, st: dict[str, torch.Tensor], bad: torch.Tensor, ids: list[int], first: bool) -> None:
+        for k, v in st.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            if first:
+                keep_max = k in self.first and k in ("ratio_max", "ratio_dev_max")
+                self.first[k] = torch.maximum(self.first[k], v) if keep_max else v
+        self.nonfinite.append((bad, ids))
+        self.micro_batches += 1
+
+    def read(self, world: int) -> dict:
+        """Means over every rank's micro-batches (losses: over mini-batches), in one host read and one
+        all-reduce. Every rank runs as many micro-batches (`Learner.micro_batches`)."""
+        from ..distributed import all_reduce_sum
+
+        keys, first_keys = sorted(self.sums), sorted(self.first)
+        flat = torch.stack([self.sums[k] for k in keys] + [self.first[k] for k in first_keys]
+                           + [bad.float() for bad, _ in self.nonfinite]).tolist() if self.nonfinite else []
+        totals = all_reduce_sum(flat[:len(keys)] + [self.grad_norm])
+        out = {k: v / max((self.minibatches if k in self.LOSSES else self.micro_batches) * world, 1)
+               for k, v in zip(keys, totals)}
+        out["grad_norm"] = totals[-1] / max(self.minibatches * world, 1)
+        first = dict(zip(first_keys, flat[len(keys):len(keys) + len(first_keys)]))
+        bad_flags = flat[len(keys) + len(first_keys):]
+        out["nonfinite_ids"] = sorted({i for bad, (_, ids) in zip(bad_flags, self.nonfinite) if bad for i in ids})
+        out["first_ratio_mean"] = first.get("ratio_mean", 1.0)
+        out["first_ratio_dev_max"] = first.get("ratio_dev_max", 0.0)
+        return out

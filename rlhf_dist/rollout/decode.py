@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..models import position_ids_from_mask
-from .samples import Samples, merge_samples
+from .samples import Samples, merge_samples, select_samples
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +23,48 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def truncate(logp: torch.Tensor, top_p: float, top_k: int,
+             ban: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logprobs (N, V) -> what top-k, top-p and the `ban` leave: candidates (N, C) (logprobs, -inf where
+    cut), and their vocabulary ids (N, C), or None when the candidates are the whole vocabulary in order.
+
+    Top-k takes the k largest with `torch.topk` (no sort of the vocabulary); top-p then works on those k,
+    already in decreasing order. Top-p without top-k sorts the vocabulary: an exact nucleus needs the
+    order, and the sort-free alternatives (bisection, rejection) either loop on data-dependent conditions
+    (a host sync per step) or cost ~30 passes over the vocabulary.
+    """
+    if ban is not None:
+        logp = logp.clone()
+        logp[:, ban] = float("-inf")
+    if top_k and top_k < logp.shape[-1]:
+        cand, idx = torch.topk(logp, top_k, dim=-1)  # (N, k) in decreasing order
+    elif top_p < 1.0:
+        cand, idx = torch.sort(logp, dim=-1, descending=True)  # (N, V)
+    else:
+        return logp, None
+    if top_p < 1.0:
+        # Mass renormalised over what top-k and the ban left, as HF's and vLLM's top-p see it.
+        probs = cand.softmax(-1)  # (N, C)
+        cand = cand.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))  # smallest prefix reaching top_p
+    return cand, idx
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
                  generator: torch.Generator | None, ban: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (N, V) -> token (N,), logprob (N,) of that token under softmax(logits / temperature).
 
     The logprob ignores top-k/top-p truncation and the `ban`ned token, as the learner scores with the
-    same plain softmax: the rollout's logprobs can stand in for the learner's old logprobs.
+    same plain softmax: the rollout's logprobs can stand in for the learner's old logprobs. No host sync:
+    every step is a device kernel, so a decode loop on a GPU never waits here.
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    filtered = logp
-    if ban is not None:
-        filtered = filtered.clone()
-        filtered[:, ban] = float("-inf")
-    if top_k and top_k < logp.shape[-1]:
-        kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_lp, order = torch.sort(filtered, descending=True)  # (N, V)
-        # Mass renormalised over what top-k and the ban left, as HF's and vLLM's top-p see it.
-        probs = sorted_lp.softmax(-1)  # (N, V)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    cand, idx = truncate(logp, top_p, top_k, ban)  # (N, C), (N, C) or None
     # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per vocabulary
     # entry, which took 12% of a decode step here (scripts/bench_ppo.py --decode).
-    cdf = filtered.exp().cumsum(-1)  # (N, V)
+    cdf = cand.exp().cumsum(-1)  # (N, C)
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]  # (N, 1)
-    token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (N,)
+    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (N, 1)
+    token = (pick if idx is None else idx.gather(1, pick)).squeeze(1)  # (N,)
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
@@ -241,7 +257,9 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     except with a compiled step, whose shapes stay fixed.
     eos cannot be sampled before `min_new_tokens` (as in HF `min_new_tokens`; benchmarks use it to fix lengths).
     `static`: use the StaticDecoder where the architecture allows (same numbers, less overhead);
-    `compiled`: run its step through torch.compile (`gen_compile`)."""
+    `compiled`: run its step through torch.compile (`gen_compile`).
+    This is the CPU path; on CUDA the engine decodes with `fixed.FixedDecoder` (CUDA graphs, no host
+    sync per step), which takes the same arguments."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -280,8 +298,16 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                 alive, tok, next_pos, live = alive[idx], tok[idx], next_pos[idx], live[idx]
         logits = decoder.step(tok, next_pos)  # (n, V)
         next_pos = next_pos + 1
+    return to_samples(ids, attn, tokens, logps, lengths, sample_ids, version)
+
+
+def to_samples(ids: torch.Tensor, attn: torch.Tensor, tokens: torch.Tensor, logps: torch.Tensor,
+               lengths: torch.Tensor, sample_ids: list[int] | None, version: int) -> Samples:
+    """ids, attn (B, P); tokens, logps (B, R'); lengths (B,) -> `Samples` on the CPU, responses cut to the
+    longest (the one host sync of a call)."""
+    B, P = ids.shape
     R = int(lengths.max())
-    action_mask = (torch.arange(R, device=device)[None, :] < lengths[:, None]).long()  # (B, R)
+    action_mask = (torch.arange(R, device=ids.device)[None, :] < lengths[:, None]).long()  # (B, R)
     sequences = torch.cat([ids, tokens[:, :R]], dim=1)  # (B, P+R)
     return Samples(
         sequences=sequences.cpu(),
@@ -295,12 +321,29 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
 
 
 def generate_chunked(model, prompts: list[list[int]], chunk: int | None, *, pad_id: int,
-                     sample_ids: list[int] | None = None, **kw) -> Samples:
+                     sample_ids: list[int] | None = None, fixed=None, **kw) -> Samples:
     """`generate` over chunks of `chunk` prompts (None = all at once), merged in prompt order: only one
-    chunk's KV cache and logits are alive at a time. The chunks draw from the one `generator` in `kw` in
-    order, so a seeded call is reproducible (its rows draw in another order than one unchunked call)."""
+    chunk's KV cache and logits are alive at a time. `fixed`: a `fixed.FixedDecoder` to decode each chunk
+    with instead (the GPU path; `kw` may then carry its `check_every`).
+
+    With several chunks, prompts are first sorted by length (stable), so each chunk pads its prompts to
+    about their own length (length buckets), and the rows are put back in prompt order after the merge.
+    The chunks draw from the one `generator` in `kw` in that sorted order, so a seeded call is
+    reproducible (its rows draw in another order than one unchunked call, or than before the sort).
+    """
     ids = list(sample_ids) if sample_ids is not None else list(range(len(prompts)))
     size = chunk or len(prompts)
-    parts = [generate(model, prompts[i:i + size], pad_id=pad_id, sample_ids=ids[i:i + size], **kw)
-             for i in range(0, len(prompts), size)]
-    return merge_samples(parts, pad_id)
+    order = list(range(len(prompts)))
+    if size < len(prompts):
+        order.sort(key=lambda i: len(prompts[i]))
+
+    def run(rows: list[int]) -> Samples:
+        ps, sids = [prompts[i] for i in rows], [ids[i] for i in rows]
+        if fixed is not None:
+            return fixed.generate(ps, pad_id=pad_id, sample_ids=sids, **kw)
+        return generate(model, ps, pad_id=pad_id, sample_ids=sids, **kw)
+
+    merged = merge_samples([run(order[i:i + size]) for i in range(0, len(prompts), size)], pad_id)
+    if order == sorted(order):
+        return merged
+    return select_samples(merged, sorted(range(len(order)), key=order.__getitem__))  # back to prompt order

@@ -49,3 +49,10 @@ def merge_samples(parts: list[Samples], pad_id: int) -> Samples:
 def slice_samples(s: Samples, start: int, end: int) -> Samples:
     return Samples(s.sequences[start:end], s.attention_mask[start:end], s.action_mask[start:end],
                    s.rollout_logprobs[start:end], s.prompt_len, s.sample_ids[start:end], s.version)
+
+
+def select_samples(s: Samples, rows: list[int]) -> Samples:
+    """The given rows of `s`, in that order (paddings unchanged)."""
+    idx = torch.tensor(rows, dtype=torch.long)  # (n,)
+    return Samples(s.sequences[idx], s.attention_mask[idx], s.action_mask[idx], s.rollout_logprobs[idx],
+                   s.prompt_len, [s.sample_ids[i] for i in rows], s.version)

@@ -1,0 +1,125 @@
+"""Variable-length attention for packed rows, without the flash-attn package.
+
+`attn_implementation: sdpa` loads models with `VARLEN_SDPA`, registered here with transformers: it is
+transformers' own sdpa attention and mask unless a forward passes the sequence boundaries of a packed row
+(`cu_seq_lens_q`, `max_length_q`: the keyword arguments transformers' flash-attention path uses, which reach
+every attention call, and the recomputed forward of gradient checkpointing too). Then each sequence
+attends causally to itself only, with no mask and no compute across sequences: on CUDA in half precision
+through torch's flash varlen kernel (`torch.nn.attention.varlen.varlen_attn`); elsewhere the sequences are
+gathered into a right-padded batch for one `scaled_dot_product_attention(is_causal=True)`, so only the
+attention sees padding, never the projections and MLPs. A saved config names no attention
+implementation, so checkpoints load anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+
+import torch
+
+VARLEN_SDPA = "rlhf_dist_varlen_sdpa"
+
+try:  # torch >= 2.9 on CUDA
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: the per-sequence loop
+    varlen_attn = None
+
+
+def varlen_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' attention-function signature: query (B, Hq, T, D), key and value (B, Hkv, T, D) ->
+    (output (B, T, Hq, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")  # (n + 1,) int32: sequence starts in the one packed row, then its end
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1 or dropout:
+        raise ValueError("packed attention takes one row and no attention dropout")
+    gqa = query.shape[1] != key.shape[1]
+    params = _varlen_params()
+    if params is not None and _flash_varlen(query):
+        if gqa and "enable_gqa" not in params:  # older torch: repeat each key/value head for its query group
+            key, value = (x.repeat_interleave(query.shape[1] // x.shape[1], dim=1) for x in (key, value))
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+        longest = int(kwargs["max_length_q"])
+        # torch 2.9-2.10 take is_causal, later ones window_size (-1, 0) for causal
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        extra = {k: v for k, v in (("scale", scaling), ("enable_gqa", gqa)) if k in params and v is not None}
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)  # (T, Hq, D)
+        return out[None], None  # (1, T, Hq, D)
+    bounds = kwargs.get("seq_bounds") or cu.tolist()  # host offsets (free on the CPU)
+    gather, scatter = _layout(bounds, query.device)  # (n, L), (T,)
+    n, L = gather.shape
+    # index_select, not x[:, gather]: its backward is an index_add, several times cheaper than index_put on the CPU
+    q, k, v = (x[0].index_select(1, gather.flatten()).unflatten(1, (n, L)).transpose(0, 1)
+               for x in (query, key, value))  # (n, H, L, D)
+    # Each sequence from its own start, right-padded to the longest: causal attention then never lets a real
+    # query see a pad key (pads come after it), so no mask is needed and sdpa takes its fused causal kernel.
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    H, D = out.shape[1], out.shape[3]
+    return out.transpose(1, 2).reshape(n * L, H, D).index_select(0, scatter)[None], None  # (1, T, Hq, D)
+
+
+def _flash_varlen(query: torch.Tensor) -> bool:
+    """Whether torch's flash varlen kernel can take `query`: CUDA, half precision."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_params() -> frozenset[str] | None:
+    """The keyword arguments torch's varlen_attn takes (they changed between releases), or None without
+    one that can run causal attention."""
+    if varlen_attn is None:
+        return None
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+    return params if {"window_size", "is_causal"} & params else None
+
+
+def _layout(bounds: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence starts `bounds` (then the end) of one row of T tokens -> (gather (n, L): row positions of each
+    sequence right-padded to the longest L, pads pointing at whatever follows; scatter (T,): each row
+    position's place in the flattened (n, L))."""
+    starts = torch.tensor(bounds[:-1], device=device)  # (n,)
+    lengths = torch.tensor(bounds[1:], device=device) - starts  # (n,)
+    L, T = int(max(b - a for a, b in zip(bounds[:-1], bounds[1:]))), bounds[-1]
+    gather = (starts[:, None] + torch.arange(L, device=device)).clamp_(max=T - 1)  # (n, L)
+    seq = torch.repeat_interleave(torch.arange(len(starts), device=device), lengths)  # (T,) sequence of each
+    scatter = seq * L + torch.arange(T, device=device) - starts[seq]  # (T,)
+    return gather, scatter
+
+
+_UNMASKED = contextvars.ContextVar("rlhf_dist_unmasked", default=False)
+
+
+@contextlib.contextmanager
+def unmasked():
+    """Within: forwards build no attention mask (`packing.forward` of one packed row, whose attention takes
+    the sequence boundaries instead). Outside, the mask is sdpa's, right for any layout, so a forward that
+    forgets this context is slower, never wrong. Recomputation under gradient checkpointing reuses the mask
+    its forward was given."""
+    token = _UNMASKED.set(True)
+    try:
+        yield
+    finally:
+        _UNMASKED.reset(token)
+
+
+def _mask(*args, **kwargs):
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _UNMASKED.get() else sdpa_mask(*args, **kwargs)
+
+
+def register() -> str:
+    """Register `VARLEN_SDPA` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN_SDPA, _mask)
+    return VARLEN_SDPA
