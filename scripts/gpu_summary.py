@@ -1,5 +1,5 @@
 """Figures of finished runs for scripts/gpu_check.sh: stage times, the first mini-batch's ratio, the weight
-sync, peak memory per role. One block per run; the last line is JSON of all of them.
+sync, peak memory per role, the SFT and reward stages' start-up breakdown. One block per run; the last line is JSON of all of them.
 
     python scripts/gpu_summary.py SAVE_DIR [SAVE_DIR ...]
 """
@@ -32,6 +32,11 @@ def summarise(save: Path) -> dict:
     summary = [r for r in rows if r.get("summary")]
     if summary:
         out["peak_memory_mb"] = summary[-1].get("peak_memory_mb")
+    for stage, sub in (("sft", "sft"), ("reward", "reward_model")):  # where each stage's start-up went
+        done = [r for r in read_metrics(save / sub / "metrics.jsonl") if r.get("summary")] \
+            if (save / sub / "metrics.jsonl").is_file() else []
+        if done and done[-1].get("startup_s"):
+            out[f"{stage}_startup_s"] = {k: round(v, 2) for k, v in done[-1]["startup_s"].items()}
     return out
 
 

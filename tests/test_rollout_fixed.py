@@ -116,6 +116,19 @@ def test_slots_are_reused_per_bucket_and_evicted(model_tok):
     assert [s.rows for s in dec.slots.values()] == [2]
 
 
+def test_a_failed_capture_falls_back_to_the_eager_step(model_tok, caplog):
+    """graphs=True where no graph can be captured (here: no CUDA) warns once and decodes without graphs,
+    giving the eager path's tokens."""
+    model, tok = model_tok
+    kw = {"pad_id": tok.pad_token_id, "eos_id": tok.eos_token_id, "max_new_tokens": 6, "top_k": 1}
+    ps = prompts(tok, MIXED)
+    dec = FixedDecoder(model, graphs=True)
+    with caplog.at_level("WARNING"):
+        out = dec.generate(ps, **kw)
+    assert not dec.graphs and "CUDA graph capture failed" in caplog.text
+    assert torch.equal(out.sequences, FixedDecoder(model, graphs=False).generate(ps, **kw).sequences)
+
+
 def test_update_weights_repacks_the_fixed_decoder(tiny):
     """A sync writes the parameters in place; `update_weights` refreshes the packed copies the step (a graph,
     on a GPU) reads, so the next generate uses the new weights, through the same slot."""

@@ -39,12 +39,15 @@ def test_sft_trains_and_writes_layout(tiny, tmp_path, local_ray):
 
 @pytest.mark.slow
 def test_sft_one_vs_two_workers_and_accumulation(tiny, tmp_path, local_ray):
-    """The same global batch gives the same loss curve on 1 or 2 workers, with or without accumulation."""
+    """The same global batch gives the same loss curve on 1 or 2 workers, with or without accumulation, and
+    packed (2 workers, micro-batches of at most 50 tokens: their count differs per step and per rank until
+    the ranks agree on one)."""
     common = dict(sft_batch_size=8, sft_lr=1e-3, train_cpus_per_worker=1, eval_fraction=0.9)
     runs = {
         "1w_micro8": dict(sft_workers=1, sft_micro_batch_size=8),
         "1w_accum2": dict(sft_workers=1, sft_micro_batch_size=4),
         "2w_micro4": dict(sft_workers=2, sft_micro_batch_size=4),
+        "2w_packed": dict(sft_workers=2, sft_max_tokens_per_micro_batch=50),
     }
     curves = {}
     for name, extra in runs.items():
@@ -62,9 +65,10 @@ def test_reward_model_accuracy_and_layout(tiny, tmp_path, local_ray):
     from transformers import AutoModelForSequenceClassification
 
     save = tmp_path / "run"
-    pipe = create_rlhf_pipeline(base_config(tiny, save, reward_epochs=2))
+    pipe = create_rlhf_pipeline(base_config(tiny, save, reward_epochs=2, reward_max_tokens_per_micro_batch=400))
     out = pipe.run_reward_training()  # no SFT checkpoint: starts from model_name and says so
     rows = read_metrics(save / "reward_model" / "metrics.jsonl")
+    assert all(r["padding"] == 0 for r in rows if "padding" in r)  # packed into one row each
     final_acc = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r][-1]
     assert final_acc >= 0.9
     rm = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)

@@ -187,7 +187,14 @@ class FixedDecoder:
             self.slots.popitem(last=False)
         log.info("fixed-shape decode: %s the step for %d rows and a cache of %d tokens (once per bucket)",
                  "capturing" if self.graphs else "building", rows, L)
-        self.slots[key] = Slot(self, rows, L, dtype, device, compiled)
+        try:
+            self.slots[key] = Slot(self, rows, L, dtype, device, compiled)
+        except RuntimeError as e:  # a capture this GPU or torch refuses: decode eagerly, as on a CPU
+            if not self.graphs:
+                raise
+            log.warning("fixed-shape decode: CUDA graph capture failed (%s); running the step without graphs", e)
+            self.graphs = False
+            self.slots[key] = Slot(self, rows, L, dtype, device, compiled)
         return self.slots[key]
 
     @torch.no_grad()
