@@ -84,6 +84,9 @@ def test_step_sums_response_logprobs_and_splits_like_one_batch(tiny):
     assert pairs[0].ref_chosen == pytest.approx(by_hand, abs=1e-4)
     whole = sequence_logprobs(model, dpo_batch(pairs, tok.pad_token_id))  # (8,)
     torch.testing.assert_close(whole[:4], torch.tensor([p.ref_chosen for p in pairs]), atol=1e-4, rtol=0)
+    packed = attach_reference(model, same, items, tok.pad_token_id, micro=3, max_tokens=60)  # dpo_max_tokens_...
+    for a, b in zip(packed, pairs):  # the reference pass packed: the same values, in the same order
+        assert (a.ref_chosen, a.ref_rejected) == pytest.approx((b.ref_chosen, b.ref_rejected), abs=1e-4)
 
     def grads(chunks):
         model.zero_grad()

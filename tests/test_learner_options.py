@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import base_config
 
+from rlhf_dist.attention import VARLEN_SDPA
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.config.schema import LORA_TARGETS
 from rlhf_dist.models import (
@@ -21,30 +22,7 @@ from rlhf_dist.models import (
     token_scalars,
 )
 
-from rlhf_dist.attention import VARLEN_SDPA
-
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-rank gloo group for this module's DeepSpeed engines, destroyed after the module. DeepSpeed caches
-    a clone of the world group, which is forgotten too, so that a later test can start a group of its own."""
-    import sys
-
-    import torch.distributed as dist
-
-    from rlhf_dist.distributed import init_local_group_env
-    from rlhf_dist.roles.calls import free_port
-
-    init_local_group_env(0, 1, "127.0.0.1", free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None:
-        groups._WORLD_GROUP = None
 
 
 def _batch(vocab: int, n: int = 3, t: int = 14):
@@ -174,7 +152,7 @@ def test_offload_optimizer_config(tiny, tmp_path):
         ds_config(zero_stage=0, offload_optimizer=True, **kw)
 
 
-def test_zero2_offload_takes_the_same_step(tiny, one_rank_group):
+def test_zero2_offload_takes_the_same_step(tiny, gloo_group):
     from rlhf_dist.distributed import make_engine
 
     model = load_causal_lm(str(tiny["model"]))
@@ -196,7 +174,7 @@ def test_zero2_offload_takes_the_same_step(tiny, one_rank_group):
     assert moved > len(start) // 2  # a real step happened
 
 
-def test_learner_setup_applies_the_options(tiny, tmp_path, one_rank_group):
+def test_learner_setup_applies_the_options(tiny, tmp_path, gloo_group):
     """PPO's policy and critic learners: attention kernel, checkpointing and offload from the config."""
     import torch.distributed as dist
 

@@ -16,6 +16,7 @@ import torch
 from ..algo import dpo_loss
 from ..data import Encoded, pad_right
 from ..models import adapters_off
+from ..packing import pack, plan_micro_batches
 from .sft import next_token_logprobs
 
 
@@ -61,15 +62,25 @@ def dpo_count(items) -> int:
 
 
 @torch.no_grad()
-def attach_reference(model, to_dev, items: list, pad_id: int, micro: int) -> list[DPOPair]:
-    """(chosen, rejected, margin) pairs -> DPOPairs with the reference's log-probs, `micro` pairs per forward.
-    Every worker does all rows, in the same order: the same values everywhere, and the same number of
-    forwards on every rank (a ZeRO-3 forward is a collective). DPO has no use for the pair's margin."""
-    out: list[DPOPair] = []
-    for i in range(0, len(items), micro):
-        chunk = [DPOPair(c, r) for c, r, _ in items[i:i + micro]]
+def attach_reference(model, to_dev, items: list, pad_id: int, micro: int, max_tokens: int | None = None,
+                     flat: bool = True) -> list[DPOPair]:
+    """(chosen, rejected, margin) pairs -> DPOPairs with the reference's log-probs, `micro` pairs per forward,
+    or with `max_tokens` (dpo_max_tokens_per_micro_batch) packed forwards of at most that many tokens (`flat`:
+    one row, `packing.one_row`). Every worker does all rows, in the same order: the same values everywhere,
+    and the same number of forwards on every rank (a ZeRO-3 forward is a collective). DPO has no use for the
+    pair's margin."""
+    pairs = [DPOPair(c, r) for c, r, _ in items]
+    if max_tokens is None:
+        chunks = [list(range(i, min(i + micro, len(pairs)))) for i in range(0, len(pairs), micro)]
+    else:
+        lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs]
+        chunks = plan_micro_batches(lengths, max_tokens)
+    ref: dict[int, tuple[float, float]] = {}
+    for ids in chunks:
+        batch = dpo_batch([pairs[i] for i in ids], pad_id)
+        if max_tokens is not None:
+            batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)
         with adapters_off(model):
-            logps = sequence_logprobs(model, to_dev(dpo_batch(chunk, pad_id))).cpu()  # (2b,)
-        b = len(chunk)
-        out += [DPOPair(p.chosen, p.rejected, logps[j].item(), logps[b + j].item()) for j, p in enumerate(chunk)]
-    return out
+            logps = sequence_logprobs(model, to_dev(batch)).tolist()  # (2b,)
+        ref.update({i: (logps[j], logps[len(ids) + j]) for j, i in enumerate(ids)})
+    return [DPOPair(p.chosen, p.rejected, *ref[i]) for i, p in enumerate(pairs)]
