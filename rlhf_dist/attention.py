@@ -18,7 +18,11 @@ import contextvars
 import functools
 import inspect
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 VARLEN_SDPA = "rlhf_dist_varlen_sdpa"
 
@@ -40,19 +44,16 @@ def varlen_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                                       **kwargs)
     if query.shape[0] != 1 or dropout:
         raise ValueError("packed attention takes one row and no attention dropout")
-    gqa = query.shape[1] != key.shape[1]
-    params = _varlen_params()
-    if params is not None and _flash_varlen(query):
-        if gqa and "enable_gqa" not in params:  # older torch: repeat each key/value head for its query group
-            key, value = (x.repeat_interleave(query.shape[1] // x.shape[1], dim=1) for x in (key, value))
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
-        longest = int(kwargs["max_length_q"])
-        # torch 2.9-2.10 take is_causal, later ones window_size (-1, 0) for causal
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        extra = {k: v for k, v in (("scale", scaling), ("enable_gqa", gqa)) if k in params and v is not None}
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)  # (T, Hq, D)
-        return out[None], None  # (1, T, Hq, D)
+    if _flash_varlen(query):
+        return _flash(query, key, value, cu, int(kwargs["max_length_q"]), scaling), None  # (1, T, Hq, D)
     bounds = kwargs.get("seq_bounds") or cu.tolist()  # host offsets (free on the CPU)
+    return _gathered(query, key, value, bounds, scaling), None  # (1, T, Hq, D)
+
+
+def _gathered(query, key, value, bounds: list[int], scaling: float | None) -> torch.Tensor:
+    """One packed row's sequences (starts `bounds`, then the end) gathered into a right-padded batch for one
+    causal sdpa: query (1, Hq, T, D), key and value (1, Hkv, T, D) -> (1, T, Hq, D)."""
+    gqa = query.shape[1] != key.shape[1]
     gather, scatter = _layout(bounds, query.device)  # (n, L), (T,)
     n, L = gather.shape
     # index_select, not x[:, gather]: its backward is an index_add, several times cheaper than index_put on the CPU
@@ -62,12 +63,48 @@ def varlen_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     # query see a pad key (pads come after it), so no mask is needed and sdpa takes its fused causal kernel.
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
     H, D = out.shape[1], out.shape[3]
-    return out.transpose(1, 2).reshape(n * L, H, D).index_select(0, scatter)[None], None  # (1, T, Hq, D)
+    return out.transpose(1, 2).reshape(n * L, H, D).index_select(0, scatter)[None]  # (1, T, Hq, D)
+
+
+def _flash(query, key, value, cu: torch.Tensor, longest: int, scaling: float | None) -> torch.Tensor:
+    """torch's flash varlen kernel over one packed row: query (1, Hq, T, D), key and value (1, Hkv, T, D),
+    cu (n + 1,) int32 -> (1, T, Hq, D)."""
+    params = _varlen_params()
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and "enable_gqa" not in params:  # older torch: repeat each key/value head for its query group
+        key, value = (x.repeat_interleave(query.shape[1] // x.shape[1], dim=1) for x in (key, value))
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+    # torch 2.9-2.10 take is_causal, later ones window_size (-1, 0) for causal
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    extra = {k: v for k, v in (("scale", scaling), ("enable_gqa", gqa)) if k in params and v is not None}
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)[None]  # (1, T, Hq, D)
 
 
 def _flash_varlen(query: torch.Tensor) -> bool:
-    """Whether torch's flash varlen kernel can take `query`: CUDA, half precision."""
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    """Whether torch's flash varlen kernel takes `query`: CUDA, half precision, and a kernel that passed
+    `_flash_works` on this device (once per process)."""
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_params() is not None
+            and _flash_works(query.device, query.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """One tiny forward and backward through the kernel, against the gathered-sdpa path. A torch whose kernel
+    is missing, lacks a backward or disagrees loses only speed: the packed rows take the other path."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 64, generator=g, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    try:
+        out = _flash(q, k, v, cu, 7, None)  # (1, 12, 2, 64)
+        out.float().sum().backward()
+        want = _gathered(q.detach(), k.detach(), v.detach(), [0, 5, 12], None)
+        torch.testing.assert_close(out.detach().float(), want.float(), atol=2e-2, rtol=2e-2)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        log.warning("packed attention: torch's flash varlen kernel failed its check on %s %s (%s: %s); "
+                    "packed rows use sdpa over the gathered sequences instead", device, dtype, type(e).__name__, e)
+        return False
 
 
 @functools.lru_cache(maxsize=1)

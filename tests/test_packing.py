@@ -278,6 +278,19 @@ def test_the_cuda_varlen_call_on_a_cpu_stand_in(monkeypatch, signature):
     attention._varlen_params.cache_clear()
     try:
         got, _ = attention.varlen_sdpa(None, q, k, v, None, scaling=0.3, **kw)
+        assert attention._flash_works.__wrapped__(torch.device("cpu"), torch.float32)  # its start-up check passes
     finally:
         attention._varlen_params.cache_clear()
     torch.testing.assert_close(got, want)
+
+
+def test_a_varlen_kernel_that_fails_its_check_is_not_used(caplog):
+    """torch's real kernel has no CPU implementation: the once-per-process check fails, says so, and packed
+    rows keep the gathered-sdpa path."""
+    from rlhf_dist import attention
+
+    if attention.varlen_attn is None:
+        pytest.skip("this torch has no varlen_attn")
+    with caplog.at_level("WARNING"):
+        assert not attention._flash_works.__wrapped__(torch.device("cpu"), torch.bfloat16)
+    assert "failed its check" in caplog.text
