@@ -85,12 +85,14 @@ class Packed:
         cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device)
         return Packed(self.input_ids.to(device), self.position_ids.to(device), self.index.to(device), self.bounds, cu)
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, T, ...) -> (B, L, ...): packed values back at the padded positions, zeros on padding."""
+    def unpack(self, x: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:
+        """(rows, T, ...) -> (B, L, ...): packed values back at the padded positions, zeros on padding;
+        `columns`: only those of the padded layout (e.g. a response's), so no more is copied."""
+        index = self.index[:, columns]  # (B, L')
         flat = x.reshape(-1, *x.shape[2:])  # (rows*T, ...)
         flat = torch.cat([flat, flat.new_zeros((1, *flat.shape[1:]))])  # (rows*T + 1, ...)
         # index_select: its backward is an index_add, several times cheaper than flat[index]'s on the CPU
-        return flat.index_select(0, self.index.flatten()).unflatten(0, self.index.shape)  # (B, L, ...)
+        return flat.index_select(0, index.flatten()).unflatten(0, index.shape)  # (B, L', ...)
 
     @property
     def tokens(self) -> int:
@@ -162,9 +164,9 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: 
     return kw
 
 
-def padded(x: torch.Tensor, packed: Packed | None) -> torch.Tensor:
-    """A forward's per-position output in the padded layout: as is, or unpacked."""
-    return x if packed is None else packed.unpack(x)
+def padded(x: torch.Tensor, packed: Packed | None, columns: slice = slice(None)) -> torch.Tensor:
+    """A forward's per-position output in the padded layout, only `columns` of it: sliced, or unpacked."""
+    return x[:, columns] if packed is None else packed.unpack(x, columns)
 
 
 def padding_fraction(attention_masks: list[torch.Tensor], packs: list[Packed | None]) -> float:

@@ -22,8 +22,8 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
         out = forward(model, sequences, attention_mask, None, logits_to_keep=R + 1)
         logits = out.logits[:, :-1].float()  # (B, R, V)
     else:
-        logits = padded(forward(model, sequences, attention_mask, packed).logits, packed)  # (B, P+R, V)
-        logits = logits[:, prompt_len - 1:-1].float()  # (B, R, V)
+        out = forward(model, sequences, attention_mask, packed).logits  # (rows, T, V): every packed position
+        logits = padded(out, packed, slice(prompt_len - 1, -1)).float()  # (B, R, V)
     return logits if temperature == 1.0 else logits / temperature  # skip a pass over (B, R, V) when it is a no-op
 
 
@@ -50,7 +50,7 @@ def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     """(B, P+R) -> (B, R, H): the decoder's last hidden states at the positions that predict the response
     tokens. `get_decoder` reaches through PEFT wrappers, whose LoRA layers sit inside the decoder."""
     out = forward(model.get_decoder(), sequences, attention_mask, packed)
-    return padded(out.last_hidden_state, packed)[:, prompt_len - 1:-1]  # (B, R, H)
+    return padded(out.last_hidden_state, packed, slice(prompt_len - 1, -1))  # (B, R, H)
 
 
 def response_logprobs_entropy(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
