@@ -71,6 +71,15 @@ def plan_micro_batches(lengths: list[int], max_tokens: int,
     return split_to(bins, lengths, agree(len(bins)))
 
 
+def micro_batch_indices(lengths: list[int], size: int, max_tokens: int | None = None,
+                        agree: Callable[[int], int] = lambda k: k) -> list[list[int]]:
+    """Micro-batches (item indices) of items of these token `lengths`: `size` items each, in order, or with
+    `max_tokens`, planned by tokens (`plan_micro_batches`, `agree` as there)."""
+    if max_tokens is None:
+        return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
+    return plan_micro_batches(lengths, max_tokens, agree)
+
+
 @dataclass
 class Packed:
     """Where the real tokens of a padded (B, L) batch sit in the packed (rows, T) layout."""
@@ -167,10 +176,3 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: 
 def padded(x: torch.Tensor, packed: Packed | None, columns: slice = slice(None)) -> torch.Tensor:
     """A forward's per-position output in the padded layout, only `columns` of it: sliced, or unpacked."""
     return x[:, columns] if packed is None else packed.unpack(x, columns)
-
-
-def padding_fraction(attention_masks: list[torch.Tensor], packs: list[Packed | None]) -> float:
-    """Share of the forward's token slots that hold padding, over micro-batches."""
-    slots = sum(m.numel() if p is None else p.input_ids.numel() for m, p in zip(attention_masks, packs))
-    real = sum(int(m.sum()) for m in attention_masks)
-    return 1.0 - real / max(slots, 1)

@@ -139,11 +139,10 @@ def draw_step(args, rng: random.Random, vocab: int) -> list[tuple[list[int], int
 def micro_batches(seqs: list[tuple[list[int], int]], micro: int, pack: int) -> list[list[tuple[list[int], int]]]:
     """A step's sequences grouped into micro-batches: `micro` sequences each, in order, or with `pack`, at
     most that many real tokens each (`packing.plan_micro_batches`, as a run plans them)."""
-    if pack:
-        from rlhf_dist.packing import plan_micro_batches
+    from rlhf_dist.packing import micro_batch_indices
 
-        return [[seqs[i] for i in b] for b in plan_micro_batches([len(ids) for ids, _ in seqs], pack)]
-    return [seqs[i:i + micro] for i in range(0, len(seqs), micro)]
+    plan = micro_batch_indices([len(ids) for ids, _ in seqs], micro, pack or None)
+    return [[seqs[i] for i in b] for b in plan]
 
 
 def sft_micro(group) -> tuple[dict, int, int]:

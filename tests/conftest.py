@@ -75,3 +75,14 @@ def iteration_rows(save_dir) -> list[dict]:
     from rlhf_dist.io.tracking import read_metrics
 
     return [r for r in read_metrics(Path(save_dir) / "ppo" / "metrics.jsonl") if not r.get("summary")]
+
+
+def assert_in_nucleus(probs, tokens, mask, top_p: float, top_k: int) -> None:
+    """Each sampled token (tokens (B, R) where mask) is among what top-k, then top-p renormalised over the
+    top-k, leave of its distribution probs (B, R, V)."""
+    for p_row, tok_id in zip(probs[mask], tokens[mask]):  # (V,), ()
+        order = p_row.argsort(descending=True)
+        kept = order[:top_k] if top_k else order
+        q = p_row[kept] / p_row[kept].sum()  # renormalised after top-k
+        kept = kept[: int((q.cumsum(0) - q < top_p).sum())]  # the smallest prefix with mass >= top_p
+        assert tok_id in kept.tolist()

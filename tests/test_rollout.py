@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from conftest import assert_in_nucleus
 
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
@@ -45,6 +46,7 @@ def test_static_decoder_matches_the_model_forward(tiny, kv_heads, pack, monkeypa
     the batch at eos."""
     from transformers import AutoConfig, LlamaForCausalLM
 
+    from rlhf_dist.rollout import decode
     from rlhf_dist.rollout.decode import StaticDecoder
 
     cfg = AutoConfig.from_pretrained(tiny["model"])
@@ -55,7 +57,7 @@ def test_static_decoder_matches_the_model_forward(tiny, kv_heads, pack, monkeypa
     ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 3)
     assert StaticDecoder.supports(model, 64)
     if not pack:
-        monkeypatch.setattr(StaticDecoder, "PACK_MAX_BYTES", 0)
+        monkeypatch.setattr(decode, "PACK_MAX_BYTES", 0)
     outs = [generate(model, ps, pad_id=tok.pad_token_id, eos_id=cfg.eos_token_id, max_new_tokens=24, top_k=1,
                      static=static) for static in (True, False)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
@@ -198,12 +200,7 @@ def test_engine_sampling_matches_the_plain_forward(model_tok, top_p, top_k):
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.rollout_logprobs, b.rollout_logprobs)
     probs = (teacher_forced(model, a) / sp.temperature).softmax(-1)  # (B, R, V)
     m = a.action_mask.bool()  # (B, R)
-    for p_row, tok_id in zip(probs[m], a.responses[m]):  # (V,), ()
-        order = p_row.argsort(descending=True)
-        kept = order[:top_k] if top_k else order
-        q = p_row[kept] / p_row[kept].sum()  # renormalised after top-k
-        kept = kept[: int((q.cumsum(0) - q < top_p).sum())]  # the smallest prefix with mass >= top_p
-        assert tok_id in kept.tolist()
+    assert_in_nucleus(probs, a.responses, m, top_p, top_k)
     with torch.no_grad():
         lp = response_logprobs(model, a.sequences, a.attention_mask, a.prompt_len, sp.temperature)
     torch.testing.assert_close(a.rollout_logprobs[m], lp[m], atol=1e-4, rtol=0)

@@ -3,19 +3,14 @@ buffers and step as on a GPU, where the step is a captured CUDA graph (not run h
 
 import pytest
 import torch
+from conftest import assert_in_nucleus
 
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
 from rlhf_dist.online.experience import response_logits, response_logprobs
-from rlhf_dist.rollout.decode import generate
+from rlhf_dist.rollout.decode import CACHE_BUCKET, cache_bucket, generate
 from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
-from rlhf_dist.rollout.fixed import (
-    CACHE_BUCKET,
-    FixedDecoder,
-    cache_bucket,
-    capture,
-    row_bucket,
-)
+from rlhf_dist.rollout.fixed import FixedDecoder, capture, row_bucket
 
 MIXED = ["Hi", "What do you think of this movie? Tell me more.", "Describe the cat.", "Park?",
          "How was the city at night, and the food?"]  # mixed lengths: left padding on most rows
@@ -89,12 +84,7 @@ def test_fixed_sampling_matches_the_plain_forward(model_tok, top_p, top_k):
                  / sp.temperature).softmax(-1)  # (B, R, V)
         lp = response_logprobs(model, a.sequences, a.attention_mask, a.prompt_len, sp.temperature)
     m = a.action_mask.bool()  # (B, R)
-    for p_row, tok_id in zip(probs[m], a.responses[m]):  # (V,), ()
-        order = p_row.argsort(descending=True)
-        kept = order[:top_k] if top_k else order
-        q = p_row[kept] / p_row[kept].sum()  # renormalised after top-k
-        kept = kept[: int((q.cumsum(0) - q < top_p).sum())]  # the smallest prefix with mass >= top_p
-        assert tok_id in kept.tolist()
+    assert_in_nucleus(probs, a.responses, m, top_p, top_k)
     torch.testing.assert_close(a.rollout_logprobs[m], lp[m], atol=1e-4, rtol=0)
 
 

@@ -94,17 +94,27 @@ def _train_line(ax, xs, ys, label: str, color: str) -> None:
         ax.plot(xs, ys, color=color, lw=LW, marker="." if len(ys) < 50 else None, label=label)
 
 
-def _plot_sft(rows, out: Path, md: list[str]) -> dict[str, Any]:
-    xs, ys = _series(rows, "step", "loss")
-    ex, ey = _series(rows, "step", "eval_loss")
+def _train_and_eval(rows, key: str, title: str, ylabel: str):
+    """A figure of a stage's per-step `key` and its eval_`key` -> (fig, ax, steps, train values, eval values), or None
+    when the metrics hold neither."""
+    xs, ys = _series(rows, "step", key)
+    ex, ey = _series(rows, "step", f"eval_{key}")
     if not ys and not ey:
+        return None
+    fig, ax = _new(title, "optimizer step", ylabel)
+    if ys:
+        _train_line(ax, xs, ys, f"train {key}", "tab:blue")
+    if ey:
+        ax.plot(ex, ey, color="tab:orange", lw=LW, ls="--", marker="o", ms=6, label=f"eval {key}")
+    return fig, ax, xs, ys, ey
+
+
+def _plot_sft(rows, out: Path, md: list[str]) -> dict[str, Any]:
+    made = _train_and_eval(rows, "loss", "SFT loss", "cross-entropy (nats / assistant token)")
+    if made is None:
         md.append("- SFT: no loss values in sft/metrics.jsonl; plot skipped.")
         return {}
-    fig, ax = _new("SFT loss", "optimizer step", "cross-entropy (nats / assistant token)")
-    if ys:
-        _train_line(ax, xs, ys, "train loss", "tab:blue")
-    if ey:
-        ax.plot(ex, ey, color="tab:orange", lw=LW, ls="--", marker="o", ms=6, label="eval loss")
+    fig, ax, xs, ys, ey = made
     ax.legend()
     _save(fig, out / "sft_loss.png")
     md += ["### SFT", "", "![SFT loss](sft_loss.png)", ""]
@@ -113,16 +123,11 @@ def _plot_sft(rows, out: Path, md: list[str]) -> dict[str, Any]:
 
 
 def _plot_rm(rows, out: Path, md: list[str]) -> dict[str, Any]:
-    xs, ys = _series(rows, "step", "accuracy")
-    ex, ey = _series(rows, "step", "eval_accuracy")
-    if not ys and not ey:
+    made = _train_and_eval(rows, "accuracy", "Reward model accuracy", "accuracy (fraction of pairs, chosen > rejected)")
+    if made is None:
         md.append("- Reward model: no accuracy values in reward_model/metrics.jsonl; plot skipped.")
         return {}
-    fig, ax = _new("Reward model accuracy", "optimizer step", "accuracy (fraction of pairs, chosen > rejected)")
-    if ys:
-        _train_line(ax, xs, ys, "train accuracy", "tab:blue")
-    if ey:
-        ax.plot(ex, ey, color="tab:orange", lw=LW, ls="--", marker="o", ms=6, label="eval accuracy")
+    fig, ax, _, ys, ey = made
     ax.axhline(0.5, color="gray", lw=1.0, ls=":", label="chance (0.5)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(loc="lower right")

@@ -16,7 +16,7 @@ import torch
 from ..algo import dpo_loss
 from ..data import Encoded, pad_right
 from ..models import adapters_off
-from ..packing import pack, plan_micro_batches
+from ..packing import micro_batch_indices, pack
 from .sft import next_token_logprobs
 
 
@@ -70,13 +70,9 @@ def attach_reference(model, to_dev, items: list, pad_id: int, micro: int, max_to
     and the same number of forwards on every rank (a ZeRO-3 forward is a collective). DPO has no use for the
     pair's margin."""
     pairs = [DPOPair(c, r) for c, r, _ in items]
-    if max_tokens is None:
-        chunks = [list(range(i, min(i + micro, len(pairs)))) for i in range(0, len(pairs), micro)]
-    else:
-        lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs]
-        chunks = plan_micro_batches(lengths, max_tokens)
+    lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs]
     ref: dict[int, tuple[float, float]] = {}
-    for ids in chunks:
+    for ids in micro_batch_indices(lengths, micro, max_tokens):
         batch = dpo_batch([pairs[i] for i in ids], pad_id)
         if max_tokens is not None:
             batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)

@@ -24,7 +24,7 @@ from ..io.tracking import Timers
 from ..config import RLHFConfig, load_config
 from ..data import Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
 from ..models import apply_lora, load_causal_lm, load_scalar_model, load_tokenizer, save_hf
-from ..packing import one_row, pack, plan_micro_batches
+from ..packing import micro_batch_indices, one_row, pack
 from ..precision import use_bf16
 from .train_state import load_train_state, report_train_state
 from .dpo import DPOPair, attach_reference, dpo_batch, dpo_count, dpo_step_loss
@@ -285,9 +285,7 @@ def supervised_worker(config: dict) -> None:
 def micro_batches(task: Task, items: list, agree: Callable[[int], int] = lambda k: k) -> list[list]:
     """This rank's items -> micro-batches: of `task.micro_batch` items, or packed by tokens (`agree`: the
     count every rank reaches, see `packing.plan_micro_batches`)."""
-    if task.max_tokens is None:
-        return [items[i:i + task.micro_batch] for i in range(0, len(items), task.micro_batch)]
-    plan = plan_micro_batches([item_tokens(x) for x in items], task.max_tokens, agree)
+    plan = micro_batch_indices([item_tokens(x) for x in items], task.micro_batch, task.max_tokens, agree)
     return [[items[i] for i in b] for b in plan]
 
 

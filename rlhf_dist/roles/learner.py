@@ -144,13 +144,11 @@ class Learner(RoleWorker):
         """This rank's share of a mini-batch -> micro-batches (indices): of ppo_micro_batch_size samples, or
         packed by tokens (ppo_max_tokens_per_micro_batch), as many on every rank (`plan_micro_batches`)."""
         from ..distributed import all_reduce_max
-        from ..packing import plan_micro_batches
+        from ..packing import micro_batch_indices
 
-        budget = self.cfg.ppo_max_tokens_per_micro_batch
-        if budget is None:
-            return [list(range(i, i + self.micro)) for i in range(0, len(mine), self.micro)]
         lengths = mine.attention_mask.sum(1).tolist()  # (b,) real tokens, on the host already
-        return plan_micro_batches(lengths, budget, lambda k: int(all_reduce_max([float(k)])[0]))
+        return micro_batch_indices(lengths, self.micro, self.cfg.ppo_max_tokens_per_micro_batch,
+                                   lambda k: int(all_reduce_max([float(k)])[0]))
 
     def micro_loss(self, micro, mb_action_mask: torch.Tensor, kl_coef: float):
         """The policy or value loss of one micro-batch, as its share of the mini-batch's (whose action mask

@@ -68,6 +68,61 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
+PACK_MAX_BYTES = 256 * 2**20  # models up to this size decode from packed copies of their weights
+CACHE_BUCKET = 64  # fixed-shape caches are rounded up to a multiple of this many tokens
+
+
+def cache_bucket(n: int) -> int:
+    """The KV cache length for n tokens (prompt + new) on a fixed-shape path: a multiple of CACHE_BUCKET,
+    so prompts of other lengths mostly reuse one compiled step or captured graph."""
+    return -(-n // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def rotary_tables(base, like: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, D) of a Llama-family decoder `base` for positions 0..L-1, sin pre-signed for
+    `decode_step`: rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2], so the sign goes in once."""
+    cos, sin = base.rotary_emb(like, torch.arange(L, device=like.device)[None])  # (1, L, D)
+    D = cos.shape[-1]
+    return cos[0], torch.cat([-sin[0, :, : D // 2], sin[0, :, D // 2:]], dim=-1)
+
+
+class PackedWeights:
+    """`decode_step`'s weight layout: q/k/v and gate/up fused into one matrix each, every matrix transposed
+    to (in, out). Models of at most PACK_MAX_BYTES are copied into it; larger ones use their parameters by
+    reference (views): the copy would double the rollout's weight memory. `repack` refreshes the copies in
+    place, so a captured CUDA graph, which reads fixed addresses, sees a weight sync."""
+
+    def __init__(self, model):
+        base = model.model
+        self.pack = sum(p.numel() * p.element_size() for p in model.parameters()) <= PACK_MAX_BYTES
+        self._copies: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []  # (copy, sources, transposed)
+        layers = tuple((x.input_layernorm.weight,
+                        self._proj(x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj),
+                        self._proj(x.self_attn.o_proj), x.post_attention_layernorm.weight,
+                        self._proj(x.mlp.gate_proj, x.mlp.up_proj), self._proj(x.mlp.down_proj)) for x in base.layers)
+        self.weights = (base.embed_tokens.weight, layers, base.norm.weight, self._proj(model.lm_head))
+
+    def _proj(self, *linears) -> tuple:
+        """-> (matrices (in, out) whose outputs sit side by side, bias or None); copies are remembered."""
+        b = None
+        if linears[0].bias is not None:
+            b = torch.cat([lin.bias for lin in linears])  # (out,) a copy, refreshed by repack
+            self._copies.append((b, [lin.bias for lin in linears], False))
+        if not self.pack:
+            return tuple(lin.weight.t() for lin in linears), b  # views of the parameters
+        m = torch.cat([lin.weight for lin in linears]).t().contiguous()  # (in, out)
+        self._copies.append((m, [lin.weight for lin in linears], True))
+        return (m,), b
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        """Copy the parameters into the packed tensors again, in place (after a weight sync)."""
+        for dst, srcs, transposed in self._copies:
+            src = torch.cat(srcs)
+            dst.copy_(src.t() if transposed else src)
+
+
+
 class CacheDecoder:
     """One decode step through the model's own forward and a transformers DynamicCache (any architecture)."""
 
@@ -94,11 +149,9 @@ class StaticDecoder:
     skips what the generic forward redoes: module dispatch, building a 4D mask, recomputing the rotary
     table, concatenating the cache. The step itself is `decode_step`, a pure function of tensors.
 
-    Models of at most PACK_MAX_BYTES of weights are copied once per `generate` call (a weight sync never
-    lands inside a call) into the layout a step wants: q/k/v and gate/up fused into one matrix each, every
-    matrix transposed to (in, out). On the benchmark model that made decoding 0.98-1.13x as fast, about
-    1.09x typically (docs/benchmarks.md). Larger models use their own weights by reference: the copy
-    would double the rollout's weight memory for the length of a call.
+    The weights are laid out as a step wants (`PackedWeights`) once per `generate` call (a weight sync never
+    lands inside a call). On the benchmark model the packed copy made decoding 0.98-1.13x as fast, about
+    1.09x typically (docs/benchmarks.md).
 
     `compiled`: the step runs through `torch.compile`, which fuses the elementwise work around the matmuls
     (norms, rotary, attention, SiLU). Shapes must then stay fixed: finished rows stay in the batch
@@ -108,8 +161,6 @@ class StaticDecoder:
     """
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-    PACK_MAX_BYTES = 256 * 2**20
-    CACHE_BUCKET = 64
 
     @classmethod
     def supports(cls, model, total_len: int) -> bool:
@@ -132,23 +183,13 @@ class StaticDecoder:
         n, P = attn.shape
         L = P + max_new_tokens
         if compiled:
-            L = -(-L // self.CACHE_BUCKET) * self.CACHE_BUCKET
+            L = cache_bucket(L)
         attn0 = base.layers[0].self_attn
         D = attn0.head_dim
         self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, D)
         self.scale, self.eps = attn0.scaling, base.norm.variance_epsilon
-        pack = sum(p.numel() * p.element_size() for p in model.parameters()) <= self.PACK_MAX_BYTES
-
-        def proj(*linears):
-            return self._proj(pack, *linears)
-
-        layers = tuple((x.input_layernorm.weight, proj(x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj),
-                        proj(x.self_attn.o_proj), x.post_attention_layernorm.weight,
-                        proj(x.mlp.gate_proj, x.mlp.up_proj), proj(x.mlp.down_proj)) for x in base.layers)
-        self.weights = (base.embed_tokens.weight, layers, base.norm.weight, proj(model.lm_head))  # decode_step's layout
-        cos, sin = base.rotary_emb(cache.layers[0].keys, torch.arange(L, device=attn.device)[None])  # (1, L, D)
-        # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the sign goes into the table once.
-        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, : D // 2], sin[0, :, D // 2:]], dim=-1)  # (L, D)
+        self.weights = PackedWeights(model).weights  # decode_step's layout
+        self.cos, self.sin = rotary_tables(base, cache.layers[0].keys, L)  # (L, D) each
         self.k, self.v = [], []
         for layer in cache.layers:
             k = layer.keys.new_zeros((n, self.heads[1], L, D))  # (n, kvH, L, D)
@@ -162,14 +203,6 @@ class StaticDecoder:
             pad[:, None, None, :], float("-inf")) if bool(pad.any()) else None)  # (n, 1, 1, L)
         self.t, self.L, self.fixed_shape = P, L, compiled
         self.fn = compiled_decode_step(n, L) if compiled else decode_step
-
-    @staticmethod
-    def _proj(pack: bool, *linears) -> tuple:
-        """-> (matrices (in, out) whose outputs sit side by side, bias or None)."""
-        b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
-        if pack:
-            return (torch.cat([l.weight for l in linears]).t().contiguous(),), b
-        return tuple(l.weight.t() for l in linears), b  # views: no copy of a large model's weights
 
     def select(self, idx: torch.Tensor) -> None:
         self.k = [k[idx] for k in self.k]

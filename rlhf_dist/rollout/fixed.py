@@ -6,7 +6,7 @@ sync per step. Here instead (issue 20):
 
 - rows stay in the batch; a finished row's token is forced to pad and its logprob to 0 (masked, not
   copied out), and `live.any()` is read to the host only every `check_every` steps;
-- the batch is padded up to a power of two and the KV cache length to a multiple of CACHE_BUCKET, and
+- the batch is padded up to a power of two and the KV cache length to a multiple of decode.CACHE_BUCKET, and
   each (rows, cache length) bucket keeps a `Slot`: static input buffers, a preallocated KV cache, and
   the step captured once as a `torch.cuda.CUDAGraph` that reads them (`graphs=True`);
 - the cache slot index `t` is a device tensor advanced in place: no host-to-device copy per step;
@@ -26,10 +26,12 @@ import torch
 
 from ..models import position_ids_from_mask
 from .decode import (
-    StaticDecoder,
+    PackedWeights,
+    cache_bucket,
     compiled_decode_step,
     decode_step,
     left_pad,
+    rotary_tables,
     sample_token,
     to_samples,
 )
@@ -37,52 +39,9 @@ from .samples import Samples
 
 log = logging.getLogger(__name__)
 
-CACHE_BUCKET = 64  # cache lengths share a slot (and a graph) per multiple of this
-
-
 def row_bucket(n: int) -> int:
     """The batch size a batch of n rows is padded to: the next power of two (>= n)."""
     return 1 << max(n - 1, 0).bit_length()
-
-
-def cache_bucket(n: int) -> int:
-    """The KV cache length for n tokens (prompt + new): rounded up to a multiple of CACHE_BUCKET."""
-    return -(-n // CACHE_BUCKET) * CACHE_BUCKET
-
-
-class PackedWeights:
-    """`decode_step`'s weight layout (as in StaticDecoder), built once per model and refreshed in place by
-    `repack`, so a captured graph, which reads fixed addresses, sees a weight sync. Models above
-    StaticDecoder.PACK_MAX_BYTES use their parameters by reference (views), which a sync writes in place."""
-
-    def __init__(self, model):
-        base = model.model
-        self.pack = sum(p.numel() * p.element_size() for p in model.parameters()) <= StaticDecoder.PACK_MAX_BYTES
-        self._copies: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []  # (copy, sources, transposed)
-        layers = tuple((x.input_layernorm.weight,
-                        self._proj(x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj),
-                        self._proj(x.self_attn.o_proj), x.post_attention_layernorm.weight,
-                        self._proj(x.mlp.gate_proj, x.mlp.up_proj), self._proj(x.mlp.down_proj)) for x in base.layers)
-        self.weights = (base.embed_tokens.weight, layers, base.norm.weight, self._proj(model.lm_head))
-
-    def _proj(self, *linears) -> tuple:
-        """-> (matrices (in, out) whose outputs sit side by side, bias or None); copies are remembered."""
-        b = None
-        if linears[0].bias is not None:
-            b = torch.cat([lin.bias for lin in linears])  # (out,) a copy, refreshed by repack
-            self._copies.append((b, [lin.bias for lin in linears], False))
-        if not self.pack:
-            return tuple(lin.weight.t() for lin in linears), b  # views of the parameters
-        m = torch.cat([lin.weight for lin in linears]).t().contiguous()  # (in, out)
-        self._copies.append((m, [lin.weight for lin in linears], True))
-        return (m,), b
-
-    @torch.no_grad()
-    def repack(self) -> None:
-        """Copy the parameters into the packed tensors again, in place (after a weight sync)."""
-        for dst, srcs, transposed in self._copies:
-            src = torch.cat(srcs)
-            dst.copy_(src.t() if transposed else src)
 
 
 def capture(fn, graphs: bool):
@@ -123,8 +82,7 @@ class Slot:
         self.k = [torch.zeros((rows, hkv, L, D), dtype=dtype, device=device) for _ in base.layers]  # (rows, kvH, L, D)
         self.v = [torch.zeros_like(k) for k in self.k]
         self.bias = torch.zeros((rows, 1, 1, L), dtype=dtype, device=device)  # (rows, 1, 1, L) -inf on padding
-        cos, sin = base.rotary_emb(self.k[0], torch.arange(L, device=device)[None])  # (1, L, D)
-        cos, sin = cos[0], torch.cat([-sin[0, :, : D // 2], sin[0, :, D // 2:]], dim=-1)  # as StaticDecoder
+        cos, sin = rotary_tables(base, self.k[0], L)  # (L, D) each
         fn = compiled_decode_step(rows, L) if compiled else decode_step
         weights = dec.packed.weights
 
