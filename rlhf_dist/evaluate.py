@@ -3,8 +3,8 @@
 For each checkpoint (default: SFT, every complete PPO iteration, the final policy):
 
 - ppl: perplexity of the reference responses, teacher-forced, on assistant tokens only;
-- one sampled response per prompt with the config's gen_* settings and the same seed for every
-  checkpoint, so differences come from the weights, not from the dice;
+- one sampled response per prompt, through PPO's rollout engine, with the config's gen_* settings and the
+  same seed for every checkpoint, so differences come from the weights, not from the dice;
 - bleu (sacrebleu corpus BLEU, 0-100) and rougeL (mean ROUGE-L F1) against the references;
 - rm_score: mean reward-model score of the responses;
 - kl_ref: mean over prompts of sum_t (log pi(y_t) - log pi_ref(y_t)) on the policy's own samples (k1);
@@ -18,7 +18,6 @@ Results go to save_dir/eval/results.json (metrics and settings) and save_dir/eva
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
+from .io.eval_results import eval_settings, format_table, metrics_row, write_results
 from .io.sources import check_model_paths, policy_start, reference_model
 from .io.sources import reward_model as find_reward_model
 from .config import ConfigError, RLHFConfig, load_config
@@ -38,11 +38,6 @@ from .data import DataError, Encoded, Message, encode_conversation, encode_promp
 from .precision import use_bf16
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ("checkpoint", "ppl", "bleu", "rougeL", "rm_score", "kl_ref", "win_rate_vs_sft", "gold")
-_FORMATS = {"ppl": "{:.2f}", "bleu": "{:.2f}", "rougeL": "{:.3f}", "rm_score": "{:+.3f}", "kl_ref": "{:.3f}",
-            "win_rate_vs_sft": "{:.3f}", "gold": "{:+.3f}"}
-NUM_SAMPLES_SAVED = 5  # example generations kept per checkpoint in results.json
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,16 +194,22 @@ def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size
     return math.exp(nll / count) if count else float("nan")
 
 
-@torch.inference_mode()
 def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: int) -> list:
-    """One response per prompt, in fixed batches with a generator seeded by cfg.seed."""
-    from .rollout.decode import generate
+    """One response per prompt through PPO's rollout engine (on CUDA its CUDA-graph decode path), in
+    length-sorted chunks of `batch_size` prompts drawing from one generator seeded by cfg.seed -> `Samples`
+    of `batch_size` rows, in prompt order (sample_ids: indices into `es`)."""
+    from dataclasses import replace
 
+    from .rollout.engine import HFDecodeEngine, SamplingParams
+    from .rollout.samples import slice_samples
+
+    # Seeded afresh per call, so every checkpoint draws the same numbers: differences come from the weights.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    return [generate(model, es.prompt_ids[a:b], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                     max_new_tokens=cfg.gen_max_new_tokens, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p,
-                     top_k=cfg.gen_top_k, generator=gen, sample_ids=list(range(a, b)))
-            for a, b in _batches(len(es), batch_size)]
+    sp = replace(SamplingParams.from_config(cfg), batch_size=batch_size)
+    s = HFDecodeEngine(model).generate(es.prompt_ids, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                                       sample_ids=list(range(len(es))), generator=gen)
+    # The forward passes after this one (logprobs, reward model) take batch_size rows at a time too.
+    return [slice_samples(s, a, b) for a, b in _batches(len(s), batch_size)]
 
 
 def decode(tok, batches: list) -> list[str]:
@@ -258,60 +259,84 @@ class RewardScorer:
         return torch.cat(out)
 
 
-def text_metrics(hyps: list[str], refs: list[str]) -> tuple[float, float]:
-    """(corpus BLEU 0-100, mean ROUGE-L F1 0-1)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-    logging.getLogger("absl").setLevel(logging.WARNING)  # "Using default tokenizer." on every scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / max(1, len(refs))
-    return float(bleu), float(rouge)
-
-
 # ---------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------
 
-def format_table(results: dict) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
-    for name, m in results["checkpoints"].items():
-        cells = [name] + [_FORMATS[c].format(m[c]) if m.get(c) is not None else "-" for c in COLUMNS[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+@dataclass
+class EvalRun:
+    """What every checkpoint is evaluated against, loaded once."""
+
+    cfg: RLHFConfig
+    device: str
+    bf16: bool
+    batch_size: int
+    start: str  # the policy's start: what a LoRA checkpoint's adapter is merged onto
+    reference: str  # the KL reference, and the policy whose responses win rates compare against
+    reward_model: str | None
+    gold: str | None  # module:function
+    gold_fn: Callable | None
+    data: Path
+    tok: Any
+    es: EvalSet
+    ref_model: Any
+    rm: RewardScorer | None
+    notes: list[str]
 
 
-def _write_markdown(path: Path, results: dict) -> None:
-    s = results["settings"]
-    lines = ["# Evaluation", "", format_table(results), "",
-             f"{s['num_prompts']} prompts from `{s['data']}`; one sample per prompt (seed {s['seed']}, "
-             f"temperature {s['gen_temperature']}, top_p {s['gen_top_p']}, top_k {s['gen_top_k']}, "
-             f"max {s['gen_max_new_tokens']} new tokens). Reference policy: `{s['reference']}`; "
-             f"reward model: `{s['reward_model'] or 'none'}`; gold: `{s['gold'] or 'none'}`.", "",
-             "- ppl: perplexity of the reference responses (assistant tokens, teacher-forced)",
-             "- bleu: sacrebleu corpus BLEU (0-100); rougeL: mean ROUGE-L F1 against the references",
-             "- rm_score: mean reward-model score; win_rate_vs_sft: RM prefers it to the SFT response (ties 1/2)",
-             "- kl_ref: mean over prompts of the summed log-ratio to the reference on the policy's samples (k1)"]
-    lines += [f"- note: {n}" for n in s["notes"]]
-    _write_atomic(path, "\n".join(lines) + "\n")
+def resolve_checkpoints(cfg: RLHFConfig, checkpoints: dict[str, str] | None) -> dict[str, str]:
+    """{name: model dir}, each verified against its manifest; default: the run's own."""
+    checkpoints = dict(checkpoints) if checkpoints else default_checkpoints(cfg)
+    if not checkpoints:
+        raise FileNotFoundError(f"{cfg.save_dir}: no complete checkpoint (sft/best_model, dpo/best_model, "
+                                f"ppo/iteration_*, ppo/final_model); pass --checkpoints NAME=DIR")
+    for p in checkpoints.values():
+        verify_checkpoint(p)
+    return {name: _model_dir(p) for name, p in checkpoints.items()}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gold: str | None,
+            batch_size: int) -> EvalRun:
+    """Resolve and load the reference, the reward model, the gold function and the eval set."""
+    from .models import load_causal_lm, load_tokenizer, resolve_device
+
+    device = resolve_device(cfg.device)
+    bf16 = use_bf16(cfg.bf16, device)
+    notes: list[str] = []
+    start, reference, reward_model = eval_models(cfg, notes)
+    gold = gold or cfg.reward_fn
+    gold_fn = load_fn(gold) if gold else None
+    tok = load_tokenizer(cfg.tokenizer_path or start)
+    data = resolve_eval_data(cfg, data_path)
+    es = load_eval_set(tok, data, num_prompts, cfg.max_length)
+    attn = cfg.attn_implementation
+    ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
+    rm = RewardScorer(reward_model, tok, bf16, device, attn) if reward_model else None
+    return EvalRun(cfg, device, bf16, batch_size, start, reference, reward_model, gold, gold_fn, data, tok, es,
+                   ref_model, rm, notes)
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> None, so results.json stays valid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+def raw_pass(run: EvalRun, path: str) -> dict[str, Any]:
+    """One checkpoint's responses and per-prompt figures, before averaging."""
+    from .models import load_causal_lm_or_adapter
+
+    t0 = time.time()
+    cfg, device, tok, es = run.cfg, run.device, run.tok, run.es
+    same_as_ref = Path(path).resolve() == Path(run.reference).resolve()
+    model = (run.ref_model if same_as_ref else
+             load_causal_lm_or_adapter(path, run.bf16, run.start, cfg.attn_implementation).to(device).eval())
+    batches = sample(model, es, tok, cfg, device, run.batch_size)
+    responses = decode(tok, batches)
+    lp = seq_logprobs(model, batches, device, cfg.gen_temperature)  # (N,)
+    lp_ref = lp if same_as_ref else seq_logprobs(run.ref_model, batches, device, cfg.gen_temperature)  # (N,)
+    return {
+        "responses": responses,
+        "ppl": perplexity(model, es.conversations, tok.pad_token_id, device, run.batch_size),
+        "kl": lp - lp_ref,  # (N,) per-prompt k1 estimate
+        "lengths": torch.cat([s.action_mask.sum(1) for s in batches]).float(),  # (N,)
+        "rm": run.rm(batches, es.prompts, responses) if run.rm else None,  # (N,)
+        "seconds": time.time() - t0,
+    }
 
 
 def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: dict[str, str] | None = None,
@@ -320,110 +345,32 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
     """Evaluate `checkpoints` ({name: model dir}; default: the run's own) and write save_dir/eval/."""
     from tqdm import tqdm
 
-    from .models import load_causal_lm, load_causal_lm_or_adapter, load_tokenizer, resolve_device
-
     cfg = cfg if isinstance(cfg, RLHFConfig) else load_config(cfg)
     if num_prompts is not None and num_prompts <= 0:
         raise ConfigError(f"--num-prompts: must be positive, got {num_prompts}")
-    device = resolve_device(cfg.device)
-    bf16 = use_bf16(cfg.bf16, device)
-    save = Path(cfg.save_dir)
-    notes: list[str] = []
-
-    checkpoints = dict(checkpoints) if checkpoints else default_checkpoints(cfg)
-    if not checkpoints:
-        raise FileNotFoundError(f"{save}: no complete checkpoint (sft/best_model, dpo/best_model, ppo/iteration_*, "
-                                f"ppo/final_model); pass --checkpoints NAME=DIR")
-    for p in checkpoints.values():
-        verify_checkpoint(p)
-    checkpoints = {name: _model_dir(p) for name, p in checkpoints.items()}
-    start, reference, reward_model = eval_models(cfg, notes)
-    gold = gold or cfg.reward_fn
-    gold_fn = load_fn(gold) if gold else None
-
-    tok = load_tokenizer(cfg.tokenizer_path or start)
-    data = resolve_eval_data(cfg, data_path)
-    es = load_eval_set(tok, data, num_prompts, cfg.max_length)
-    attn = cfg.attn_implementation
-    ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
-    rm = RewardScorer(reward_model, tok, bf16, device, attn) if reward_model else None
-
+    checkpoints = resolve_checkpoints(cfg, checkpoints)
+    run = prepare(cfg, num_prompts, data_path, gold, batch_size)
     cache: dict[str, dict[str, Any]] = {}  # resolved model dir -> raw results, so a dir is evaluated once
 
-    def run(path: str) -> dict[str, Any]:
+    def raw(path: str) -> dict[str, Any]:
         key = str(Path(path).resolve())
-        if key in cache:
-            return cache[key]
-        t0 = time.time()
-        same_as_ref = key == str(Path(reference).resolve())
-        model = ref_model if same_as_ref else load_causal_lm_or_adapter(path, bf16, start, attn).to(device).eval()
-        batches = sample(model, es, tok, cfg, device, batch_size)
-        responses = decode(tok, batches)
-        lp = seq_logprobs(model, batches, device, cfg.gen_temperature)  # (N,)
-        lp_ref = lp if same_as_ref else seq_logprobs(ref_model, batches, device, cfg.gen_temperature)  # (N,)
-        r: dict[str, Any] = {
-            "responses": responses,
-            "ppl": perplexity(model, es.conversations, tok.pad_token_id, device, batch_size),
-            "kl": lp - lp_ref,  # (N,) per-prompt k1 estimate
-            "lengths": torch.cat([s.action_mask.sum(1) for s in batches]).float(),  # (N,)
-            "rm": rm(batches, es.prompts, responses) if rm else None,  # (N,)
-        }
-        r["seconds"] = time.time() - t0
-        del model
-        cache[key] = r
-        return r
+        if key not in cache:
+            cache[key] = raw_pass(run, path)
+        return cache[key]
 
-    baseline = run(reference) if rm else None  # the SFT responses that win rates compare against
+    baseline = raw(run.reference) if run.rm else None  # the SFT responses that win rates compare against
     # Not sorted on write: checkpoints stay in training order.
     results: dict[str, Any] = {"settings": {}, "checkpoints": {}}
-    names = list(checkpoints)
-    bar = tqdm(names, desc="eval", unit="ckpt", disable=not sys.stderr.isatty())
+    bar = tqdm(list(checkpoints), desc="eval", unit="ckpt", disable=not sys.stderr.isatty())
     for name in bar:
         bar.set_postfix_str(name)
-        r = run(checkpoints[name])
-        bleu, rouge = text_metrics(r["responses"], es.references)
-        m: dict[str, Any] = {
-            "path": checkpoints[name], "ppl": r["ppl"], "bleu": bleu, "rougeL": rouge,
-            "rm_score": r["rm"].mean().item() if rm else None,
-            "kl_ref": r["kl"].mean().item(),
-            "win_rate_vs_sft": None, "gold": None,
-            "response_length": r["lengths"].mean().item(), "seconds": r["seconds"],
-        }
-        if rm:
-            a, b = r["rm"], baseline["rm"]  # (N,), (N,)
-            m["win_rate_vs_sft"] = ((a > b).float() + 0.5 * (a == b).float()).mean().item()
-        if gold_fn:
-            vals = gold_fn(es.prompt_texts, r["responses"])
-            if len(vals) != len(es):
-                raise ValueError(f"gold {gold} returned {len(vals)} values for {len(es)} responses")
-            m["gold"] = sum(float(v) for v in vals) / len(vals)
-        else:
-            m.pop("gold")
-        if not rm:
-            del m["rm_score"], m["win_rate_vs_sft"]
-        m["samples"] = [{"prompt": es.prompt_texts[i], "reference": es.references[i], "response": r["responses"][i]}
-                        for i in range(min(NUM_SAMPLES_SAVED, len(es)))]
+        m = metrics_row(run, checkpoints[name], raw(checkpoints[name]), baseline)
         results["checkpoints"][name] = m
         log.info("eval %s: %s", name, {k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
-
-    import sacrebleu
-
-    results["settings"] = {
-        "data": str(data), "num_prompts": len(es), "seed": cfg.seed, "device": device, "bf16": bf16,
-        "batch_size": batch_size, "gen_max_new_tokens": cfg.gen_max_new_tokens,
-        "gen_temperature": cfg.gen_temperature, "gen_top_p": cfg.gen_top_p, "gen_top_k": cfg.gen_top_k,
-        "reference": reference, "win_rate_baseline": reference if rm else None, "reward_model": reward_model,
-        "gold": gold, "kl_estimator": "k1 (sum over response tokens, logprobs at gen_temperature)",
-        "bleu": f"sacrebleu {sacrebleu.__version__} corpus_bleu", "rougeL": "rouge_score rougeL F1, porter stemmer",
-        "notes": notes,
-    }
-    for n in notes:
+    results["settings"] = eval_settings(run)
+    for n in run.notes:
         log.warning("eval: %s", n)
-    out = save / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
-    _write_markdown(out / "results.md", results)
-    log.info("eval results: %s, %s", out / "results.json", out / "results.md")
+    write_results(Path(cfg.save_dir) / "eval", results)
     return results
 
 

@@ -13,7 +13,8 @@ import torch
 from rlhf_dist.io.checkpoint import atomic_dir
 from rlhf_dist.config import load_config
 from rlhf_dist.data import DataError
-from rlhf_dist.evaluate import COLUMNS, evaluate_model, load_eval_set, perplexity
+from rlhf_dist.evaluate import evaluate_model, load_eval_set, perplexity
+from rlhf_dist.io.eval_results import COLUMNS
 from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
 from rlhf_dist.io.report import make_report
 

@@ -77,7 +77,7 @@ def test_flash_attention_2_needs_cuda_and_bf16(tiny, tmp_path):
 
 
 def test_sft_task_gets_the_options(tiny, tmp_path):
-    from rlhf_dist.offline.job import build_task
+    from rlhf_dist.offline.task import build_task
 
     cfg = load_config(base_config(tiny, tmp_path, attn_implementation="eager", gradient_checkpointing=True))
     task = build_task(cfg, "sft", world=1)

@@ -192,7 +192,8 @@ def test_sft_job_loss_curve_packed_equals_padded(tiny, tmp_path, gloo_group):
 
     from rlhf_dist.config import load_config
     from rlhf_dist.distributed import make_engine
-    from rlhf_dist.offline.job import build_task, micro_batches, train_step
+    from rlhf_dist.offline.loop import train_step
+    from rlhf_dist.offline.task import build_task, micro_batches
 
     curves, counts = {}, {}
     for budget in (None, 200):

@@ -39,25 +39,55 @@ def test_sft_trains_and_writes_layout(tiny, tmp_path, local_ray):
 
 @pytest.mark.slow
 def test_sft_one_vs_two_workers_and_accumulation(tiny, tmp_path, local_ray):
-    """The same global batch gives the same loss curve on 1 or 2 workers, with or without accumulation, and
+    """The same global batch gives the same loss curve on 1 or 2 workers, with or without accumulation,
     packed (2 workers, micro-batches of at most 50 tokens: their count differs per step and per rank until
-    the ranks agree on one)."""
+    the ranks agree on one), and under ZeRO-3 with accumulation."""
     common = dict(sft_batch_size=8, sft_lr=1e-3, train_cpus_per_worker=1, eval_fraction=0.9)
     runs = {
         "1w_micro8": dict(sft_workers=1, sft_micro_batch_size=8),
         "1w_accum2": dict(sft_workers=1, sft_micro_batch_size=4),
         "2w_micro4": dict(sft_workers=2, sft_micro_batch_size=4),
         "2w_packed": dict(sft_workers=2, sft_max_tokens_per_micro_batch=50),
+        "2w_zero3_accum2": dict(sft_workers=2, sft_micro_batch_size=2, zero_stage=3),
     }
-    curves = {}
+    curves, evals = {}, {}
     for name, extra in runs.items():
         save = tmp_path / name
         create_rlhf_pipeline(base_config(tiny, save, **common, **extra)).run_sft()
         curves[name] = losses(save)
+        evals[name] = [r["eval_loss"] for r in read_metrics(save / "sft" / "metrics.jsonl") if "eval_loss" in r]
     ref = curves["1w_micro8"]
-    assert len(ref) >= 10
+    assert len(ref) >= 10 and len(evals["1w_micro8"]) == 2  # before training and after the epoch
     for name, c in curves.items():
         assert c == pytest.approx(ref, rel=2e-3, abs=2e-3), name
+        assert evals[name] == pytest.approx(evals["1w_micro8"], rel=2e-3), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_zero3_eval_with_uneven_shares(tmp_path, local_ray):
+    """Under ZeRO-3 a forward gathers each partitioned parameter (here the embedding and the head, over
+    DeepSpeed's persistence threshold of 1e5 elements; the `tiny` model has none), a collective every rank
+    must join. 21 eval rows split 11/10 over 2 workers, so in micro-batches of 2 one rank has a micro-batch
+    more: the other runs a filler forward, whose loss is not counted (without it, the job hangs)."""
+    from rlhf_dist.tiny import build_tiny
+
+    wide = build_tiny(tmp_path / "wide", seed=0, hidden_size=256, num_layers=1, intermediate_size=256)
+    rows = wide["sft"].read_text().splitlines()[:80]
+    data = tmp_path / "sft80.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    common = dict(sft_data_path=str(data), eval_fraction=0.2625, sft_batch_size=8, sft_micro_batch_size=2,
+                  sft_lr=1e-3, train_cpus_per_worker=1, zero_stage=3)
+    curves, evals = {}, {}
+    for workers in (2, 1):
+        save = tmp_path / f"w{workers}"
+        create_rlhf_pipeline(base_config(wide, save, sft_workers=workers, **common)).run_sft()
+        rows = read_metrics(save / "sft" / "metrics.jsonl")
+        curves[workers] = [r["loss"] for r in rows if "loss" in r]
+        evals[workers] = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(curves[1]) == 7 and len(evals[1]) == 2  # 59 train rows in steps of 8; before and after the epoch
+    assert curves[2] == pytest.approx(curves[1], rel=2e-3, abs=2e-3)
+    assert evals[2] == pytest.approx(evals[1], rel=2e-3)
 
 
 @pytest.mark.slow

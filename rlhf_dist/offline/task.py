@@ -1,0 +1,160 @@
+"""What a stage of the Ray Train job trains: its data, model, batches and loss (`Task`), and its micro-batches.
+
+The steps (`sft.sft_loss`, `reward.reward_loss`, `dpo.dpo_step_loss`) are plain functions of a model and a
+batch; `build_task` binds one of them to the stage's data and model, and `loop.StageLoop` runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..io.checkpoint import safe_join
+from ..io.sources import check_model_paths, policy_start
+from ..io.tracking import Timers
+from ..config import RLHFConfig
+from ..data import Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
+from ..models import apply_lora, load_causal_lm, load_scalar_model, load_tokenizer
+from ..packing import micro_batch_indices, one_row, pack
+from .dpo import DPOPair, attach_reference, dpo_batch, dpo_count, dpo_step_loss
+from .reward import reward_batch, reward_count, reward_loss
+from .sft import sft_batch, sft_count, sft_loss
+
+log = logging.getLogger(__name__)
+
+# The subdirectory of save_dir each stage writes (best_model, metrics.jsonl, stage_complete.json).
+OUT_DIRS = {"sft": "sft", "reward": "reward_model", "dpo": "dpo"}
+
+
+@dataclass
+class Task:
+    name: str  # "sft" | "reward" | "dpo"
+    out_dir: Path  # save_dir / OUT_DIRS[name]
+    model: object
+    tokenizer: object
+    train: list
+    eval: list
+    batch: Callable  # items -> batch dict
+    loss: Callable  # (model, batch, norm) -> (loss, stats: sums of loss_sum, count, tokens and `stats`)
+    count: Callable  # items -> int
+    epochs: int
+    batch_size: int
+    micro_batch: int
+    lr: float
+    warmup_ratio: float
+    eval_every: int
+    higher_is_better: bool  # best_model by eval_accuracy (True) or eval_loss (False)
+    stats: tuple[str, ...] = ()  # further sums the loss returns, logged as means per item (and as eval_*)
+    prepare: Callable | None = None  # (model, to_dev, items, micro) -> items, once before training (DPO's reference)
+    max_tokens: int | None = None  # packed micro-batches of at most this many real tokens; None = padded
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (a partial last batch is dropped); an error when there is none."""
+        n = len(self.train) // self.batch_size
+        if n == 0:
+            raise ValueError(f"{self.name}: {len(self.train)} training rows, fewer than one batch of {self.batch_size}")
+        return n
+
+
+def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
+    """(model dir, why) for a stage: reward and DPO start from the policy's start (policy_model_path, else
+    SFT's best model, its manifest verified first, else model_name). Resolved once, on the driver."""
+    if stage == "sft":
+        return cfg.model_name, "model_name"
+    check_model_paths(cfg)
+    return policy_start(cfg, stage)
+
+
+def _sft_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
+    items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
+    model = lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation)  # noqa: E731
+    return items, stats, dict(model=model, batch=lambda it: sft_batch(it, tok.pad_token_id),
+                              loss=sft_loss, count=sft_count, higher_is_better=False, eval_every=cfg.sft_eval_every)
+
+
+def _reward_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
+    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
+
+    def model():
+        m = load_scalar_model(model_dir, bf16, tok.pad_token_id, cfg.attn_implementation)
+        if cfg.freeze_reward_backbone:
+            for n, p in m.named_parameters():
+                p.requires_grad = n.startswith("score.")
+        return m
+
+    return items, stats, dict(model=model, batch=lambda it: reward_batch(it, tok.pad_token_id),
+                              loss=lambda m, b, n: reward_loss(m, b, n, cfg.reward_center_coef), count=reward_count,
+                              higher_is_better=True, eval_every=0, stats=("accuracy",))
+
+
+def _dpo_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    rows, stats = read_dataset(cfg.dpo_data_path or cfg.reward_data_path, "preference", cfg.bad_rows,
+                               cfg.max_bad_fraction)
+    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
+    return items, stats, dict(
+        model=lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation),
+        batch=lambda it: dpo_batch(it, tok.pad_token_id),
+        loss=lambda m, b, n: dpo_step_loss(m, b, n, cfg.dpo_beta, cfg.dpo_loss), count=dpo_count,
+        higher_is_better=True, eval_every=0, stats=("accuracy", "reward_margin", "logp_chosen", "logp_rejected"),
+        prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro,
+                                                              cfg.dpo_max_tokens_per_micro_batch,
+                                                              one_row(cfg.attn_implementation)))
+
+
+def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, start: tuple[str, str] | None = None,
+               timers: Timers | None = None) -> Task:
+    """`start`: (model dir, why) as `input_model_dir` gave the driver (resolved here when None). `timers`:
+    gets the seconds of its "data" (read, tokenise) and "model" (load) phases."""
+    timers = timers or Timers()
+    model_dir, why = start or input_model_dir(cfg, stage)
+    parts_of = {"sft": _sft_parts, "reward": _reward_parts, "dpo": _dpo_parts}[stage]
+    with timers.phase("data"):
+        tok = load_tokenizer(cfg.tokenizer_path or model_dir)
+        items, stats, parts = parts_of(cfg, tok, model_dir, bf16)
+    with timers.phase("model"):
+        parts["model"] = parts["model"]()
+    check_special_tokens(tok, parts["model"].get_input_embeddings().weight.shape[0])
+    if cfg.gradient_checkpointing:  # the trained model only (DPO's reference pass runs without grad)
+        from ..models import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(parts["model"])
+    if cfg.lora_rank:  # the reward model's score head is new, so it trains in full
+        parts["model"] = apply_lora(parts["model"], cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                    cfg.lora_target_modules, ["score"] if stage == "reward" else None)
+    log.info("%s: starting from %s (%s); data: %s", stage, model_dir, why, stats.summary())
+    train_idx, eval_idx = split_eval(len(items), cfg.eval_fraction, cfg.seed)
+    hp = lambda name: getattr(cfg, f"{stage}_{name}")  # sft_epochs, reward_lr, dpo_batch_size, ...
+    return Task(stage, safe_join(cfg.save_dir, OUT_DIRS[stage]), tokenizer=tok, train=[items[i] for i in train_idx],
+                eval=[items[i] for i in eval_idx], epochs=hp("epochs"), batch_size=hp("batch_size"),
+                micro_batch=hp("micro_batch_size") or hp("batch_size") // world, lr=hp("lr"),
+                max_tokens=hp("max_tokens_per_micro_batch"),
+                warmup_ratio=hp("warmup_ratio"), **parts)
+
+
+def micro_batches(task: Task, items: list, agree: Callable[[int], int] = lambda k: k) -> list[list]:
+    """This rank's items -> micro-batches: of `task.micro_batch` items, or packed by tokens (`agree`: the
+    count every rank reaches, see `packing.plan_micro_batches`)."""
+    plan = micro_batch_indices([item_tokens(x) for x in items], task.micro_batch, task.max_tokens, agree)
+    return [[items[i] for i in b] for b in plan]
+
+
+def item_tokens(item) -> int:
+    """Tokens of an SFT conversation, or of both sides of a preference pair."""
+    if isinstance(item, Encoded):
+        return len(item.input_ids)
+    sides = (item.chosen, item.rejected) if isinstance(item, DPOPair) else item[:2]
+    return sum(len(e.input_ids) for e in sides)
+
+
+def make_batch(task: Task, items: list, flat: bool) -> dict:
+    """The task's padded batch, plus its packed layout when the task packs (built on the CPU; `flat`: one
+    row, `packing.one_row`)."""
+    batch = task.batch(items)
+    if task.max_tokens is not None:
+        batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)
+    return batch
