@@ -1,7 +1,10 @@
 """PPO end to end under ZeRO-1, 2 and 3, each with 2 policy and 2 critic learner workers (gloo, CPU).
 
-Under ZeRO-3 each learner holds only a partition of every parameter: the weight sync gathers each bucket,
-the health check reads the partitions, and the saves consolidate them. The rollout's logprobs are checked
+Under ZeRO-3 each learner holds only a partition of each parameter over DeepSpeed's persistence threshold
+(1e5 elements; smaller ones stay whole): the weight sync gathers each bucket, the health check reads the
+partitions, and the saves consolidate them. The model here is wide enough (hidden 256) for its embedding
+and head to be partitioned, so each forward gathers them, a collective; the `tiny` model has no such
+parameter. The rollout's logprobs are checked
 against the learner's recomputed ones every iteration, so a sync that sent nothing would show.
 
 The ZeRO-3 run packs its micro-batches (ppo_max_tokens_per_micro_batch: 32, about one sample each, so the
@@ -26,28 +29,35 @@ ROLES = {"rollout": {"num_cpus": 0.25}, "reference": {"num_cpus": 0.25}, "reward
          "policy": {"num_workers": 2, "num_cpus": 0.25}, "critic": {"num_workers": 2, "num_cpus": 0.25}}
 
 
-def config(tiny, save, stage: int, iterations: int):
+def config(assets, save, stage: int, iterations: int):
     return load_config(base_config(
-        tiny, save, zero_stage=stage, ppo_iterations=iterations, save_interval=2, ppo_batch_size=8,
+        assets, save, zero_stage=stage, ppo_iterations=iterations, save_interval=2, ppo_batch_size=8,
         ppo_mini_batch_size=4, gen_max_new_tokens=8, ppo_lr_policy=5e-4, reward_fn="rlhf_dist.demo:positivity_reward",
         reward_model_weight=0.0, ppo_recompute_old_logprobs=True, roles=ROLES,
         ppo_max_tokens_per_micro_batch=32 if stage == 3 else None))
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory, local_ray):
+def wide(tmp_path_factory):
+    from rlhf_dist.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("wide"), seed=0, hidden_size=256, num_layers=1, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def runs(wide, tmp_path_factory, local_ray):
     out = {}
     for stage in (1, 2, 3):
         save = tmp_path_factory.mktemp(f"zero{stage}") / "run"
         if stage == 3:  # stop after the first checkpoint, then resume from it: DeepSpeed's ZeRO-3 state round-trips
-            run_ppo(config(tiny, save, stage, 2), "cpu")
-        run_ppo(config(tiny, save, stage, 3), "cpu")
+            run_ppo(config(wide, save, stage, 2), "cpu")
+        run_ppo(config(wide, save, stage, 3), "cpu")
         out[stage] = save
     return out
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_ppo_trains_and_syncs(runs, tiny, stage):
+def test_ppo_trains_and_syncs(runs, wide, stage):
     save = runs[stage]
     rows = iteration_rows(save)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
@@ -55,7 +65,7 @@ def test_ppo_trains_and_syncs(runs, tiny, stage):
         assert r["rollout_logprob_diff"] < 1e-3, r  # the rollout holds the learner's weights: the sync worked
         assert abs(r["first_ratio_mean"] - 1) < 1e-4 and r.get("skipped") is None
     assert [r["weight_version"] for r in rows] == [1, 2, 3]
-    start = load_file(tiny["model"] / "model.safetensors")
+    start = load_file(wide["model"] / "model.safetensors")
     final = load_file(save / "ppo" / "final_model" / "model.safetensors")
     assert final.keys() == start.keys()  # full tensors, not ZeRO-3's empty partitions
     for k in start:
