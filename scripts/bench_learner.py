@@ -271,100 +271,96 @@ def sync(device: str) -> None:
 
 # --- one phase -------------------------------------------------------------------------------------
 
-def run_phase(phase: str, args, model_dir: Path) -> dict:
+def make_step(phase: str, args, rng: random.Random, g: torch.Generator, micro: int, n_body: int, n_head: int) -> dict:
+    """One optimizer step's micro-batches, built before the clock starts, and its real tokens and FLOPs."""
     from rlhf_dist.algo import loss_units
-    from rlhf_dist.distributed import accumulate, make_engine
-    from rlhf_dist.models import (
-        enable_gradient_checkpointing,
-        load_causal_lm,
-        load_scalar_model,
-    )
+
+    seqs = draw_step(args, rng, args.vocab)
+    groups = micro_batches(seqs, micro, args.pack)
+    one_row = args.attn != "eager"  # packing.one_row
+    if phase == "sft":
+        batches = [sft_micro(gr) for gr in groups]
+        if args.pack:
+            batches = [({**b, "packed": pk}, r, n) for b, r, _ in batches for pk, n in [packed(b, None, one_row)]]
+        norm = float(sum(b["loss_mask"][:, 1:].sum() for b, _, _ in batches))  # the step's loss tokens
+    else:
+        batches = [ppo_micro(gr, args.vocab, g) for gr in groups]
+        if args.pack:
+            batches = [((e, pk), r, n) for e, r, _ in batches for pk, n in [packed(None, e, one_row)]]
+        else:
+            batches = [((e, None), r, n) for e, r, n in batches]
+        resp = torch.cat([e.action_mask.flatten() for (e, _), _, _ in batches])
+        norm = float(loss_units(resp[None], "token_mean"))  # the step's response tokens
+    lengths = [len(ids) for ids, _ in seqs]
+    head_tokens = sum(lengths) if phase == "sft" else sum(len(ids) - p for ids, p in seqs)
+    flops = (6 * n_body * sum(lengths) + 6 * (n_head if phase != "critic" else 0) * head_tokens
+             + 12 * args.layers * args.hidden * sum(L * L for L in lengths))
+    return {"batches": [b for b, _, _ in batches], "norm": norm, "real": sum(r for _, r, _ in batches),
+            "padded": sum(n for _, _, n in batches), "flops": flops}
+
+
+def run_step(phase: str, engine, step: dict) -> None:
+    """The step's micro-batches, each to the device, forward and backward, then one optimizer step."""
+    from rlhf_dist.distributed import accumulate
     from rlhf_dist.offline.sft import sft_loss
     from rlhf_dist.online.update import policy_loss, value_loss
 
+    dev = engine.device
+    batches = step["batches"]
+    for i in accumulate(engine, len(batches)):
+        b = batches[i]
+        if phase == "sft":
+            loss, _ = sft_loss(engine.module, {k: v.to(dev) for k, v in b.items()}, step["norm"])
+        else:
+            e, pk = b
+            mb = dataclasses.replace(e, **{k: v.to(dev) for k, v in vars(e).items() if isinstance(v, torch.Tensor)})
+            pk = pk and pk.to(dev)
+            if phase == "policy":
+                loss, _ = policy_loss(engine.module, mb, clip_range=0.2, entropy_coef=0.0, temperature=1.0,
+                                      units=step["norm"], packed=pk)
+            else:
+                loss, _ = value_loss(engine.module, mb, clip_range=0.2, units=step["norm"], packed=pk)
+        engine.backward(loss, scale_wrt_gas=False)
+
+
+def run_phase(phase: str, args, model_dir: Path) -> dict:
+    from rlhf_dist.distributed import make_engine
+    from rlhf_dist.models import enable_gradient_checkpointing, load_causal_lm, load_scalar_model
+
     mem_kind, mem_start = memory_start(args.device)
     bf16 = args.dtype == "bf16"
-    if phase == "critic":
-        model = load_scalar_model(str(model_dir), bf16, PAD_ID, args.attn)
-    else:
-        model = load_causal_lm(str(model_dir), bf16, args.attn)
+    model = (load_scalar_model(str(model_dir), bf16, PAD_ID, args.attn) if phase == "critic"
+             else load_causal_lm(str(model_dir), bf16, args.attn))
     if args.grad_ckpt:
         enable_gradient_checkpointing(model)
     n_body, n_head = flop_params(model)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     micro, accum = step_shape(args)
-    per_step = micro * accum
     engine = make_engine(model, lr=1e-5, total_steps=args.warmup + args.steps, warmup_steps=0,
                          micro_batch=micro, grad_accum=accum, zero_stage=args.zero, grad_clip=1.0,
                          bf16=bf16, constant_lr=True, offload_optimizer=args.offload)
-    dev = engine.device
     rng, g = random.Random(args.seed + PHASES.index(phase)), torch.Generator().manual_seed(args.seed)
-    vocab = args.vocab
-
-    def make_step() -> dict:
-        """One optimizer step's micro-batches, built before the clock starts, and its real tokens and FLOPs."""
-        seqs = draw_step(args, rng, vocab)
-        groups = micro_batches(seqs, micro, args.pack)
-        one_row = args.attn != "eager"  # packing.one_row
-        if phase == "sft":
-            batches = [sft_micro(gr) for gr in groups]
-            if args.pack:
-                batches = [({**b, "packed": pk}, r, n) for b, r, _ in batches for pk, n in [packed(b, None, one_row)]]
-            norm = float(sum(b["loss_mask"][:, 1:].sum() for b, _, _ in batches))  # the step's loss tokens
-        else:
-            batches = [ppo_micro(gr, vocab, g) for gr in groups]
-            if args.pack:
-                batches = [((e, pk), r, n) for e, r, _ in batches for pk, n in [packed(None, e, one_row)]]
-            else:
-                batches = [((e, None), r, n) for e, r, n in batches]
-            resp = torch.cat([e.action_mask.flatten() for (e, _), _, _ in batches])
-            norm = float(loss_units(resp[None], "token_mean"))  # the step's response tokens
-        lengths = [len(ids) for ids, _ in seqs]
-        head_tokens = sum(lengths) if phase == "sft" else sum(len(ids) - p for ids, p in seqs)
-        flops = (6 * n_body * sum(lengths) + 6 * (n_head if phase != "critic" else 0) * head_tokens
-                 + 12 * args.layers * args.hidden * sum(L * L for L in lengths))
-        return {"batches": [b for b, _, _ in batches], "norm": norm, "real": sum(r for _, r, _ in batches),
-                "padded": sum(n for _, _, n in batches), "flops": flops}
-
-    def run_step(step: dict) -> None:
-        """The step's micro-batches, each to the device, forward and backward, then one optimizer step."""
-        batches = step["batches"]
-        for i in accumulate(engine, len(batches)):
-            b = batches[i]
-            if phase == "sft":
-                loss, _ = sft_loss(engine.module, {k: v.to(dev) for k, v in b.items()}, step["norm"])
-            else:
-                e, pk = b
-                mb = dataclasses.replace(e, **{k: v.to(dev) for k, v in vars(e).items() if isinstance(v, torch.Tensor)})
-                pk = pk and pk.to(dev)
-                if phase == "policy":
-                    loss, _ = policy_loss(engine.module, mb, clip_range=0.2, entropy_coef=0.0, temperature=1.0,
-                                          units=step["norm"], packed=pk)
-                else:
-                    loss, _ = value_loss(engine.module, mb, clip_range=0.2, units=step["norm"], packed=pk)
-            engine.backward(loss, scale_wrt_gas=False)
-
     for _ in range(args.warmup):
-        run_step(make_step())
-    steps = [make_step() for _ in range(args.steps)]
+        run_step(phase, engine, make_step(phase, args, rng, g, micro, n_body, n_head))
+    steps = [make_step(phase, args, rng, g, micro, n_body, n_head) for _ in range(args.steps)]
     times = []
     for step in steps:
         sync(args.device)
         t0 = time.perf_counter()
-        run_step(step)
+        run_step(phase, engine, step)
         sync(args.device)
         times.append(time.perf_counter() - t0)
     secs = sum(times)
     real = sum(s["real"] for s in steps)
     padded = sum(s["padded"] for s in steps)
     tflops = sum(s["flops"] for s in steps) / secs / 1e12
-    out = {"tokens_per_s": real / secs, "tflops": tflops, "mfu": tflops / args.peak_tflops,
-           "peak_mem_mb": memory_peak_mb(args.device), "mem_start_mb": mem_start, "memory": mem_kind,
-           "padding_fraction": 1 - real / padded, "step_s": secs / args.steps, "step_times_s": times,
-           "real_tokens_per_step": real / args.steps, "sequences_per_step": per_step, "micro_batch": micro,
-           "micro_batches_per_step": sum(len(s["batches"]) for s in steps) / args.steps, "params": n_params,
-           "flop_params": n_body, "flop_head_params": n_head if phase != "critic" else 0}
-    return out  # the engine and model go with this frame: main collects them before the next phase
+    # the engine and model go with this frame: main collects them before the next phase
+    return {"tokens_per_s": real / secs, "tflops": tflops, "mfu": tflops / args.peak_tflops,
+            "peak_mem_mb": memory_peak_mb(args.device), "mem_start_mb": mem_start, "memory": mem_kind,
+            "padding_fraction": 1 - real / padded, "step_s": secs / args.steps, "step_times_s": times,
+            "real_tokens_per_step": real / args.steps, "sequences_per_step": micro * accum, "micro_batch": micro,
+            "micro_batches_per_step": sum(len(s["batches"]) for s in steps) / args.steps, "params": n_params,
+            "flop_params": n_body, "flop_head_params": n_head if phase != "critic" else 0}
 
 
 def main(argv=None) -> dict:

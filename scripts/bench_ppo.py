@@ -259,6 +259,38 @@ def bench_decode(assets: dict, reps: int, threads: int) -> dict:
             "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}}
 
 
+def _calls_batches(samples, g) -> list:
+    """The rollout's samples as an Experience (random whitened advantages and returns from `g`), in
+    MINI_BATCHES micro-batches."""
+    import torch
+
+    from rlhf_dist.algo import masked_whiten
+    from rlhf_dist.online.experience import Experience
+
+    mask = samples.action_mask.float()  # (B, R)
+    exp = Experience(samples.sequences, samples.attention_mask, samples.action_mask, samples.prompt_len,
+                     samples.rollout_logprobs, samples.rollout_logprobs,
+                     torch.zeros_like(mask), torch.zeros(PROMPTS), torch.zeros_like(mask), torch.zeros_like(mask),
+                     masked_whiten(torch.randn(mask.shape, generator=g), mask), torch.randn(mask.shape, generator=g),
+                     samples.sample_ids, 0)
+    micro = PROMPTS // MINI_BATCHES
+    return [exp.select(list(range(i, i + micro))) for i in range(0, PROMPTS, micro)]
+
+
+def _update_call(model, loss_fn, batches: list):
+    """-> one update call: a loss, backward and optimizer step per micro-batch."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+
+    def call():
+        for mb in batches:
+            loss_fn(model, mb)[0].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return call
+
+
 def bench_calls(assets: dict, reps: int) -> dict:
     """Each call of one iteration, alone in this process on one thread, through the functions the actors run:
     the rollout, the three experience forwards and both updates (2 micro-batches each; a fused torch AdamW
@@ -266,8 +298,7 @@ def bench_calls(assets: dict, reps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_dist.algo import masked_whiten
-    from rlhf_dist.online.experience import Experience, response_logprobs, response_values
+    from rlhf_dist.online.experience import response_logprobs, response_values
     from rlhf_dist.online.update import policy_loss, value_loss
     from rlhf_dist.models import load_scalar_model, sequence_scores
     from rlhf_dist.rollout.decode import generate
@@ -287,24 +318,7 @@ def bench_calls(assets: dict, reps: int) -> dict:
 
     samples = rollout()
     seq, attn, P = samples.sequences, samples.attention_mask, samples.prompt_len  # (B, P+R)
-    mask = samples.action_mask.float()  # (B, R)
-    exp = Experience(seq, attn, samples.action_mask, P, samples.rollout_logprobs, samples.rollout_logprobs,
-                     torch.zeros_like(mask), torch.zeros(PROMPTS), torch.zeros_like(mask), torch.zeros_like(mask),
-                     masked_whiten(torch.randn(mask.shape, generator=g), mask), torch.randn(mask.shape, generator=g),
-                     samples.sample_ids, 0)
-    micro = PROMPTS // MINI_BATCHES
-    batches = [exp.select(list(range(i, i + micro))) for i in range(0, PROMPTS, micro)]
-
-    def update(model, loss_fn):
-        """-> one update call: a loss, backward and optimizer step per micro-batch."""
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-
-        def call():
-            for mb in batches:
-                loss_fn(model, mb)[0].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        return call
+    batches = _calls_batches(samples, g)
 
     calls = {
         "rollout (16 x 64 new tokens)": rollout,
@@ -312,9 +326,10 @@ def bench_calls(assets: dict, reps: int) -> dict:
         "critic values (2 micro-batches)": torch.no_grad()(
             lambda: [response_values(critic, mb.sequences, mb.attention_mask, P) for mb in batches]),
         "reward model scores": torch.no_grad()(lambda: sequence_scores(reward, seq, attn)),
-        "policy update (2 micro-batches)": update(policy, lambda m, mb: policy_loss(
-            m, mb, clip_range=0.2, entropy_coef=0.0, temperature=1.0)),
-        "critic update (2 micro-batches)": update(critic, lambda m, mb: value_loss(m, mb, clip_range=0.2)),
+        "policy update (2 micro-batches)": _update_call(policy, lambda m, mb: policy_loss(
+            m, mb, clip_range=0.2, entropy_coef=0.0, temperature=1.0), batches),
+        "critic update (2 micro-batches)": _update_call(critic, lambda m, mb: value_loss(m, mb, clip_range=0.2),
+                                                        batches),
     }
     med = {k: statistics.median(v) for k, v in interleaved(calls, reps).items()}
     for k, v in med.items():

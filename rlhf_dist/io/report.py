@@ -138,69 +138,100 @@ def _plot_rm(rows, out: Path, md: list[str]) -> dict[str, Any]:
             "RM eval accuracy (best)": max(ey) if ey else None, "RM train loss (last)": losses[-1] if losses else None}
 
 
-def _plot_ppo(rows, out: Path, md: list[str]) -> dict[str, Any]:
+_PPO_X, _PPO_XLABEL = "iteration", "PPO iteration"  # PPO rows are per iteration, not per optimizer step
+
+
+def _ppo_reward_plot(rows, xs, mean, out: Path) -> str:
+    """Reward mean per iteration, ± 1 batch std when logged, and the held-out reward; -> the markdown image."""
+    std = dict(zip(*_series(rows, _PPO_X, "reward_std")))
+    fig, ax = _new("PPO reward", _PPO_XLABEL, "reward (score per response)")
+    ax.plot(xs, mean, color="tab:green", lw=LW, marker="." if len(xs) < 50 else None, label="reward mean")
+    if std:
+        lo = [m - std.get(x, 0.0) for x, m in zip(xs, mean)]
+        hi = [m + std.get(x, 0.0) for x, m in zip(xs, mean)]
+        ax.fill_between(xs, lo, hi, color="tab:green", alpha=0.2, label="± 1 std (across the batch)")
+    ex, ey = _series(rows, _PPO_X, "eval/reward_mean")
+    if ey:  # eval_every: the same held-out prompts each time
+        ax.plot(ex, ey, color="black", lw=LW, marker="o", label="held-out reward (eval_every)")
+    ax.legend()
+    _save(fig, out / "ppo_reward.png")
+    return "![PPO reward](ppo_reward.png)"
+
+
+def _ppo_kl_plot(rows, kx, ky, out: Path) -> str:
+    """KL to the reference per iteration, and the held-out KL; -> the markdown image."""
+    fig, ax = _new("KL to the reference policy", _PPO_XLABEL, "KL (nats / response, summed over tokens)")
+    ax.plot(kx, ky, color="tab:red", lw=LW, marker="." if len(kx) < 50 else None, label="KL(policy || reference)")
+    ex, ey = _series(rows, _PPO_X, "eval/kl")
+    if ey:
+        ax.plot(ex, ey, color="black", lw=LW, marker="o", label="held-out KL (eval_every)")
+    ax.legend()
+    _save(fig, out / "ppo_kl.png")
+    return "![PPO KL](ppo_kl.png)"
+
+
+def _ppo_losses_plot(policy: tuple[list, list], value: tuple[list, list], out: Path) -> str:
+    """Policy and value loss side by side ((x, y) each; an empty y leaves its panel blank); -> the markdown image."""
     import matplotlib.pyplot as plt
 
-    X, xl = "iteration", "PPO iteration"
+    (px, py), (vx, vy) = policy, value
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+    for ax, x, y, title, unit, color in ((a1, px, py, "policy loss", "clipped surrogate (token mean)", "tab:blue"),
+                                         (a2, vx, vy, "value loss", "clipped squared error (token mean)",
+                                          "tab:purple")):
+        _style(ax, title.capitalize(), _PPO_XLABEL, unit)
+        if y:
+            ax.plot(x, y, color=color, lw=LW, marker="." if len(x) < 50 else None, label=title)
+            ax.legend()
+    fig.suptitle("PPO losses")
+    _save(fig, out / "ppo_losses.png")
+    return "![PPO losses](ppo_losses.png)"
+
+
+def _ppo_length_plot(lx, ly, out: Path) -> str:
+    """Mean response length per iteration, from 0; -> the markdown image."""
+    fig, ax = _new("Response length", _PPO_XLABEL, "length (tokens, mean over the batch)")
+    ax.plot(lx, ly, color="tab:brown", lw=LW, marker="." if len(lx) < 50 else None, label="response length")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    _save(fig, out / "ppo_response_length.png")
+    return "![PPO response length](ppo_response_length.png)"
+
+
+def _ppo_phase_table(rows) -> list[str]:
+    """Markdown table of the mean seconds per iteration of each logged time/ phase; [] when none is logged."""
+    phases = sorted({k for r in rows for k in r if k.startswith("time/")})
+    if not phases:
+        return []
+    md = ["Mean seconds per iteration, by phase:", "", "| phase | seconds |", "|---|---:|"]
+    for k in phases:
+        _, v = _series(rows, _PPO_X, k)
+        if v:
+            md.append(f"| {k[5:]} | {sum(v) / len(v):.3f} |")
+    return md
+
+
+def _plot_ppo(rows, out: Path, md: list[str]) -> dict[str, Any]:
+    X = _PPO_X
     made: list[str] = []
     xs, mean = _series(rows, X, "reward_mean")
     if mean:
-        std = dict(zip(*_series(rows, X, "reward_std")))
-        fig, ax = _new("PPO reward", xl, "reward (score per response)")
-        ax.plot(xs, mean, color="tab:green", lw=LW, marker="." if len(xs) < 50 else None, label="reward mean")
-        if std:
-            lo = [m - std.get(x, 0.0) for x, m in zip(xs, mean)]
-            hi = [m + std.get(x, 0.0) for x, m in zip(xs, mean)]
-            ax.fill_between(xs, lo, hi, color="tab:green", alpha=0.2, label="± 1 std (across the batch)")
-        ex, ey = _series(rows, X, "eval/reward_mean")
-        if ey:  # eval_every: the same held-out prompts each time
-            ax.plot(ex, ey, color="black", lw=LW, marker="o", label="held-out reward (eval_every)")
-        ax.legend()
-        _save(fig, out / "ppo_reward.png")
-        made.append("![PPO reward](ppo_reward.png)")
+        made.append(_ppo_reward_plot(rows, xs, mean, out))
     kx, ky = _series(rows, X, "kl")
     if ky:
-        fig, ax = _new("KL to the reference policy", xl, "KL (nats / response, summed over tokens)")
-        ax.plot(kx, ky, color="tab:red", lw=LW, marker="." if len(kx) < 50 else None, label="KL(policy || reference)")
-        ex, ey = _series(rows, X, "eval/kl")
-        if ey:
-            ax.plot(ex, ey, color="black", lw=LW, marker="o", label="held-out KL (eval_every)")
-        ax.legend()
-        _save(fig, out / "ppo_kl.png")
-        made.append("![PPO KL](ppo_kl.png)")
+        made.append(_ppo_kl_plot(rows, kx, ky, out))
     px, py = _series(rows, X, "policy_loss")
     vx, vy = _series(rows, X, "value_loss")
     if py or vy:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
-        for ax, x, y, title, unit, color in ((a1, px, py, "policy loss", "clipped surrogate (token mean)", "tab:blue"),
-                                             (a2, vx, vy, "value loss", "clipped squared error (token mean)",
-                                              "tab:purple")):
-            _style(ax, title.capitalize(), xl, unit)
-            if y:
-                ax.plot(x, y, color=color, lw=LW, marker="." if len(x) < 50 else None, label=title)
-                ax.legend()
-        fig.suptitle("PPO losses")
-        _save(fig, out / "ppo_losses.png")
-        made.append("![PPO losses](ppo_losses.png)")
+        made.append(_ppo_losses_plot((px, py), (vx, vy), out))
     lx, ly = _series(rows, X, "response_length")
     if ly:
-        fig, ax = _new("Response length", xl, "length (tokens, mean over the batch)")
-        ax.plot(lx, ly, color="tab:brown", lw=LW, marker="." if len(lx) < 50 else None, label="response length")
-        ax.set_ylim(bottom=0)
-        ax.legend()
-        _save(fig, out / "ppo_response_length.png")
-        made.append("![PPO response length](ppo_response_length.png)")
+        made.append(_ppo_length_plot(lx, ly, out))
     if not made:
         md.append("- PPO: no plottable values in ppo/metrics.jsonl; plots skipped.")
         return {}
     md += ["### PPO", ""] + [f"{m}\n" for m in made]
-    phases = sorted({k for r in rows for k in r if k.startswith("time/")})
-    if phases:
-        md += ["Mean seconds per iteration, by phase:", "", "| phase | seconds |", "|---|---:|"]
-        for k in phases:
-            _, v = _series(rows, X, k)
-            if v:
-                md.append(f"| {k[5:]} | {sum(v) / len(v):.3f} |")
+    md += _ppo_phase_table(rows)
     last = rows[-1] if rows else {}
     return {"PPO iterations": xs[-1] if xs else last.get(X), "PPO reward mean (last)": mean[-1] if mean else None,
             "PPO KL (last)": ky[-1] if ky else None, "PPO response length (last)": ly[-1] if ly else None,
