@@ -17,7 +17,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-
 import logging
 
 import torch

@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from .io.checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .failures import EXIT, report_failure
 from .health import HealthError
+from .io.checkpoint import CheckpointError
 from .models import ModelError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError)

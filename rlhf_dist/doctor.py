@@ -14,10 +14,18 @@ import platform
 import sys
 
 from .config import RLHFConfig
+
 # The pure helpers live in placement.py (shared with the pipeline's pre-start check); importable from here too.
-from .roles.placement import (bundle_overflow, cluster_nodes, describe_plan, fit_bundles,  # noqa: F401
-                        missing_resources, placement_problems, train_bundle)
-from .roles.placement import PlacementCheck
+from .roles.placement import (  # noqa: F401
+    PlacementCheck,
+    bundle_overflow,
+    cluster_nodes,
+    describe_plan,
+    fit_bundles,
+    missing_resources,
+    placement_problems,
+    train_bundle,
+)
 from .roles.placement import fmt_res as _fmt_res
 
 log = logging.getLogger(__name__)

@@ -29,12 +29,12 @@ from typing import Any, Callable
 
 import torch
 
+from .config import ConfigError, RLHFConfig, load_config
+from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
 from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
 from .io.eval_results import eval_settings, format_table, metrics_row, write_results
 from .io.sources import check_model_paths, policy_start, reference_model
 from .io.sources import reward_model as find_reward_model
-from .config import ConfigError, RLHFConfig, load_config
-from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
 from .precision import use_bf16
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ def _batches(n: int, size: int):
 def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size: int) -> float:
     """exp(token-weighted mean NLL) of the assistant tokens, teacher-forced."""
     from .algo import logprobs_from_logits
-    from .models import position_ids_from_mask
     from .data import pad_right
+    from .models import position_ids_from_mask
 
     nll, count = 0.0, 0
     for a, b in _batches(len(convs), batch_size):
@@ -245,8 +245,8 @@ class RewardScorer:
 
     @torch.inference_mode()
     def __call__(self, batches: list, prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
-        from .models import sequence_scores
         from .data import pad_right
+        from .models import sequence_scores
 
         out = []
         for s in batches:

@@ -8,10 +8,10 @@ import os
 import time
 from pathlib import Path
 
-from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
-from .io.sources import check_model_paths
 from .config import RLHFConfig, load_config, redact
 from .data import DataError, read_dataset
+from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
+from .io.sources import check_model_paths
 from .io.tracking import setup_logging
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ class RLHFPipeline:
     def run_full_pipeline(self) -> dict[str, Path]:
         """The config's `stages` in order (default SFT -> RM -> PPO). A stage whose output is already complete
         is not run again."""
-        from .online.driver import run_ppo
         from .offline.job import run_supervised
+        from .online.driver import run_ppo
 
         cfg = self.config
         stages = cfg.run_stages()  # less the stages whose output a *_model_path gives

@@ -111,11 +111,11 @@ def exact_length_prompts(tok, prompts_file: Path, encode_prompt) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 def run_ours(assets: dict, work: Path, timed: int, overrides: list[str]) -> dict:
-    from rlhf_dist.io.checkpoint import atomic_dir, mark_stage_finished
     from rlhf_dist.config import load_config
-    from rlhf_dist.pipeline import ray_session
-    from rlhf_dist.online.driver import run_ppo
+    from rlhf_dist.io.checkpoint import atomic_dir, mark_stage_finished
     from rlhf_dist.io.tracking import read_metrics
+    from rlhf_dist.online.driver import run_ppo
+    from rlhf_dist.pipeline import ray_session
 
     save = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
     # The standard layout: SFT policy (also the reference and the critic's start) and the reward model.
@@ -151,8 +151,7 @@ def trl_child(assets_json: str) -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     assets = json.loads(Path(assets_json).read_text())
@@ -298,9 +297,9 @@ def bench_calls(assets: dict, reps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rlhf_dist.models import load_scalar_model, sequence_scores
     from rlhf_dist.online.experience import response_logprobs, response_values
     from rlhf_dist.online.update import policy_loss, value_loss
-    from rlhf_dist.models import load_scalar_model, sequence_scores
     from rlhf_dist.rollout.decode import generate
 
     torch.set_num_threads(1)

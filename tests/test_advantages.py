@@ -6,8 +6,18 @@ import math
 import pytest
 import torch
 
-from rlhf_dist.algo import (RunningMoments, aggregate_loss, dpo_loss, grpo_advantages, group_baseline, kl_penalty,
-                            loss_units, reinforce_pp_advantages, reward_to_go, rloo_advantages)
+from rlhf_dist.algo import (
+    RunningMoments,
+    aggregate_loss,
+    dpo_loss,
+    group_baseline,
+    grpo_advantages,
+    kl_penalty,
+    loss_units,
+    reinforce_pp_advantages,
+    reward_to_go,
+    rloo_advantages,
+)
 
 
 def test_grpo_normalises_within_each_group():

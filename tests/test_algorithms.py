@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 import torch
-
 from conftest import base_config, iteration_rows
+
 from rlhf_dist.config import load_config
 from rlhf_dist.io.checkpoint import atomic_dir, mark_stage_finished
 from rlhf_dist.io.tracking import read_metrics

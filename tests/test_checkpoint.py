@@ -1,7 +1,16 @@
 import pytest
 
-from rlhf_dist.io.checkpoint import (CheckpointError, atomic_dir, complete_iterations, is_complete, mark_stage_finished,
-                                  mark_stage_started, safe_join, stage_finished, verify)
+from rlhf_dist.io.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    complete_iterations,
+    is_complete,
+    mark_stage_finished,
+    mark_stage_started,
+    safe_join,
+    stage_finished,
+    verify,
+)
 
 
 def test_atomic_dir_seals_and_replaces(tmp_path):

@@ -4,10 +4,22 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_dist.algo import (aggregate_loss, chunked_logprobs, entropy_from_logits, kl_penalty, logprobs_from_logits,
-                            masked_mean, ppo_policy_loss)
-from rlhf_dist.online.experience import (Experience, plain_lm_head, response_logits, response_logprobs,
-                                         response_logprobs_entropy)
+from rlhf_dist.algo import (
+    aggregate_loss,
+    chunked_logprobs,
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    ppo_policy_loss,
+)
+from rlhf_dist.online.experience import (
+    Experience,
+    plain_lm_head,
+    response_logits,
+    response_logprobs,
+    response_logprobs_entropy,
+)
 from rlhf_dist.online.update import policy_loss
 
 

@@ -9,14 +9,14 @@ import json
 import logging
 
 import pytest
+from conftest import base_config
 from torch.distributed import DistBackendError
 
 from rlhf_dist import cli, pipeline
-from rlhf_dist.offline import job as stages
-from rlhf_dist.online import driver as ppo
 from rlhf_dist.errors import PhaseTimeout, PlacementError, RoleFailure
 from rlhf_dist.failures import EXIT, classify
-from conftest import base_config
+from rlhf_dist.offline import job as stages
+from rlhf_dist.online import driver as ppo
 
 # What NCCL says when two ranks share a GPU: the useful part is on the last line.
 NCCL = ("NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:275, invalid usage (run with NCCL_DEBUG=WARN "

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import base_config
 from safetensors.torch import load_file
 
-from conftest import base_config
 from rlhf_dist.algo import dpo_loss
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.io.tracking import read_metrics

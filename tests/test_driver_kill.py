@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_config, iteration_rows
 from safetensors.torch import load_file
 
-from conftest import base_config, iteration_rows
 from rlhf_dist.io.tracking import read_metrics
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]

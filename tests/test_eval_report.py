@@ -10,13 +10,13 @@ import shutil
 import pytest
 import torch
 
-from rlhf_dist.io.checkpoint import atomic_dir
 from rlhf_dist.config import load_config
 from rlhf_dist.data import DataError
 from rlhf_dist.evaluate import evaluate_model, load_eval_set, perplexity
+from rlhf_dist.io.checkpoint import atomic_dir
 from rlhf_dist.io.eval_results import COLUMNS
-from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
 from rlhf_dist.io.report import make_report
+from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
 
 GOLD = "rlhf_dist.demo:positivity_reward"
 PNGS = ("sft_loss.png", "rm_accuracy.png", "ppo_reward.png", "ppo_kl.png", "ppo_losses.png", "ppo_response_length.png")

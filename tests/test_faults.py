@@ -11,16 +11,16 @@ import logging
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
+from conftest import base_config, iteration_rows
 from safetensors.torch import load_file
 
-import faults
-from conftest import base_config, iteration_rows
-from rlhf_dist.io.checkpoint import CheckpointError
-from rlhf_dist.health import HealthError
-from rlhf_dist.online.driver import run_ppo
 from rlhf_dist.errors import PhaseTimeout, RoleFailure
+from rlhf_dist.health import HealthError
+from rlhf_dist.io.checkpoint import CheckpointError
+from rlhf_dist.online.driver import run_ppo
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 TESTS = Path(__file__).parent

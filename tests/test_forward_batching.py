@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from rlhf_dist.config import field_docs, load_config
-from rlhf_dist.data import encode_prompt, encode_prompt_response
-from rlhf_dist.online.experience import response_logprobs, response_values
+from rlhf_dist.data import encode_prompt, encode_prompt_response, pad_right
 from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-from rlhf_dist.rollout.decode import generate, generate_chunked
-from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
+from rlhf_dist.online.experience import response_logprobs, response_values
 from rlhf_dist.roles.actors import ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
 from rlhf_dist.roles.learner import Learner
-from rlhf_dist.data import pad_right
+from rlhf_dist.rollout.decode import generate, generate_chunked
+from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
 
 TEXTS = ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more.", "Park?", "Tell me about rain.",
          "Good", "How was the city at night, and the food?"]
@@ -190,9 +189,9 @@ def test_summary_after_the_final_model_is_best_effort(tmp_path, caplog):
     from types import SimpleNamespace
 
     from rlhf_dist.errors import RoleFailure
+    from rlhf_dist.io.tracking import MetricsWriter
     from rlhf_dist.online.driver import PPORun
     from rlhf_dist.roles.placement import ROLES
-    from rlhf_dist.io.tracking import MetricsWriter
 
     def dead(refs, role, phase):
         raise RoleFailure(f"reward: actor died during phase '{phase}'", died=True)

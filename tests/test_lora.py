@@ -6,13 +6,20 @@ import shutil
 
 import pytest
 import torch
+from conftest import base_config, iteration_rows
 from safetensors.torch import load_file
 
-from conftest import base_config, iteration_rows
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.config.schema import LORA_TARGETS
-from rlhf_dist.models import (adapters_off, apply_lora, load_causal_lm, load_scalar_model, merged_weights, save_hf,
-                              sequence_scores)
+from rlhf_dist.models import (
+    adapters_off,
+    apply_lora,
+    load_causal_lm,
+    load_scalar_model,
+    merged_weights,
+    save_hf,
+    sequence_scores,
+)
 from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.roles.weight_sync import WeightReceiver, WeightSender, param_signature
 

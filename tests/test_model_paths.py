@@ -11,16 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import base_config
+
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.data import encode_prompt, encode_prompt_response
-from rlhf_dist.io.checkpoint import (CheckpointError, atomic_dir, iterations_to_remove, mark_stage_finished,
-                                     prune_iterations, verify)
+from rlhf_dist.io.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    iterations_to_remove,
+    mark_stage_finished,
+    prune_iterations,
+    verify,
+)
 from rlhf_dist.io.sources import check_model_paths
 from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf, sequence_scores
-from rlhf_dist.rollout.decode import generate
 from rlhf_dist.roles.actors import RewardWorker, RoleWorker
+from rlhf_dist.rollout.decode import generate
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -323,6 +329,7 @@ def test_run_with_own_models_and_save_total_limit(tiny, rms, tmp_path, local_ray
     """`run` with a given policy and a reward model of another tokenizer: only ppo runs, each role's model is
     logged, the reward model re-tokenises, and only the last 2 iterations stay (saved every iteration)."""
     from conftest import iteration_rows
+
     from rlhf_dist.pipeline import create_rlhf_pipeline
 
     save = tmp_path / "run"

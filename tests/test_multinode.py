@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import base_config, iteration_rows
+
 from rlhf_dist.io.checkpoint import is_complete
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

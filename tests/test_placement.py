@@ -10,8 +10,14 @@ import pytest
 
 from rlhf_dist.config import load_config
 from rlhf_dist.errors import PlacementError
-from rlhf_dist.roles.placement import (describe_plan, fit_bundles, nccl_conflicts, placement_problems,
-                                 plan_for_cluster, plan_placement)
+from rlhf_dist.roles.placement import (
+    describe_plan,
+    fit_bundles,
+    nccl_conflicts,
+    placement_problems,
+    plan_for_cluster,
+    plan_placement,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -135,8 +141,8 @@ def _no_stage(monkeypatch):
 def test_pipeline_refuses_duplicate_gpu_before_any_stage(tiny, tmp_path, monkeypatch):
     """A local Ray that declares one GPU (none needed to check): a 2-worker policy at auto fractions."""
     import ray
-
     from conftest import base_config
+
     from rlhf_dist.pipeline import create_rlhf_pipeline
 
     assert not ray.is_initialized()
@@ -152,6 +158,7 @@ def test_pipeline_refuses_duplicate_gpu_before_any_stage(tiny, tmp_path, monkeyp
 def test_pipeline_impossible_plan_fails_in_seconds(local_ray, tiny, tmp_path, monkeypatch):
     """roles.policy.num_cpus: 64 on a 2-CPU Ray: PlacementError naming the role and CPU, before SFT starts."""
     from conftest import base_config
+
     from rlhf_dist.pipeline import create_rlhf_pipeline
 
     _no_stage(monkeypatch)
@@ -168,6 +175,7 @@ def test_pipeline_impossible_plan_fails_in_seconds(local_ray, tiny, tmp_path, mo
 
 def test_cli_run_with_a_resource_nobody_has_exits_3(local_ray, tiny, tmp_path, monkeypatch, capsys):
     from conftest import base_config
+
     from rlhf_dist.cli import main
 
     _no_stage(monkeypatch)

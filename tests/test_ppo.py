@@ -5,9 +5,9 @@ import statistics
 
 import pytest
 import torch
+from conftest import base_config, iteration_rows
 from safetensors.torch import load_file
 
-from conftest import base_config, iteration_rows
 from rlhf_dist.io.checkpoint import is_complete
 from rlhf_dist.pipeline import create_rlhf_pipeline
 

@@ -1,8 +1,8 @@
 """bf16: auto, and where PPO's old logprobs come from: pure rules, the config's checks, the CLI's error."""
 
 import pytest
-
 from conftest import base_config
+
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.precision import check_bf16, recompute_old_logprobs, use_bf16
 

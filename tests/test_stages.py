@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import base_config
 from safetensors.torch import load_file
 
-from conftest import base_config
-from rlhf_dist.pipeline import create_rlhf_pipeline
 from rlhf_dist.io.tracking import read_metrics
+from rlhf_dist.pipeline import create_rlhf_pipeline
 
 pytestmark = pytest.mark.timeout(900)
 

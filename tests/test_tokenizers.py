@@ -8,8 +8,15 @@ import shutil
 import pytest
 import torch
 
-from rlhf_dist.data import (ReadStats, SFTExample, check_special_tokens, encode_conversation, encode_prompt,
-                            render, tokenize_sft)
+from rlhf_dist.data import (
+    ReadStats,
+    SFTExample,
+    check_special_tokens,
+    encode_conversation,
+    encode_prompt,
+    render,
+    tokenize_sft,
+)
 from rlhf_dist.models import ModelError, last_token_index, load_tokenizer, sequence_scores, token_scalars
 
 CHAT = [{"role": "user", "content": "Describe the cat."}, {"role": "assistant", "content": "It is kind."},

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from rlhf_dist.errors import PlacementError
-from rlhf_dist.roles.weight_sync import (DeviceId, WeightReceiver, WeightSender, make_buckets, param_signature,
-                                   plan_sync)
+from rlhf_dist.roles.weight_sync import DeviceId, WeightReceiver, WeightSender, make_buckets, param_signature, plan_sync
 
 GPU0, GPU1 = "GPU-aaaa", "GPU-bbbb"
 

@@ -16,11 +16,11 @@ import json
 
 import pytest
 import torch
+from conftest import base_config, iteration_rows
 from safetensors.torch import load_file
 
-from conftest import base_config, iteration_rows
-from rlhf_dist.io.checkpoint import is_complete
 from rlhf_dist.config import load_config
+from rlhf_dist.io.checkpoint import is_complete
 from rlhf_dist.online.driver import run_ppo
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]

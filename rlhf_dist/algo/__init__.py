@@ -7,10 +7,35 @@ knows about configs, Ray or DeepSpeed, so every formula is unit-tested on a CPU 
 - `losses`: PPO's policy and value losses, loss aggregation, the ranking and DPO losses.
 """
 
-from .advantages import (advantages_for, broadcast_to_tokens, compute_gae, grpo_advantages, group_baseline,  # noqa: F401
-                         reinforce_pp_advantages, reward_to_go, rloo_advantages, shape_rewards)
+from .advantages import (  # noqa: F401
+                         advantages_for,
+                         broadcast_to_tokens,
+                         compute_gae,
+                         group_baseline,
+                         grpo_advantages,
+                         reinforce_pp_advantages,
+                         reward_to_go,
+                         rloo_advantages,
+                         shape_rewards,
+)
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimator_for, kl_penalty  # noqa: F401
-from .losses import (LOSS_AGG, aggregate_loss, dpo_loss, loss_units, pairwise_ranking_loss,  # noqa: F401
-                     ppo_policy_loss, ppo_value_loss)
-from .stats import (RunningMoments, chunked_logprobs, entropy_from_logits, logprobs_from_logits, masked_mean,  # noqa: F401
-                    masked_sum, masked_var, masked_whiten, response_lengths)
+from .losses import (  # noqa: F401
+                         LOSS_AGG,
+                         aggregate_loss,
+                         dpo_loss,
+                         loss_units,
+                         pairwise_ranking_loss,
+                         ppo_policy_loss,
+                         ppo_value_loss,
+)
+from .stats import (  # noqa: F401
+                         RunningMoments,
+                         chunked_logprobs,
+                         entropy_from_logits,
+                         logprobs_from_logits,
+                         masked_mean,
+                         masked_sum,
+                         masked_var,
+                         masked_whiten,
+                         response_lengths,
+)

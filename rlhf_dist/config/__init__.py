@@ -5,5 +5,4 @@ checks (`checks.py`). Nothing is rewritten after parsing: a bad combination is a
 """
 
 from .load import field_docs, load_config, parse_overrides, read_config_file, redact, secret_values  # noqa: F401
-from .schema import (ClusterConfig, ConfigError, RLHFConfig, RoleResources, RolesConfig,  # noqa: F401
-                     WandbConfig)
+from .schema import ClusterConfig, ConfigError, RLHFConfig, RoleResources, RolesConfig, WandbConfig  # noqa: F401

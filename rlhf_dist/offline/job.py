@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import RLHFConfig, load_config
 from ..io.checkpoint import is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join
 from ..io.tracking import Timers
-from ..config import RLHFConfig, load_config
 from ..precision import use_bf16
 from .loop import StageLoop
 from .task import OUT_DIRS, build_task, input_model_dir

@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
+from ..config import RLHFConfig
 from ..io.checkpoint import atomic_dir
 from ..io.tracking import MetricsWriter, Timers, truncate_metrics
-from ..config import RLHFConfig
 from ..models import save_hf
 from ..packing import one_row
 from .task import Task, make_batch, micro_batches

@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..config import RLHFConfig
+from ..data import (
+    Encoded,
+    ReadStats,
+    check_special_tokens,
+    read_dataset,
+    split_eval,
+    tokenize_preferences,
+    tokenize_sft,
+)
 from ..io.checkpoint import safe_join
 from ..io.sources import check_model_paths, policy_start
 from ..io.tracking import Timers
-from ..config import RLHFConfig
-from ..data import Encoded, ReadStats, check_special_tokens, read_dataset, split_eval, tokenize_preferences, tokenize_sft
 from ..models import apply_lora, load_causal_lm, load_scalar_model, load_tokenizer
 from ..packing import micro_batch_indices, one_row, pack
 from .dpo import DPOPair, attach_reference, dpo_batch, dpo_count, dpo_step_loss

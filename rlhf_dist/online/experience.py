@@ -6,8 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algo import (advantages_for, chunked_logprobs, entropy_from_logits, kl_estimator_for, kl_penalty,
-                    logprobs_from_logits, masked_mean)
+from ..algo import (
+    advantages_for,
+    chunked_logprobs,
+    entropy_from_logits,
+    kl_estimator_for,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+)
 from ..models import token_scalars
 from ..packing import Packed, forward, padded
 

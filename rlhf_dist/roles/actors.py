@@ -189,9 +189,8 @@ class RewardWorker(RoleWorker):
 
     @torch.no_grad()
     def score(self, samples, prompts: list[list[dict]]) -> dict:
-        from ..data import encode_prompt_response
+        from ..data import encode_prompt_response, pad_right
         from ..models import sequence_scores
-        from ..data import pad_right
 
         responses = [self.policy_tok.decode(r[m.bool()], skip_special_tokens=True)
                      for r, m in zip(samples.responses, samples.action_mask)]

@@ -23,8 +23,14 @@ class Learner(RoleWorker):
         import torch.distributed as dist
 
         from ..distributed import init_local_group_env, make_engine
-        from ..models import (apply_lora, enable_gradient_checkpointing, load_causal_lm, load_lora,
-                              load_scalar_model, load_tokenizer)
+        from ..models import (
+            apply_lora,
+            enable_gradient_checkpointing,
+            load_causal_lm,
+            load_lora,
+            load_scalar_model,
+            load_tokenizer,
+        )
 
         init_local_group_env(self.rank, self.world, addr, port)
         if not dist.is_initialized():
