@@ -201,15 +201,16 @@ def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: in
     from dataclasses import replace
 
     from .rollout.engine import HFDecodeEngine, SamplingParams
-    from .rollout.samples import slice_samples
+    from .rollout.samples import slice_samples, trim_samples
 
     # Seeded afresh per call, so every checkpoint draws the same numbers: differences come from the weights.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     sp = replace(SamplingParams.from_config(cfg), batch_size=batch_size)
     s = HFDecodeEngine(model).generate(es.prompt_ids, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                                        sample_ids=list(range(len(es))), generator=gen)
-    # The forward passes after this one (logprobs, reward model) take batch_size rows at a time too.
-    return [slice_samples(s, a, b) for a, b in _batches(len(s), batch_size)]
+    # The forward passes after this one (logprobs, reward model) take batch_size rows at a time too, each
+    # no wider than its own rows need.
+    return [trim_samples(slice_samples(s, a, b)) for a, b in _batches(len(s), batch_size)]
 
 
 def decode(tok, batches: list) -> list[str]:

@@ -9,7 +9,7 @@ from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
 from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.rollout.decode import generate
-from rlhf_dist.rollout.samples import merge_samples
+from rlhf_dist.rollout.samples import merge_samples, slice_samples, trim_samples
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,12 @@ def test_merge_repads(model_tok):
     with torch.no_grad():
         lp = response_logprobs(model, m.sequences, m.attention_mask, m.prompt_len)
     assert ((lp - m.rollout_logprobs).abs() * m.action_mask).max() < 1e-4
+    # A slice of the merged batch, trimmed, is the part it came from: no column of the other's padding left.
+    for part, row in ((a, 0), (b, 1)):
+        t = trim_samples(slice_samples(m, row, row + 1))
+        assert t.prompt_len == part.prompt_len and t.action_mask.shape == part.action_mask.shape
+        for k in ("sequences", "attention_mask", "action_mask", "rollout_logprobs"):
+            assert torch.equal(getattr(t, k), getattr(part, k)), k
 
 
 # ---------------------------------------------------------------------------------------

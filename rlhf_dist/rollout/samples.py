@@ -51,6 +51,18 @@ def slice_samples(s: Samples, start: int, end: int) -> Samples:
                    s.rollout_logprobs[start:end], s.prompt_len, s.sample_ids[start:end], s.version)
 
 
+def trim_samples(s: Samples) -> Samples:
+    """`s` without the columns none of its rows uses: prompt padding on the left, response padding on the
+    right (a slice of a larger batch keeps the whole batch's). At least one response column stays."""
+    P = s.prompt_len
+    used_prompt = s.attention_mask[:, :P].bool().any(0)  # (P,)
+    lead = int(used_prompt.long().argmax()) if bool(used_prompt.any()) else P
+    used_resp = (s.attention_mask[:, P:].bool() | s.action_mask.bool()).any(0)  # (R,)
+    R = int(used_resp.nonzero().max()) + 1 if bool(used_resp.any()) else 1
+    return Samples(s.sequences[:, lead:P + R], s.attention_mask[:, lead:P + R], s.action_mask[:, :R],
+                   s.rollout_logprobs[:, :R], P - lead, s.sample_ids, s.version)
+
+
 def select_samples(s: Samples, rows: list[int]) -> Samples:
     """The given rows of `s`, in that order (paddings unchanged)."""
     idx = torch.tensor(rows, dtype=torch.long)  # (n,)
