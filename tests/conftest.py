@@ -55,6 +55,20 @@ def local_ray():
     ray.shutdown()
 
 
+def tiny_llama(tiny, kv_heads: int):
+    """A randomly initialised Llama of the tiny model's shape with `kv_heads` key-value heads (seed 0),
+    in eval mode, and the tiny tokenizer."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from rlhf_dist.models import load_tokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny["model"])
+    cfg.num_key_value_heads = kv_heads
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval(), load_tokenizer(str(tiny["model"]))
+
+
 def base_config(tiny, save_dir, **overrides) -> dict:
     """A short run on the tiny assets; tests override what they exercise."""
     cfg = {

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import assert_in_nucleus
+from conftest import assert_in_nucleus, tiny_llama
 
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
@@ -44,21 +44,15 @@ def test_static_decoder_matches_the_model_forward(tiny, kv_heads, pack, monkeypa
     """The StaticDecoder (weights packed, or by reference as for large models) and the generic forward +
     DynamicCache pick the same greedy tokens with the same logprobs, with left padding and rows leaving
     the batch at eos."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
     from rlhf_dist.rollout import decode
     from rlhf_dist.rollout.decode import StaticDecoder
 
-    cfg = AutoConfig.from_pretrained(tiny["model"])
-    cfg.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    tok = load_tokenizer(str(tiny["model"]))
+    model, tok = tiny_llama(tiny, kv_heads)
     ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 3)
     assert StaticDecoder.supports(model, 64)
     if not pack:
         monkeypatch.setattr(decode, "PACK_MAX_BYTES", 0)
-    outs = [generate(model, ps, pad_id=tok.pad_token_id, eos_id=cfg.eos_token_id, max_new_tokens=24, top_k=1,
+    outs = [generate(model, ps, pad_id=tok.pad_token_id, eos_id=model.config.eos_token_id, max_new_tokens=24, top_k=1,
                      static=static) for static in (True, False)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert (outs[0].rollout_logprobs - outs[1].rollout_logprobs).abs().max() < 1e-5

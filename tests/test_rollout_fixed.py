@@ -3,7 +3,7 @@ buffers and step as on a GPU, where the step is a captured CUDA graph (not run h
 
 import pytest
 import torch
-from conftest import assert_in_nucleus
+from conftest import assert_in_nucleus, tiny_llama
 
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
@@ -44,13 +44,7 @@ def test_capture_without_graphs_replays_into_one_output():
 def test_fixed_greedy_matches_the_dropping_decoder_and_the_forward(tiny, kv_heads, check_every):
     """Greedy, left-padded mixed lengths, rows ending at different steps (batch 6 padded to 8 rows): the
     same tokens, lengths and logprobs as decode.generate (which drops finished rows) and the plain forward."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    cfg = AutoConfig.from_pretrained(tiny["model"])
-    cfg.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    tok = load_tokenizer(str(tiny["model"]))
+    model, tok = tiny_llama(tiny, kv_heads)
     ps = prompts(tok, ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more."] * 2)
     kw = {"pad_id": tok.pad_token_id, "max_new_tokens": 20, "top_k": 1}
     free = generate(model, ps, eos_id=-1, **kw)

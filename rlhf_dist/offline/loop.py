@@ -95,9 +95,9 @@ class StageLoop:
             random.Random(self.cfg.seed + epoch).shuffle(order)
             for s in range(self.step % per_epoch if epoch == self.step // per_epoch else 0, per_epoch):
                 items = [task.train[i] for i in order[s * task.batch_size:(s + 1) * task.batch_size]]
-                self.train_step(items, epoch, s, first_step)
+                self.step_and_record(items, epoch, s, first_step)
 
-    def train_step(self, global_items: list, epoch: int, s: int, first_step: int) -> None:
+    def step_and_record(self, global_items: list, epoch: int, s: int, first_step: int) -> None:
         """One optimizer step over this rank's share of `global_items`, then its metrics row, evaluation
         and checkpoint when due."""
         from ..distributed import all_reduce_sum
