@@ -194,20 +194,27 @@ def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size
     return math.exp(nll / count) if count else float("nan")
 
 
-def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: int) -> list:
-    """One response per prompt through PPO's rollout engine (on CUDA its CUDA-graph decode path), in
-    length-sorted chunks of `batch_size` prompts drawing from one generator seeded by cfg.seed -> `Samples`
-    of `batch_size` rows, in prompt order (sample_ids: indices into `es`)."""
+def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: int, engine=None) -> list:
+    """One response per prompt through PPO's rollout engine, in length-sorted chunks of `batch_size`
+    prompts drawing from one generator seeded by cfg.seed -> `Samples` of `batch_size` rows, in prompt
+    order (sample_ids: indices into `es`). `engine`: a vLLM engine, which gets `model`'s weights first;
+    None = the HF engine on `model`."""
     from dataclasses import replace
 
+    from .roles.weight_sync import push_weights
     from .rollout.engine import HFDecodeEngine, SamplingParams
     from .rollout.samples import slice_samples, trim_samples
 
+    if engine is None:
+        engine = HFDecodeEngine(model)
+    else:
+        push_weights(model.named_parameters(), engine.load_bucket)
+        engine.update_weights(engine.version + 1)
     # Seeded afresh per call, so every checkpoint draws the same numbers: differences come from the weights.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     sp = replace(SamplingParams.from_config(cfg), batch_size=batch_size)
-    s = HFDecodeEngine(model).generate(es.prompt_ids, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                                       sample_ids=list(range(len(es))), generator=gen)
+    s = engine.generate(es.prompt_ids, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                        sample_ids=list(range(len(es))), generator=gen)
     # The forward passes after this one (logprobs, reward model) take batch_size rows at a time too, each
     # no wider than its own rows need.
     return [trim_samples(slice_samples(s, a, b)) for a, b in _batches(len(s), batch_size)]
@@ -283,6 +290,7 @@ class EvalRun:
     ref_model: Any
     rm: RewardScorer | None
     notes: list[str]
+    engine: Any = None  # a vLLM engine shared by every checkpoint (rollout_engine), else None: the HF engine
 
 
 def resolve_checkpoints(cfg: RLHFConfig, checkpoints: dict[str, str] | None) -> dict[str, str]:
@@ -314,7 +322,18 @@ def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gol
     ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
     rm = RewardScorer(reward_model, tok, bf16, device, attn) if reward_model else None
     return EvalRun(cfg, device, bf16, batch_size, start, reference, reward_model, gold, gold_fn, data, tok, es,
-                   ref_model, rm, notes)
+                   ref_model, rm, notes, eval_engine(cfg, reference, device, bf16))
+
+
+def eval_engine(cfg: RLHFConfig, model_dir: str, device: str, bf16: bool):
+    """The vLLM engine eval samples with, built once on `model_dir` (each checkpoint's weights are then
+    loaded into it, as a weight sync would), when rollout_engine picks vLLM here; else None."""
+    from .config.checks import vllm_installed
+    from .rollout.engines import choose_engine, make_engine
+
+    name, why = choose_engine(cfg.rollout_engine, device, vllm_installed())
+    log.info("eval: sampling with the %s engine (%s)", name, why)
+    return make_engine(name, cfg, model_dir, torch.device(device), bf16, 1.0) if name == "vllm" else None
 
 
 def raw_pass(run: EvalRun, path: str) -> dict[str, Any]:
@@ -326,7 +345,7 @@ def raw_pass(run: EvalRun, path: str) -> dict[str, Any]:
     same_as_ref = Path(path).resolve() == Path(run.reference).resolve()
     model = (run.ref_model if same_as_ref else
              load_causal_lm_or_adapter(path, run.bf16, run.start, cfg.attn_implementation).to(device).eval())
-    batches = sample(model, es, tok, cfg, device, run.batch_size)
+    batches = sample(model, es, tok, cfg, device, run.batch_size, run.engine)
     responses = decode(tok, batches)
     lp = seq_logprobs(model, batches, device, cfg.gen_temperature)  # (N,)
     lp_ref = lp if same_as_ref else seq_logprobs(run.ref_model, batches, device, cfg.gen_temperature)  # (N,)

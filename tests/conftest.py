@@ -23,6 +23,15 @@ def tiny(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, hidden_size=64, num_layers=2, intermediate_size=128)
 
 
+@pytest.fixture(scope="session")
+def tiny_vllm(tmp_path_factory):
+    """The tiny assets with 2 attention heads of 32 dims: vLLM's CPU attention takes head sizes of 32 and up."""
+    from rlhf_dist.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_vllm"), seed=0, hidden_size=64, num_layers=2, num_heads=2,
+                      intermediate_size=128)
+
+
 @pytest.fixture
 def gloo_group():
     """A one-rank gloo group for a test's DeepSpeed engines, destroyed after it. DeepSpeed caches a clone of
@@ -42,6 +51,19 @@ def gloo_group():
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
         groups._WORLD_GROUP = None
+
+
+@pytest.fixture
+def drop_log_handlers():
+    """setup_logging's handlers (a role's, a run's) point at this test's captured stderr and save_dir: remove
+    them after it."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_rlhf_dist", False)]:
+        root.removeHandler(h)
+        h.close()
 
 
 @pytest.fixture(scope="module")

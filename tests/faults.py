@@ -1,7 +1,8 @@
 """Fault injection for the resilience tests, from outside the package.
 
 Ray runs `install` in every worker process (`worker_process_setup_hook`). It wraps the methods named
-in the JSON plan at $RLHF_TEST_FAULTS, so that the Nth call in a process kills the process with SIGKILL,
+in the JSON plan at $RLHF_TEST_FAULTS, so that the Nth call in a process kills the process (or the processes
+it started) with SIGKILL,
 hangs, is `seconds` late, fails as if the disk were full, or makes a loss NaN. Each fault fires once per
 run (a marker file is created atomically), so an actor that Ray restarts does not die again.
 """
@@ -58,6 +59,11 @@ def _wrap(owner, name: str, fault: dict, plan_path: str, index: int) -> None:
         if calls[0] == fault["call"] and _fire_once(plan_path, index):
             if fault["action"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif fault["action"] == "kill_children":  # e.g. vLLM's engine and worker processes under an actor
+                import psutil
+
+                for child in psutil.Process().children(recursive=True):
+                    child.kill()
             elif fault["action"] == "hang":
                 time.sleep(3600)
             elif fault["action"] == "delay":

@@ -22,6 +22,7 @@ from rlhf_dist.models import (
 )
 from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.roles.weight_sync import WeightReceiver, WeightSender, param_signature
+from rlhf_dist.rollout.engine import HFDecodeEngine
 
 RANK, ALPHA = 4, 8.0
 
@@ -82,8 +83,10 @@ def test_weight_sync_of_merged_weights_gives_the_lora_model(tiny):
     plain = load_causal_lm(str(tiny["model"])).eval()
     sender = WeightSender(merged_weights(model, merge=False), 0, False, bucket_bytes=1 << 14,
                           tensors=lambda: (t for _, t in merged_weights(model)))
-    receiver = WeightReceiver(plain.named_parameters(), param_signature(merged_weights(model, merge=False)), "test",
-                              bucket_bytes=1 << 14)
+    sig = param_signature(merged_weights(model, merge=False))
+    engine = HFDecodeEngine(plain)
+    engine.check_signature(sig, "test")
+    receiver = WeightReceiver(sig, engine.load_bucket, bucket_bytes=1 << 14)
     assert len(sender.buckets) > 1
     sender.send(lambda b, flat: receiver.load_bucket(b, flat), None)
     ids, attn = _ids()

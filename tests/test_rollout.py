@@ -207,16 +207,11 @@ def test_engine_sampling_matches_the_plain_forward(model_tok, top_p, top_k):
 
 
 def test_engine_weights_and_version_come_through_the_receiver(tiny):
-    """A sync into `named_weights` (the IPC path's plain-tensor buckets) then `update_weights`: the engine
-    generates as an engine built on the sender's weights, and stamps the new version."""
+    """A sync bucket by bucket into `load_bucket` (the IPC path's plain-tensor buckets) then `update_weights`:
+    the engine generates as an engine built on the sender's weights, and stamps the new version."""
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from rlhf_dist.roles.weight_sync import (
-        WeightReceiver,
-        flatten,
-        make_buckets,
-        param_signature,
-    )
+    from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
     from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams
 
     cfg = AutoConfig.from_pretrained(tiny["model"])
@@ -225,7 +220,8 @@ def test_engine_weights_and_version_come_through_the_receiver(tiny):
     engine = HFDecodeEngine(dst)
     assert isinstance(engine, RolloutEngine) and engine.version == 0
     sig = param_signature(src.named_parameters())
-    receiver = WeightReceiver(engine.named_weights(), sig, "rollout-0", bucket_bytes=1 << 14)
+    engine.check_signature(sig, "rollout-0")
+    receiver = WeightReceiver(sig, engine.load_bucket, bucket_bytes=1 << 14)
     params = list(src.parameters())
     for b, idx in enumerate(make_buckets(sig, 1 << 14)):
         receiver.load_bucket(b, flatten([params[i] for i in idx]))
@@ -234,3 +230,26 @@ def test_engine_weights_and_version_come_through_the_receiver(tiny):
     got, want = (e.generate(ps, sp, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
                  for e in (engine, HFDecodeEngine(src)))
     assert torch.equal(got.sequences, want.sequences) and got.version == 4 and want.version == 0
+
+
+def test_cache_bucket_rounds_up_to_whole_buckets():
+    from rlhf_dist.rollout.decode import CACHE_BUCKET, cache_bucket
+
+    assert [cache_bucket(n) for n in (1, CACHE_BUCKET, CACHE_BUCKET + 1)] == [CACHE_BUCKET, CACHE_BUCKET, 2 * CACHE_BUCKET]
+
+
+def test_chunks_sorted_by_length_come_back_in_prompt_order(tiny):
+    """gen_batch_size chunks are made of prompts of similar length; rows and sample_ids return in prompt
+    order, each greedy row the same as decoding all prompts at once."""
+    from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
+
+    model, tok = load_causal_lm(str(tiny["model"])).eval(), load_tokenizer(str(tiny["model"]))
+    ps = prompts(tok, MIXED * 2)
+    ids = [100 + i for i in range(len(ps))]
+    engine = HFDecodeEngine(model)
+    kw = {"pad_id": tok.pad_token_id, "eos_id": tok.eos_token_id, "sample_ids": ids}
+    whole, chunked = (engine.generate(ps, SamplingParams(max_new_tokens=6, top_k=1, batch_size=b), **kw)
+                      for b in (None, 3))
+    assert chunked.sample_ids == ids
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(chunked.rollout_logprobs, whole.rollout_logprobs, atol=1e-5, rtol=0)

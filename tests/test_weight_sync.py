@@ -8,6 +8,7 @@ import torch
 
 from rlhf_dist.errors import PlacementError
 from rlhf_dist.roles.weight_sync import DeviceId, WeightReceiver, WeightSender, make_buckets, param_signature, plan_sync
+from rlhf_dist.rollout.engine import HFDecodeEngine
 
 GPU0, GPU1 = "GPU-aaaa", "GPU-bbbb"
 
@@ -55,8 +56,10 @@ def test_ipc_protocol_moves_every_bucket_and_casts_to_the_receivers_dtype():
     and the receiver copies it into its own parameters, here in another dtype than the sender's."""
     src, dst = _model(0), _model(1).to(torch.float64)
     sender = WeightSender(src.named_parameters(), rank=0, zero3=False, bucket_bytes=256)
-    receiver = WeightReceiver(dst.named_parameters(), param_signature(src.named_parameters()), "rollout-0",
-                              bucket_bytes=256)
+    sig = param_signature(src.named_parameters())
+    engine = HFDecodeEngine(dst)
+    engine.check_signature(sig, "rollout-0")
+    receiver = WeightReceiver(sig, engine.load_bucket, bucket_bytes=256)
     seen = []
     moved = sender.send(lambda b, handle: seen.append(receiver.load_bucket(b, handle)), group=None)
     assert len(seen) == len(sender.buckets) > 1 and sum(seen) == moved
@@ -68,7 +71,7 @@ def test_receiver_refuses_other_shapes():
     sig = param_signature(_model(0).named_parameters())
     other = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 5))
     with pytest.raises(RuntimeError, match="rollout-3: parameters differ"):
-        WeightReceiver(other.named_parameters(), sig, "rollout-3")
+        HFDecodeEngine(other).check_signature(sig, "rollout-3")
 
 
 def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
@@ -102,7 +105,7 @@ def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
         q.join_thread()  # flushed before the hard exit below
         os._exit(0)  # DeepSpeed's process group needs no orderly teardown here
     sig = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-    receiver = WeightReceiver(model.named_parameters(), sig, "rollout-0", bucket_bytes=1 << 16)
+    receiver = WeightReceiver(sig, HFDecodeEngine(model).load_bucket, bucket_bytes=1 << 16)
     moved = receiver.receive(Broadcast("127.0.0.1", sync_port, 1, 2, "gloo", 60))
     q.put((rank, moved, len(receiver.buckets), [float(p.flatten()[0]) for p in model.parameters()]))
 

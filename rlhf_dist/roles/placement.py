@@ -13,7 +13,9 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from ..config.checks import vllm_installed
 from ..errors import PlacementError
+from ..rollout.engines import choose_engine, vllm_sleeps
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,17 @@ def describe_plan(cfg, bundles: list[dict], slots: list[Slot]) -> list[str]:
         cpu = " (auto)" if spec.num_cpus is None else ""
         gpu = " (auto)" if s.num_gpus and not spec.num_gpus else ""
         out.append(f"{s.role}-{s.rank}: {s.num_cpus:g} CPU{cpu}, {s.num_gpus:g} GPU{gpu}, device {s.device}, "
-                   f"bundle {s.bundle} {fmt_res(bundles[s.bundle])}")
+                   f"bundle {s.bundle} {fmt_res(bundles[s.bundle])}{_engine_note(cfg, s)}")
     return out
+
+
+def _engine_note(cfg, s: Slot) -> str:
+    """A rollout slot's engine and why (`rollout.engine.choose_engine`, judged on this machine's packages)."""
+    if s.role != "rollout":
+        return ""
+    name, why = choose_engine(cfg.rollout_engine, s.device, vllm_installed())
+    sleep = ", sleeps between rollouts" if name == "vllm" and vllm_sleeps(cfg.vllm_sleep, s.device, s.num_gpus) else ""
+    return f", engine {name} ({why}{sleep})"
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import PhaseTimeout, PlacementError
+from ..rollout.transfer import export_ipc, open_ipc
 
 BUCKET_BYTES = 64 << 20  # few enough collectives, small enough to not double peak memory
 
@@ -119,38 +120,6 @@ def flatten(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-@torch.no_grad()
-def unflatten_into(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
-    """Copy a flat bucket into the receiver's parameters, in order (to their own devices)."""
-    offset = 0
-    for p in params:
-        p.copy_(flat[offset: offset + p.numel()].view_as(p), non_blocking=False)
-        offset += p.numel()
-    if offset != flat.numel():
-        raise RuntimeError(f"weight sync: a bucket of {flat.numel()} elements for parameters of {offset}")
-
-
-# ---------------------------------------------------------------------------------------
-# CUDA IPC handles
-# ---------------------------------------------------------------------------------------
-
-def export_ipc(flat: torch.Tensor):
-    """A picklable handle to a CUDA tensor that another process on the same GPU can open."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    torch.cuda.current_stream(flat.device).synchronize()  # the receiver reads it on another stream and process
-    return reduce_tensor(flat)
-
-
-def open_ipc(handle) -> torch.Tensor:
-    """Open a handle from `export_ipc`. Its device index is the sender's (its CUDA_VISIBLE_DEVICES); on the
-    same physical GPU this process's current device is the same GPU, so use that index (as OpenRLHF does)."""
-    rebuild, args = handle
-    args = list(args)
-    args[6] = torch.cuda.current_device()  # reduce_tensor's args: (..., dtype, device index, ipc handle, ...)
-    return rebuild(*args)
-
-
 # ---------------------------------------------------------------------------------------
 # Sender (every policy learner rank) and receiver (each rollout worker)
 # ---------------------------------------------------------------------------------------
@@ -223,24 +192,26 @@ class WeightSender:
         return moved
 
 
-class WeightReceiver:
-    """Rollout side: fills its model's parameters bucket by bucket, from IPC handles or the broadcast.
-    Checks first that its parameters match the sender's `signature` in names and shapes."""
+def bucket_entries(signature: list, idx: list[int]) -> list[tuple[str, tuple]]:
+    """(name, full shape) of a bucket's parameters, in the order their values sit in its flat tensor."""
+    return [(signature[i][0], tuple(signature[i][1])) for i in idx]
 
-    def __init__(self, named_params, signature: list, who: str, bucket_bytes: int = BUCKET_BYTES):
-        named_params = list(named_params)
-        signature = [(n, tuple(s), d) for n, s, d in signature]
-        mine = [(n, s) for n, s, _ in param_signature(named_params)]
-        if mine != [(n, s) for n, s, _ in signature]:
-            raise RuntimeError(f"{who}: parameters differ from the learner's (names or shapes); cannot sync weights")
-        self.params = [p for _, p in named_params]
-        self.dtypes = [_dtype(d) for _, _, d in signature]
-        self.buckets = make_buckets(signature, bucket_bytes)
+
+class WeightReceiver:
+    """Rollout side: takes the learner's buckets, from IPC handles or the broadcast, and hands each to
+    `load(flat, entries)` (the engine's `load_bucket`): flat (N,) in the sender's dtype, entries the
+    (name, shape) of the parameters in it."""
+
+    def __init__(self, signature: list, load: Callable[[torch.Tensor, list], None], bucket_bytes: int = BUCKET_BYTES):
+        self.signature = [(n, tuple(s), d) for n, s, d in signature]
+        self.dtypes = [_dtype(d) for _, _, d in self.signature]
+        self.buckets = make_buckets(self.signature, bucket_bytes)
+        self.load = load
 
     def load_bucket(self, b: int, handle) -> int:
         """One bucket from an IPC handle (a CUDA tensor's, or a plain tensor where there is no GPU)."""
         flat = open_ipc(handle) if isinstance(handle, tuple) else handle
-        unflatten_into(flat, [self.params[i] for i in self.buckets[b]])
+        self.load(flat, bucket_entries(self.signature, self.buckets[b]))
         if flat.is_cuda:
             torch.cuda.current_stream().synchronize()  # copied before the sender frees the bucket
         return flat.numel() * flat.element_size()
@@ -249,9 +220,21 @@ class WeightReceiver:
     def receive(self, group: Broadcast) -> int:
         moved = 0
         for idx in self.buckets:
-            params = [self.params[i] for i in idx]
-            buf = torch.empty(sum(p.numel() for p in params), dtype=self.dtypes[idx[0]], device=group.device)
-            flat = group(buf)
-            unflatten_into(flat, params)
+            n = sum(math.prod(self.signature[i][1]) for i in idx)
+            flat = group(torch.empty(n, dtype=self.dtypes[idx[0]], device=group.device))
+            self.load(flat, bucket_entries(self.signature, idx))
             moved += flat.numel() * flat.element_size()
         return moved
+
+
+def push_weights(named_params, load: Callable[[torch.Tensor, list], None], bucket_bytes: int = BUCKET_BYTES) -> int:
+    """In one process: a model's weights into an engine's `load_bucket`, bucket by bucket (eval's checkpoints
+    into one vLLM engine; tests). Returns the bytes moved."""
+    named_params = [(n, p.detach()) for n, p in named_params]
+    sig = param_signature(named_params)
+    moved = 0
+    for idx in make_buckets(sig, bucket_bytes):
+        flat = flatten([named_params[i][1] for i in idx])
+        load(flat, bucket_entries(sig, idx))
+        moved += flat.numel() * flat.element_size()
+    return moved

@@ -73,8 +73,8 @@ CACHE_BUCKET = 64  # fixed-shape caches are rounded up to a multiple of this man
 
 
 def cache_bucket(n: int) -> int:
-    """The KV cache length for n tokens (prompt + new) on a fixed-shape path: a multiple of CACHE_BUCKET,
-    so prompts of other lengths mostly reuse one compiled step or captured graph."""
+    """The KV cache length for n tokens (prompt + new) of a compiled step: a multiple of CACHE_BUCKET,
+    so prompts of other lengths mostly reuse one compiled step."""
     return -(-n // CACHE_BUCKET) * CACHE_BUCKET
 
 
@@ -88,14 +88,13 @@ def rotary_tables(base, like: torch.Tensor, L: int) -> tuple[torch.Tensor, torch
 
 class PackedWeights:
     """`decode_step`'s weight layout: q/k/v and gate/up fused into one matrix each, every matrix transposed
-    to (in, out). Models of at most PACK_MAX_BYTES are copied into it; larger ones use their parameters by
-    reference (views): the copy would double the rollout's weight memory. `repack` refreshes the copies in
-    place, so a captured CUDA graph, which reads fixed addresses, sees a weight sync."""
+    to (in, out). Models of at most PACK_MAX_BYTES are copied into it (once per `generate` call, so a
+    weight sync is always seen); larger ones use their parameters by reference (views): the copy would
+    double the rollout's weight memory."""
 
     def __init__(self, model):
         base = model.model
         self.pack = sum(p.numel() * p.element_size() for p in model.parameters()) <= PACK_MAX_BYTES
-        self._copies: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []  # (copy, sources, transposed)
         layers = tuple((x.input_layernorm.weight,
                         self._proj(x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj),
                         self._proj(x.self_attn.o_proj), x.post_attention_layernorm.weight,
@@ -103,24 +102,11 @@ class PackedWeights:
         self.weights = (base.embed_tokens.weight, layers, base.norm.weight, self._proj(model.lm_head))
 
     def _proj(self, *linears) -> tuple:
-        """-> (matrices (in, out) whose outputs sit side by side, bias or None); copies are remembered."""
-        b = None
-        if linears[0].bias is not None:
-            b = torch.cat([lin.bias for lin in linears])  # (out,) a copy, refreshed by repack
-            self._copies.append((b, [lin.bias for lin in linears], False))
+        """-> (matrices (in, out) whose outputs sit side by side, bias or None)."""
+        b = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None  # (out,)
         if not self.pack:
             return tuple(lin.weight.t() for lin in linears), b  # views of the parameters
-        m = torch.cat([lin.weight for lin in linears]).t().contiguous()  # (in, out)
-        self._copies.append((m, [lin.weight for lin in linears], True))
-        return (m,), b
-
-    @torch.no_grad()
-    def repack(self) -> None:
-        """Copy the parameters into the packed tensors again, in place (after a weight sync)."""
-        for dst, srcs, transposed in self._copies:
-            src = torch.cat(srcs)
-            dst.copy_(src.t() if transposed else src)
-
+        return (torch.cat([lin.weight for lin in linears]).t().contiguous(),), b  # (in, out)
 
 
 class CacheDecoder:
@@ -291,8 +277,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     eos cannot be sampled before `min_new_tokens` (as in HF `min_new_tokens`; benchmarks use it to fix lengths).
     `static`: use the StaticDecoder where the architecture allows (same numbers, less overhead);
     `compiled`: run its step through torch.compile (`gen_compile`).
-    This is the CPU path; on CUDA the engine decodes with `fixed.FixedDecoder` (CUDA graphs, no host
-    sync per step), which takes the same arguments."""
+    On a GPU, vLLM is the rollout engine users run (`rollout_engine`); this decoder is the reference
+    engine and the CPU one."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -354,10 +340,9 @@ def to_samples(ids: torch.Tensor, attn: torch.Tensor, tokens: torch.Tensor, logp
 
 
 def generate_chunked(model, prompts: list[list[int]], chunk: int | None, *, pad_id: int,
-                     sample_ids: list[int] | None = None, fixed=None, **kw) -> Samples:
+                     sample_ids: list[int] | None = None, **kw) -> Samples:
     """`generate` over chunks of `chunk` prompts (None = all at once), merged in prompt order: only one
-    chunk's KV cache and logits are alive at a time. `fixed`: a `fixed.FixedDecoder` to decode each chunk
-    with instead (the GPU path; `kw` may then carry its `check_every`).
+    chunk's KV cache and logits are alive at a time.
 
     With several chunks, prompts are first sorted by length (stable), so each chunk pads its prompts to
     about their own length (length buckets), and the rows are put back in prompt order after the merge.
@@ -372,8 +357,6 @@ def generate_chunked(model, prompts: list[list[int]], chunk: int | None, *, pad_
 
     def run(rows: list[int]) -> Samples:
         ps, sids = [prompts[i] for i in rows], [ids[i] for i in rows]
-        if fixed is not None:
-            return fixed.generate(ps, pad_id=pad_id, sample_ids=sids, **kw)
         return generate(model, ps, pad_id=pad_id, sample_ids=sids, **kw)
 
     merged = merge_samples([run(order[i:i + size]) for i in range(0, len(prompts), size)], pad_id)

@@ -1,23 +1,23 @@
-"""The rollout engine: what a rollout worker generates with and syncs weights into.
+"""The rollout engine: what a rollout worker generates with and loads weights into.
 
 A `RolloutEngine` turns prompt token ids into `Samples` under `SamplingParams`, holds the weight
-`version` its samples carry, and exposes the tensors the weight sync fills (`named_weights`) and a hook
-for when a sync has landed (`update_weights`). `HFDecodeEngine` is the one implemented here: a HF model
-decoded by `decode.generate_chunked`. docs/rollout_engines.md says how a vLLM or SGLang engine would map
-onto the same methods (not implemented).
+`version` its samples carry, and takes a weight sync bucket by bucket (`load_bucket`), then
+`update_weights` once every bucket has landed. Two engines implement it: `HFDecodeEngine` (a HF model
+decoded in this process, `decode.generate_chunked`) and `vllm_engine.VLLMEngine` (vLLM, the GPU
+default). `engines.choose_engine` says which one a rollout worker runs, and why; docs/rollout_engines.md
+has the whole contract.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from .decode import StaticDecoder, generate_chunked
-from .fixed import FixedDecoder
+from .decode import generate_chunked
 from .samples import Samples
+from .transfer import split_bucket
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,13 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = no nucleus truncation
     top_k: int = 0  # 0 = no top-k truncation
     compiled: bool = False  # the HF engine's torch.compile'd decode step (gen_compile)
-    batch_size: int | None = None  # prompts decoded at once (gen_batch_size); None = all
-    cuda_graphs: bool = True  # the HF engine's fixed-shape, CUDA-graph decode path on CUDA (gen_cuda_graphs)
-    check_every: int = 8  # steps between finished-row checks on that path (gen_check_every)
+    batch_size: int | None = None  # prompts the HF engine decodes at once (gen_batch_size); None = all
 
     @classmethod
     def from_config(cls, cfg) -> SamplingParams:
         return cls(max_new_tokens=cfg.gen_max_new_tokens, min_new_tokens=cfg.gen_min_new_tokens,
                    temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
-                   compiled=cfg.gen_compile, batch_size=cfg.gen_batch_size, cuda_graphs=cfg.gen_cuda_graphs,
-                   check_every=cfg.gen_check_every)
+                   compiled=cfg.gen_compile, batch_size=cfg.gen_batch_size)
 
 
 @runtime_checkable
@@ -48,11 +45,16 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, pad_id: int, eos_id: int,
                  sample_ids: list[int] | None = None, generator: torch.Generator | None = None) -> Samples:
-        """One response per prompt; rows in prompt order, prompts left-padded, responses right-padded."""
+        """One response per prompt; rows in prompt order, prompts left-padded, responses right-padded. The
+        logprobs are the sampled tokens' under the untruncated softmax(logits / temperature)."""
         ...
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors a `weight_sync.WeightReceiver` copies the learner's buckets into, in place."""
+    def check_signature(self, signature: list, who: str) -> None:
+        """Raise if the learner's (name, shape, dtype) list cannot be loaded into this engine."""
+        ...
+
+    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> None:
+        """One bucket of a sync: flat (N,) holds the parameters `entries` names, in order and shape."""
         ...
 
     def update_weights(self, version: int) -> None:
@@ -61,48 +63,30 @@ class RolloutEngine(Protocol):
 
 
 class HFDecodeEngine:
-    """A HF causal LM decoded in this process (`decode.generate_chunked`); the sync writes its parameters.
+    """A HF causal LM decoded in this process (`decode.generate_chunked`); a sync copies into its
+    parameters in place, by name."""
 
-    On CUDA (with `sampling.cuda_graphs`) a supported architecture decodes on the fixed-shape path
-    (`fixed.FixedDecoder`: CUDA graphs per batch bucket, no host sync per step); elsewhere, and on a CPU,
-    through `decode.generate`, which drops finished rows. `fixed_shape`: force the fixed-shape path on
-    (True; on a CPU without graphs, as the tests run it) or off (False); None = on CUDA only.
-    """
-
-    def __init__(self, model: torch.nn.Module, version: int = 0, fixed_shape: bool | None = None):
-        self.model, self.version, self.fixed_shape = model.eval(), version, fixed_shape
-        self._fixed: FixedDecoder | None = None  # made on first use; keeps packed weights and graphs
+    def __init__(self, model: torch.nn.Module, version: int = 0):
+        self.model, self.version = model.eval(), version
+        self.params = dict(model.named_parameters())
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, pad_id: int, eos_id: int,
                  sample_ids: list[int] | None = None, generator: torch.Generator | None = None) -> Samples:
         s = sampling
-        kw = {"eos_id": eos_id, "max_new_tokens": s.max_new_tokens, "min_new_tokens": s.min_new_tokens,
-              "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "compiled": s.compiled,
-              "generator": generator, "version": self.version}
-        fixed = self._fixed_decoder(s, max(len(p) for p in prompt_ids) + s.max_new_tokens)
-        if fixed is not None:
-            kw["check_every"] = s.check_every
         return generate_chunked(self.model, prompt_ids, s.batch_size, pad_id=pad_id, sample_ids=sample_ids,
-                                fixed=fixed, **kw)
+                                eos_id=eos_id, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, compiled=s.compiled,
+                                generator=generator, version=self.version)
 
-    def _fixed_decoder(self, s: SamplingParams, total_len: int) -> FixedDecoder | None:
-        """The fixed-shape decoder when this call takes that path, else None."""
-        on = self.fixed_shape
-        if on is None:
-            on = s.cuda_graphs and next(self.model.parameters()).device.type == "cuda"
-        if not on or not StaticDecoder.supports(self.model, total_len):
-            return None
-        if self._fixed is None:
-            self._fixed = FixedDecoder(self.model)
-        return self._fixed
+    def check_signature(self, signature: list, who: str) -> None:
+        mine = [(n, tuple(p.shape)) for n, p in self.params.items()]
+        if mine != [(n, tuple(s)) for n, s, _ in signature]:
+            raise RuntimeError(f"{who}: parameters differ from the learner's (names or shapes); cannot sync weights")
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.model.named_parameters()
+    @torch.no_grad()
+    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> None:
+        for name, t in split_bucket(flat, entries):
+            self.params[name].copy_(t)  # casts to the engine's dtype and device
 
     def update_weights(self, version: int) -> None:
-        # The receiver already copied into the parameters in place. StaticDecoder packs its weights afresh
-        # per `generate`; the fixed-shape decoder keeps packed copies (its graphs read their addresses),
-        # which are refreshed here, in place.
-        if self._fixed is not None:
-            self._fixed.repack()
-        self.version = version
+        self.version = version  # the buckets were copied in place; nothing is derived from them
