@@ -7,8 +7,10 @@ every attention call, and the recomputed forward of gradient checkpointing too).
 attends causally to itself only, with no mask and no compute across sequences: on CUDA in half precision
 through torch's flash varlen kernel (`torch.nn.attention.varlen.varlen_attn`); elsewhere the sequences are
 gathered into a right-padded batch for one `scaled_dot_product_attention(is_causal=True)`, so only the
-attention sees padding, never the projections and MLPs. A saved config names no attention
-implementation, so checkpoints load anywhere.
+attention sees padding, never the projections and MLPs. That batch's layout (`seq_layout`) is built once
+per forward, on the host, by `packing.pack`; every layer reuses it. Whether the flash kernel works is checked
+once per process, device and dtype, before the first packed forward (`check_flash`). A saved config
+names no attention implementation, so checkpoints load anywhere.
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ def varlen_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         raise ValueError("packed attention takes one row and no attention dropout")
     if _flash_varlen(query):
         return _flash(query, key, value, cu, int(kwargs["max_length_q"]), scaling), None  # (1, T, Hq, D)
-    bounds = kwargs.get("seq_bounds") or cu.tolist()  # host offsets (free on the CPU)
-    return _gathered(query, key, value, bounds, scaling), None  # (1, T, Hq, D)
+    layout = kwargs.get("seq_layout")  # gather (n, L), scatter (T,): built once per forward by `packing.pack`
+    if layout is None:  # a caller that passes the boundaries only: one host read, two copies
+        layout = tuple(t.to(query.device) for t in seq_layout(cu.tolist()))
+    return _gathered(query, key, value, *layout, scaling), None  # (1, T, Hq, D)
 
 
-def _gathered(query, key, value, bounds: list[int], scaling: float | None) -> torch.Tensor:
-    """One packed row's sequences (starts `bounds`, then the end) gathered into a right-padded batch for one
-    causal sdpa: query (1, Hq, T, D), key and value (1, Hkv, T, D) -> (1, T, Hq, D)."""
+def _gathered(query, key, value, gather: torch.Tensor, scatter: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """One packed row's sequences gathered into a right-padded batch (`seq_layout`: gather (n, L), scatter (T,))
+    for one causal sdpa: query (1, Hq, T, D), key and value (1, Hkv, T, D) -> (1, T, Hq, D)."""
     gqa = query.shape[1] != key.shape[1]
-    gather, scatter = _layout(bounds, query.device)  # (n, L), (T,)
     n, L = gather.shape
     # index_select, not x[:, gather]: its backward is an index_add, several times cheaper than index_put on the CPU
     q, k, v = (x[0].index_select(1, gather.flatten()).unflatten(1, (n, L)).transpose(0, 1)
@@ -79,25 +82,44 @@ def _flash(query, key, value, cu: torch.Tensor, longest: int, scaling: float | N
     return varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)[None]  # (1, T, Hq, D)
 
 
+_FLASH_OK: dict[tuple[torch.device, torch.dtype], bool] = {}  # `check_flash`'s verdicts, for the process's life
+
+
+def check_flash(device: torch.device, dtype: torch.dtype) -> None:
+    """Decide once per process whether packed rows on `device` (a tensor's, with its index) in `dtype` take
+    torch's flash varlen kernel. `packing.forward` calls this before a packed forward, never inside one: the
+    check runs a backward, which a forward under no_grad (reference, reward, old logprobs, eval) would refuse."""
+    key = (device, dtype)
+    if key not in _FLASH_OK and _flash_eligible(device, dtype):
+        _FLASH_OK[key] = _flash_works(device, dtype)
+
+
+def _flash_eligible(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA, half precision, and a torch whose varlen kernel can run causal attention."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_params() is not None
+
+
 def _flash_varlen(query: torch.Tensor) -> bool:
-    """Whether torch's flash varlen kernel takes `query`: CUDA, half precision, and a kernel that passed
-    `_flash_works` on this device (once per process)."""
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_params() is not None
-            and _flash_works(query.device, query.dtype))
+    """Whether this attention call takes the flash kernel: its device and dtype passed `check_flash`. A pair
+    never checked (e.g. a dtype changed by autocast) takes the gathered path: slower, never wrong."""
+    return _FLASH_OK.get((query.device, query.dtype), False)
 
 
-@functools.lru_cache(maxsize=None)
 def _flash_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """One tiny forward and backward through the kernel, against the gathered-sdpa path. A torch whose kernel
-    is missing, lacks a backward or disagrees loses only speed: the packed rows take the other path."""
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 12, 64, generator=g, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    """One tiny forward and backward through the kernel with grouped-query heads, against the gathered-sdpa
+    path. A torch whose kernel is missing, lacks a backward or disagrees loses only speed: the packed rows
+    take the other path."""
     try:
-        out = _flash(q, k, v, cu, 7, None)  # (1, 12, 2, 64)
-        out.float().sum().backward()
-        want = _gathered(q.detach(), k.detach(), v.detach(), [0, 5, 12], None)
+        # The caller's no_grad or inference mode must not turn the backward off.
+        with torch.inference_mode(False), torch.enable_grad():
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(1, h, 12, 64, generator=g, device=device, dtype=dtype, requires_grad=True)
+                       for h in (4, 2, 2))  # (1, H, T, D): 2 query heads per key/value head
+            cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+            out = _flash(q, k, v, cu, 7, None)  # (1, 12, 4, 64)
+            out.float().sum().backward()
+        gather, scatter = (t.to(device) for t in seq_layout([0, 5, 12]))
+        want = _gathered(q.detach(), k.detach(), v.detach(), gather, scatter, None)
         torch.testing.assert_close(out.detach().float(), want.float(), atol=2e-2, rtol=2e-2)
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
@@ -116,16 +138,16 @@ def _varlen_params() -> frozenset[str] | None:
     return params if {"window_size", "is_causal"} & params else None
 
 
-def _layout(bounds: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence starts `bounds` (then the end) of one row of T tokens -> (gather (n, L): row positions of each
-    sequence right-padded to the longest L, pads pointing at whatever follows; scatter (T,): each row
-    position's place in the flattened (n, L))."""
-    starts = torch.tensor(bounds[:-1], device=device)  # (n,)
-    lengths = torch.tensor(bounds[1:], device=device) - starts  # (n,)
-    L, T = int(max(b - a for a, b in zip(bounds[:-1], bounds[1:]))), bounds[-1]
-    gather = (starts[:, None] + torch.arange(L, device=device)).clamp_(max=T - 1)  # (n, L)
-    seq = torch.repeat_interleave(torch.arange(len(starts), device=device), lengths)  # (T,) sequence of each
-    scatter = seq * L + torch.arange(T, device=device) - starts[seq]  # (T,)
+def seq_layout(bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence starts `bounds` (then the end) of one row of T tokens -> host tensors (gather (n, L): row
+    positions of each sequence right-padded to the longest L, pads pointing at whatever follows; scatter (T,):
+    each row position's place in the flattened (n, L)). Built on the host, so no device read or copy per layer."""
+    starts = torch.tensor(bounds[:-1])  # (n,)
+    lengths = torch.tensor(bounds[1:]) - starts  # (n,)
+    L, T = int(lengths.max()), bounds[-1]
+    gather = (starts[:, None] + torch.arange(L)).clamp_(max=T - 1)  # (n, L)
+    seq = torch.repeat_interleave(torch.arange(len(starts)), lengths)  # (T,) sequence of each position
+    scatter = seq * L + torch.arange(T) - starts[seq]  # (T,)
     return gather, scatter
 
 

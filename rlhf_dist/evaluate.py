@@ -388,6 +388,8 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
         results["checkpoints"][name] = m
         log.info("eval %s: %s", name, {k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
     results["settings"] = eval_settings(run)
+    if run.engine is not None:
+        run.engine.close()
     for n in run.notes:
         log.warning("eval: %s", n)
     write_results(Path(cfg.save_dir) / "eval", results)

@@ -43,6 +43,35 @@ class BadStepCounter:
             raise HealthError(f"{self.in_a_row} bad steps in a row (max_bad_steps={self.limit}); last: {why}")
 
 
+def logprob_tolerance(setting: float | None, bf16: bool) -> float:
+    """How far the rollout's log-probs may sit from the policy learner's on the same tokens and weights
+    (`sync_logprob_tolerance`; unset: by precision). Float32 engines agree to ~1e-5 (tests/test_vllm.py,
+    tests/test_ppo.py); in bf16 a decode and a training forward differ by rounding (up to ~0.1-0.5 on
+    rare tokens), so only a gross mismatch is caught there."""
+    if setting is not None:
+        return setting
+    return 1.0 if bf16 else 1e-3
+
+
+class DriftGuard:
+    """The weight sync's end-to-end check: raises after `limit` iterations in a row whose rollout-against-
+    learner log-prob difference exceeds `tolerance` (a sync that delivered other weights, or none)."""
+
+    def __init__(self, tolerance: float, limit: int):
+        self.tolerance, self.limit, self.in_a_row = tolerance, limit, 0
+
+    def record(self, diff: float, iteration: int) -> bool:
+        """True when `diff` is over the tolerance; raises HealthError on the `limit`-th such in a row."""
+        over = not diff <= self.tolerance  # NaN counts as over
+        self.in_a_row = self.in_a_row + 1 if over else 0
+        if self.in_a_row >= self.limit:
+            raise HealthError(f"ppo: the rollout's log-probs differ from the policy learner's by {diff:.3g} "
+                              f"(> sync_logprob_tolerance {self.tolerance:g}) for {self.in_a_row} iterations in a "
+                              f"row, up to iteration {iteration}: the rollout is not generating with the "
+                              f"learner's weights")
+        return over
+
+
 class SpikeDetector:
     """Flags a value above `factor` x the median of the last `window` finite values (after `warmup` of them).
     The median, unlike the mean, is not dragged up by the spikes it is meant to catch."""

@@ -1,9 +1,9 @@
 """Load and save the four kinds of model from Hugging Face directories.
 
 - policy / reference: `AutoModelForCausalLM`;
-- reward / critic: `AutoModelForSequenceClassification(num_labels=1)`, read per token through the
-  backbone and its `score` head, so the reward is taken at the last real token found from the
-  attention mask (never by searching for pad_token_id, which fails when pad == eos).
+- reward / critic: `AutoModelForSequenceClassification(num_labels=1)`, read per token from its `score`
+  head (`token_scalars`), so the reward is taken at the last real token found from the attention mask
+  (never by searching for pad_token_id, which fails when pad == eos).
 
 Weights are loaded with `use_safetensors=True`: a directory that only has pickled `.bin` weights is
 refused, and nothing a user hands us is ever unpickled.
@@ -176,12 +176,22 @@ def backbone(model):
 
 def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed=None) -> torch.Tensor:
     """Per-token scalar outputs of a reward/critic model: (B, T) -> (B, T). `packed`: the forward runs
-    over the batch's packed layout (`packing.Packed`)."""
+    over the batch's packed layout (`packing.Packed`).
+
+    The forward goes through the root module (a LoRA wrapper included): ZeRO-3 starts each step of its
+    parameter prefetch trace in the root's forward pre-hook, so a call to the backbone and the head alone
+    would leave the trace invalid for good. The root's output pools the scores to one per row; the per-token
+    ones are read from the `score` head's own call inside it."""
     from .packing import forward, padded
 
-    model = unwrap(model)  # LoRA: the HF model, its adapter layers in place
-    hidden = forward(backbone(model), input_ids, attention_mask, packed).last_hidden_state  # (rows, T, H)
-    return padded(model.score(hidden).squeeze(-1).float(), packed)  # (B, T)
+    scores = []
+    hook = unwrap(model).score.register_forward_hook(lambda _module, _args, out: scores.append(out))
+    try:
+        forward(model, input_ids, attention_mask, packed)
+    finally:
+        hook.remove()
+    (out,) = scores  # (rows, T, 1)
+    return padded(out.squeeze(-1).float(), packed)  # (B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from .attention import check_flash, seq_layout, unmasked
+
 log = logging.getLogger(__name__)
 
 
@@ -89,10 +91,13 @@ class Packed:
     index: torch.Tensor  # (B, L) long: flat index (row * T + column) of each padded position; rows*T = padding
     bounds: list[int] | None = None  # one row: where each sequence starts, then the row's end (host ints)
     cu_seqlens: torch.Tensor | None = None  # (n + 1,) int32: `bounds` on the forward's device
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None  # one row: `attention.seq_layout`, (n, L) and (T,)
 
     def to(self, device) -> "Packed":
         cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device)
-        return Packed(self.input_ids.to(device), self.position_ids.to(device), self.index.to(device), self.bounds, cu)
+        layout = None if self.layout is None else tuple(t.to(device) for t in self.layout)
+        return Packed(self.input_ids.to(device), self.position_ids.to(device), self.index.to(device), self.bounds, cu,
+                      layout)
 
     def unpack(self, x: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:
         """(rows, T, ...) -> (B, L, ...): packed values back at the padded positions, zeros on padding;
@@ -137,7 +142,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, one_row: bool = 
     bounds = [0]
     for b in rows[0]:
         bounds.append(bounds[-1] + lengths[b])
-    return Packed(ids, pos, index, bounds, torch.tensor(bounds, dtype=torch.int32))
+    return Packed(ids, pos, index, bounds, torch.tensor(bounds, dtype=torch.int32), seq_layout(bounds))
 
 
 def one_row(attn_implementation: str) -> bool:
@@ -148,11 +153,11 @@ def one_row(attn_implementation: str) -> bool:
 def forward(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: Packed | None, **kw):
     """`module` (a HF model, or its decoder) over a padded batch, or over its packed layout. One packed row
     runs with no mask built (`attention.unmasked`): its attention takes the boundaries instead."""
-    from .attention import unmasked
-
     inputs = model_inputs(input_ids, attention_mask, packed)
     if packed is None or packed.bounds is None:
         return module(**inputs, **kw)
+    # Before the forward, not inside it: the flash kernel's one-off check runs a backward.
+    check_flash(packed.input_ids.device, next(module.parameters()).dtype)
     with unmasked():
         return module(**inputs, **kw)
 
@@ -166,10 +171,10 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: 
                 "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
     kw = {"input_ids": packed.input_ids, "attention_mask": None, "position_ids": packed.position_ids,
           "use_cache": False}
-    if packed.bounds is not None:  # the names transformers' flash-attention path reads; `seq_bounds` is ours
+    if packed.bounds is not None:  # the names transformers' flash-attention path reads; `seq_layout` is ours
         longest = max(b - a for a, b in zip(packed.bounds[:-1], packed.bounds[1:]))
         kw.update(cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens, max_length_q=longest,
-                  max_length_k=longest, seq_bounds=packed.bounds)
+                  max_length_k=longest, seq_layout=packed.layout)
     return kw
 
 

@@ -136,10 +136,17 @@ def run_ours(assets: dict, work: Path, timed: int, overrides: list[str]) -> dict
     its = [r for r in rows if not r.get("summary")][WARMUP:]
     summary = next(r for r in rows if r.get("summary"))
     shutil.rmtree(save)
-    return {"seconds": [r["seconds"] for r in its], "tokens": [r["response_length"] * PROMPTS for r in its],
-            "phases": {p: statistics.median(r[f"time/{p}"] for r in its)
-                       for p in ("rollout", "experience", "advantages", "learner", "sync")},
+    return {**generated(its), "phases": {p: statistics.median(r[f"time/{p}"] for r in its)
+                                         for p in ("rollout", "experience", "advantages", "learner", "sync")},
             "peak_memory_mb": summary["peak_memory_mb"]}
+
+
+def generated(rows: list[dict]) -> dict[str, list[float]]:
+    """Seconds, samples and tokens of each iteration row, as the run generated them (the driver logs them as
+    rates over the iteration's seconds): an override of the batch (--set, --ab) changes them."""
+    return {"seconds": [r["seconds"] for r in rows],
+            "samples": [round(r["samples_per_s"] * r["seconds"]) for r in rows],
+            "tokens": [r["tokens_per_s"] * r["seconds"] for r in rows]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,7 +200,8 @@ def trl_child(assets_json: str) -> None:
                          train_dataset=dataset, value_model=value, callbacks=[clock])
     trainer.train()
     seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])][WARMUP:]
-    print("TRL_RESULT " + json.dumps({"seconds": seconds, "tokens": [PROMPTS * NEW_TOKENS] * len(seconds),
+    print("TRL_RESULT " + json.dumps({"seconds": seconds, "samples": [PROMPTS] * len(seconds),
+                                      "tokens": [PROMPTS * NEW_TOKENS] * len(seconds),
                                       "peak_memory_mb": {"trainer": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 
 
@@ -344,10 +352,10 @@ def bench_calls(assets: dict, reps: int) -> dict:
 # ---------------------------------------------------------------------------------------
 
 def summarize(name: str, runs: list[dict]) -> dict:
-    secs = [s for r in runs for s in r["seconds"]]
-    toks = [t for r in runs for t in r["tokens"]]
+    secs, samples, toks = ([x for r in runs for x in r[k]] for k in ("seconds", "samples", "tokens"))
     med = statistics.median(secs)
-    out = {"s_per_iteration": med, "samples_per_s": PROMPTS / med, "tokens_per_s": statistics.median(toks) / med,
+    out = {"s_per_iteration": med, "samples_per_s": statistics.median(samples) / med,
+           "tokens_per_s": statistics.median(toks) / med,
            "iterations": len(secs), "round_medians": [statistics.median(r["seconds"]) for r in runs],
            "peak_memory_mb": {k: max(r["peak_memory_mb"][k] for r in runs) for k in runs[0]["peak_memory_mb"]}}
     if "phases" in runs[0]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 
 import pytest
 from conftest import base_config
@@ -17,6 +16,8 @@ from rlhf_dist.errors import PhaseTimeout, PlacementError, RoleFailure
 from rlhf_dist.failures import EXIT, classify
 from rlhf_dist.offline import job as stages
 from rlhf_dist.online import driver as ppo
+
+pytestmark = pytest.mark.usefixtures("drop_log_handlers")
 
 # What NCCL says when two ranks share a GPU: the useful part is on the last line.
 NCCL = ("NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:275, invalid usage (run with NCCL_DEBUG=WARN "
@@ -29,23 +30,12 @@ def remote_failure(role: str, phase: str, cause: BaseException) -> RoleFailure:
     return RoleFailure(f"{role}: phase '{phase}' failed: {cause!r}", cause=cause)
 
 
-@pytest.fixture(autouse=True)
-def drop_log_handlers():
-    """setup_logging's handlers point at this test's captured stderr and save_dir: remove them after it."""
-    yield
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_rlhf_dist", False)]:
-        root.removeHandler(h)
-        h.close()
-
-
 @pytest.fixture
 def config(tiny, tmp_path, monkeypatch):
     """A config file for a run whose stages start for real but on no Ray; WARNING keeps stderr to failures."""
     monkeypatch.setattr(pipeline, "ray_session", lambda cfg: contextlib.nullcontext())
     monkeypatch.setattr(pipeline.RLHFPipeline, "_device", lambda self: "cpu")
-    # The placement and device checks ask Ray about the cluster (raising=False: still being added).
-    monkeypatch.setattr(pipeline.RLHFPipeline, "_preflight", lambda self, stages: "cpu", raising=False)
+    monkeypatch.setattr(pipeline.RLHFPipeline, "_preflight", lambda self, stages: "cpu")  # asks Ray about the cluster
     path = tmp_path / "run.json"
     path.write_text(json.dumps(base_config(tiny, tmp_path / "out", log_level="WARNING")))
     return path
@@ -106,6 +96,31 @@ def test_learner_lost_after_nccl_error_is_a_collective_error():
     except RoleFailure as e:
         assert classify(e) == "collective"
     assert classify(RoleFailure("policy-0 died; gave up")) == "role"
+
+
+def test_resume_from_a_corrupt_iteration_checkpoint_is_refused(capsys, monkeypatch, config, tiny):
+    """A resume verifies the iteration it resumes from against its manifest: one flipped byte in its policy
+    weights (which would still load) is a user error naming the file, before any role starts."""
+    import shutil
+
+    from rlhf_dist.io.checkpoint import atomic_dir
+
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "reward_fn": "rlhf_dist.demo:positivity_reward", "reward_model_weight": 0.0}))
+    ckpt = config.parent / "out" / "ppo" / "iteration_000002"
+    with atomic_dir(ckpt) as tmp:
+        for role in ("policy", "critic"):
+            shutil.copytree(tiny["model"], tmp / role)
+        (tmp / "state.json").write_text(json.dumps({"iteration": 2, "cursor": 32, "version": 2, "algorithm": "ppo",
+                                                    "kl_ctl": {"value": 0.05}}))
+    weights = ckpt / "policy" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: the file still loads, with one wrong weight
+    weights.write_bytes(bytes(data))
+    fail_with(monkeypatch, ppo, "start_roles", AssertionError("roles started from an unverified checkpoint"))
+    code, err, _ = run_failing(capsys, config)
+    assert code == EXIT["user"]
+    assert err.startswith("rlhf-dist: error: ") and f"{weights}: sha256 mismatch" in err, err
 
 
 @pytest.mark.parametrize("failure, kind, words", [

@@ -47,10 +47,11 @@ def bare(cls, config, **attrs):
 
 
 def batch_sizes(model):
-    """Record the batch size of every forward through `model`'s backbone (a scalar model calls only that)."""
+    """Record the batch size of every forward through `model`'s backbone (a scalar model's root passes it the
+    input ids by position)."""
     seen = []
-    backbone(model).register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]),
-                                              with_kwargs=True)
+    backbone(model).register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["input_ids"]).shape[0]), with_kwargs=True)
     return seen
 
 
@@ -157,7 +158,7 @@ def test_chunked_generation_keeps_count_order_and_seed(models):
     ps = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in TEXTS]
     ids = [40, 3, 17, 9, 0, 21, 5]
     c = cfg(gen_batch_size=3)
-    w = bare(RolloutWorker, c, engine=HFDecodeEngine(lm), sampling=SamplingParams.from_config(c),
+    w = bare(RolloutWorker, c, rank=0, engine=HFDecodeEngine(lm), sampling=SamplingParams.from_config(c),
              generator=torch.Generator())
     a = w.generate(ps, ids, seed=7, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     b = w.generate(ps, ids, seed=7, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)

@@ -45,3 +45,25 @@ def test_truncate_metrics_drops_rows_to_be_redone(tmp_path):
     truncate_metrics(p, "iteration", 2)
     assert [r["iteration"] for r in read_metrics(p)] == [1, 2]
     truncate_metrics(tmp_path / "missing.jsonl", "iteration", 0)  # nothing to do
+
+
+def test_logprob_tolerance_by_precision():
+    from rlhf_dist.health import logprob_tolerance
+
+    assert logprob_tolerance(None, bf16=False) == 1e-3 and logprob_tolerance(None, bf16=True) == 1.0
+    assert logprob_tolerance(0.05, bf16=True) == 0.05
+
+
+def test_drift_guard_stops_after_k_iterations_in_a_row():
+    """A rollout generating with other weights than the learner's (a sync that delivered nothing, as in
+    review item 1.2) shows as log-probs off by more than the float32 tolerance every iteration."""
+    from rlhf_dist.health import DriftGuard
+
+    g = DriftGuard(1e-3, limit=3)
+    assert [g.record(x, i) for i, x in enumerate([2e-6, 0.02, 3e-6, 0.02, 0.01], 1)] == [False, True, False, True, True]
+    with pytest.raises(HealthError, match=r"differ from the policy learner's by 0.03 .* for 3 iterations in a row, "
+                                          r"up to iteration 6"):
+        g.record(0.03, 6)
+    assert DriftGuard(1e-3, 1).record(1e-3, 1) is False
+    with pytest.raises(HealthError):
+        DriftGuard(1e-3, 1).record(float("nan"), 1)

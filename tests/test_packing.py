@@ -244,54 +244,132 @@ def test_no_grad_forwards_packed_by_tokens_equal_padded(lm, critic, impl):
     assert max(seen) <= 20 and len(seen) > 3
 
 
-@pytest.mark.parametrize("signature", ["window_size", "is_causal"])
-def test_the_cuda_varlen_call_on_a_cpu_stand_in(monkeypatch, signature):
-    """The CUDA branch of `attention.varlen_sdpa` (torch's flash varlen kernel, which needs a GPU) with a CPU
-    stand-in of the kernel that checks what it is given and computes each sequence alone: the layout, the
-    causal flag of either torch signature and grouped-query heads must give the output of the CPU path."""
+def _stand_in(signature: list[str], calls: list):
+    """A CPU stand-in of torch's flash varlen kernel (which needs a GPU) with the keyword arguments `signature`
+    of one torch release: it checks what it is given, appends the query's shape to `calls`, and computes each
+    sequence alone."""
     import inspect
 
-    from rlhf_dist import attention
-
     def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, **kw):  # (T, H, D) each
-        assert kw == ({"window_size": (-1, 0)} if signature == "window_size" else {"is_causal": True})
-        assert q.shape[1] == k.shape[1] and cu_q.dtype == torch.int32 and max_q == max(cu_q.diff().tolist())
+        gqa = kw.pop("enable_gqa", False)
+        assert kw == ({"window_size": (-1, 0)} if "window_size" in signature else {"is_causal": True})
+        assert (q.shape[1] != k.shape[1]) == gqa  # grouped heads only where the kernel takes enable_gqa
+        assert cu_q.dtype == torch.int32 and max_q == max(cu_q.diff().tolist())
+        calls.append(tuple(q.shape))
         b = cu_q.tolist()
         return torch.cat([torch.nn.functional.scaled_dot_product_attention(
             q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
-            scale=scale).transpose(0, 1) for s, e in zip(b[:-1], b[1:])])
+            scale=scale, enable_gqa=gqa).transpose(0, 1) for s, e in zip(b[:-1], b[1:])])
 
-    params = ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale", signature]
+    params = ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale", *signature]
     stand_in.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                                 for n in params])
+    return stand_in
+
+
+@pytest.fixture(params=["is_causal", "window_size+enable_gqa"])  # torch 2.9-2.10's signature; 2.13's
+def cpu_kernel(request, monkeypatch):
+    """The flash branch of `attention.varlen_sdpa` on the CPU: the kernel replaced by `_stand_in`, float32 on
+    the CPU eligible for it, no verdict of `check_flash` yet. Yields the stand-in's calls."""
+    from rlhf_dist import attention
+
+    calls: list = []
+    monkeypatch.setattr(attention, "varlen_attn", _stand_in(request.param.split("+"), calls))
+    monkeypatch.setattr(attention, "_flash_eligible", lambda device, dtype: True)
+    monkeypatch.setattr(attention, "_FLASH_OK", {})
+    attention._varlen_params.cache_clear()
+    yield calls
+    attention._varlen_params.cache_clear()
+
+
+def _ragged_row():
+    """Three sequences of 6, 9 and 3 tokens, padded (3, 9) and packed in one row."""
     ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(3))
     attn = torch.ones(3, 9, dtype=torch.long)
     attn[0, 6:] = 0
     attn[2, 3:] = 0
-    p = pack(ids, attn)
-    kw = dict(cu_seq_lens_q=p.cu_seqlens, max_length_q=max(p.cu_seqlens.diff().tolist()), seq_bounds=p.bounds)
+    return ids, attn, pack(ids, attn)
+
+
+def test_the_cuda_varlen_call_on_a_cpu_stand_in(cpu_kernel):
+    """The flash branch, with the causal flag of either torch signature and grouped-query heads, gives the
+    output of the gathered path; its check passes."""
+    from rlhf_dist import attention
+
+    _, _, p = _ragged_row()
+    kw = dict(cu_seq_lens_q=p.cu_seqlens, max_length_q=max(p.cu_seqlens.diff().tolist()))  # no layout: built here
     g = torch.Generator().manual_seed(4)
     T = p.bounds[-1]  # 6 + 9 + 3 tokens
     q, k, v = (torch.randn(1, h, T, 8, generator=g) for h in (4, 2, 2))  # (1, H, T, D): 2 query heads per kv head
-    want, _ = attention.varlen_sdpa(None, q, k, v, None, scaling=0.3, **kw)  # the CPU path
-    monkeypatch.setattr(attention, "varlen_attn", stand_in)
-    monkeypatch.setattr(attention, "_flash_varlen", lambda query: True)
-    attention._varlen_params.cache_clear()
-    try:
-        got, _ = attention.varlen_sdpa(None, q, k, v, None, scaling=0.3, **kw)
-        assert attention._flash_works.__wrapped__(torch.device("cpu"), torch.float32)  # its start-up check passes
-    finally:
-        attention._varlen_params.cache_clear()
+    want, _ = attention.varlen_sdpa(None, q, k, v, None, scaling=0.3, **kw)  # not checked yet: the gathered path
+    assert cpu_kernel == []
+    attention.check_flash(torch.device("cpu"), torch.float32)
+    assert attention._FLASH_OK == {(torch.device("cpu"), torch.float32): True} and len(cpu_kernel) == 1
+    got, _ = attention.varlen_sdpa(None, q, k, v, None, scaling=0.3, **kw)
+    assert len(cpu_kernel) == 2
     torch.testing.assert_close(got, want)
 
 
+def _varlen_lm():
+    """A 2-layer Llama with grouped-query heads on `attention.VARLEN_SDPA`, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64,
+                                        attn_implementation=_kernel("varlen"))).eval()
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_flash_check_runs_once_before_a_no_grad_packed_forward(cpu_kernel, monkeypatch, mode):
+    """The reference, reward, old-logprob and value forwards run without autograd. The kernel's check (which
+    runs a backward) must still pass there: once per process, before the first packed forward, not inside it."""
+    from rlhf_dist import attention
+    from rlhf_dist.packing import forward
+
+    lm = _varlen_lm()
+    depth, checked_at = [0], []  # forwards of `lm` under way; that count at each check
+    lm.register_forward_pre_hook(lambda *a: depth.__setitem__(0, depth[0] + 1))
+    lm.register_forward_hook(lambda *a: depth.__setitem__(0, depth[0] - 1))
+    works = attention._flash_works
+    monkeypatch.setattr(attention, "_flash_works", lambda *a: checked_at.append(depth[0]) or works(*a))
+    ids, attn, p = _ragged_row()
+    with mode():
+        got = [p.unpack(forward(lm, ids, attn, p).logits) for _ in range(2)]  # (3, 9, V) each
+        want = lm(input_ids=ids, attention_mask=attn).logits  # (3, 9, V)
+    assert checked_at == [0]  # one check, outside any forward
+    assert attention._FLASH_OK == {(torch.device("cpu"), torch.float32): True}
+    assert len(cpu_kernel) == 1 + 2 * 2  # the check, then both layers of both packed forwards took the kernel
+    for x in got:
+        torch.testing.assert_close(x[attn.bool()], want[attn.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_a_packed_forward_builds_its_layout_once(monkeypatch):
+    """The gathered path's layout is built by `pack` on the host; every layer of the forward reuses it (a
+    layout built per layer copied two host lists to the device in each, a stream sync each)."""
+    from rlhf_dist import attention
+    from rlhf_dist.packing import forward
+
+    lm = _varlen_lm()
+    ids, attn, p = _ragged_row()
+    built, used = [], []
+    layout, gathered = attention.seq_layout, attention._gathered
+    monkeypatch.setattr(attention, "seq_layout", lambda bounds: built.append(bounds) or layout(bounds))
+    monkeypatch.setattr(attention, "_gathered", lambda q, k, v, g, s, scale: used.append((g, s)) or gathered(
+        q, k, v, g, s, scale))
+    with torch.no_grad():
+        forward(lm, ids, attn, p)
+    assert built == [] and len(used) == 2  # two layers, no layout built during the forward
+    assert all(g is p.layout[0] and s is p.layout[1] for g, s in used)
+
+
 def test_a_varlen_kernel_that_fails_its_check_is_not_used(caplog):
-    """torch's real kernel has no CPU implementation: the once-per-process check fails, says so, and packed
-    rows keep the gathered-sdpa path."""
+    """torch's real kernel has no CPU implementation: the check fails, says so, and packed rows keep the
+    gathered-sdpa path."""
     from rlhf_dist import attention
 
     if attention.varlen_attn is None:
         pytest.skip("this torch has no varlen_attn")
     with caplog.at_level("WARNING"):
-        assert not attention._flash_works.__wrapped__(torch.device("cpu"), torch.bfloat16)
+        assert not attention._flash_works(torch.device("cpu"), torch.bfloat16)
     assert "failed its check" in caplog.text

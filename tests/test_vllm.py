@@ -25,7 +25,7 @@ MIXED = ["Hi", "What do you think of this movie? Tell me more.", "Describe the c
 def engine(tiny_vllm):
     e = VLLMEngine(str(tiny_vllm["model"]), device="cpu", dtype="float32", max_model_len=256, seed=0, cpu_kv_cache_gib=0.25)
     yield e
-    e.llm.llm_engine.engine_core.shutdown()  # its engine and worker processes, not at interpreter exit
+    e.close()  # its engine and worker processes, not at interpreter exit
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,33 @@ def test_an_explicit_vllm_that_is_not_installed_fails_the_config(monkeypatch):
     load_config({"model_name": "x"})  # auto: the HF engine, no error
     with pytest.raises(ConfigError, match=r"vllm_tensor_parallel_size: 2 .* roles.rollout.num_gpus must be 2"):
         load_config({"model_name": "x", "vllm_tensor_parallel_size": 2})
+
+
+def test_eval_samples_through_vllm_with_each_checkpoints_weights(tiny_vllm, tmp_path, caplog):
+    """`rlhf-dist eval` with rollout_engine: vllm: one engine, each checkpoint's weights loaded into it. The
+    SFT model against itself has no KL; a perturbed final model's own samples have a positive k1 against
+    the SFT model (samples still drawn from the SFT weights would give a negative one)."""
+    import logging
+    import shutil
+
+    from rlhf_dist.evaluate import evaluate_model
+    from rlhf_dist.io.checkpoint import atomic_dir
+    from rlhf_dist.models import save_hf
+
+    src, save = tiny_vllm["model"], tmp_path / "run"
+    with atomic_dir(save / "sft/best_model") as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    policy, tok = load_causal_lm(str(src)), load_tokenizer(str(src))
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.5 * torch.randn(policy.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    with atomic_dir(save / "ppo/final_model") as tmp:
+        save_hf(policy, tok, tmp)
+    cfg = load_config({"model_name": str(src), "device": "cpu", "seed": 0, "max_length": 64, "gen_max_new_tokens": 8,
+                       "sft_data_path": str(tiny_vllm["sft"]), "save_dir": str(save), "rollout_engine": "vllm",
+                       "vllm_cpu_kv_cache_gib": 0.25})
+    caplog.set_level(logging.INFO, logger="rlhf_dist")
+    ck = evaluate_model(cfg, num_prompts=16)["checkpoints"]
+    assert "eval: sampling with the vllm engine (rollout_engine: vllm)" in caplog.text
+    assert list(ck) == ["sft", "final"]
+    assert abs(ck["sft"]["kl_ref"]) < 1e-4
+    assert ck["final"]["kl_ref"] > 1e-3

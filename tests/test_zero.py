@@ -9,10 +9,15 @@ against the learner's recomputed ones every iteration, so a sync that sent nothi
 
 The ZeRO-3 run packs its micro-batches (ppo_max_tokens_per_micro_batch: 32, about one sample each, so the
 ranks plan different counts and must agree on one: ZeRO-3 forwards are collectives), and still agrees with
-the padded ZeRO-1 and ZeRO-2 runs on the first iteration's losses.
+the padded ZeRO-1 and ZeRO-2 runs on the first iteration's losses. A second ZeRO-3 run crashes while saving
+its last iteration, after that iteration's update, and resumes from the checkpoint before it: it must end
+where the uninterrupted run ends (DeepSpeed's partitioned weights and Adam moments round-trip).
 """
 
+import contextlib
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +34,9 @@ ROLES = {"rollout": {"num_cpus": 0.25}, "reference": {"num_cpus": 0.25}, "reward
          "policy": {"num_workers": 2, "num_cpus": 0.25}, "critic": {"num_workers": 2, "num_cpus": 0.25}}
 
 
-def config(assets, save, stage: int, iterations: int):
+def config(assets, save, stage: int):
     return load_config(base_config(
-        assets, save, zero_stage=stage, ppo_iterations=iterations, save_interval=2, ppo_batch_size=8,
+        assets, save, zero_stage=stage, ppo_iterations=3, save_interval=2, ppo_batch_size=8,
         ppo_mini_batch_size=4, gen_max_new_tokens=8, ppo_lr_policy=5e-4, reward_fn="rlhf_dist.demo:positivity_reward",
         reward_model_weight=0.0, ppo_recompute_old_logprobs=True, roles=ROLES,
         ppo_max_tokens_per_micro_batch=32 if stage == 3 else None))
@@ -44,19 +49,64 @@ def wide(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("wide"), seed=0, hidden_size=256, num_layers=1, intermediate_size=256)
 
 
+class Crash(Exception):
+    """The driver dying mid-save, in this process."""
+
+
+@contextlib.contextmanager
+def crash_while_saving(name: str):
+    """Within, the driver raises `Crash` while writing checkpoint `name`: its weights and optimizer states are
+    written, its state.json is not (as tests/fault_driver.py's mid-save kill)."""
+    from rlhf_dist.online import setup
+
+    write = setup.write_json_atomic
+
+    def write_or_crash(path, obj):
+        if Path(path).parent.name.startswith(f".{name}.tmp-"):
+            raise Crash(name)
+        return write(path, obj)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(setup, "write_json_atomic", write_or_crash)
+        yield
+
+
+@contextlib.contextmanager
+def driver_log():
+    """Within, the driver's log messages (INFO and up) are collected into the yielded list."""
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    lines: list[str] = []
+    logger, handler = logging.getLogger("rlhf_dist.online.driver"), Collect()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def runs(wide, tmp_path_factory, local_ray):
+    """Run directories of ZeRO stages 1, 2 and 3, and "3-resumed"; "resume_log": the rerun's driver log."""
     out = {}
     for stage in (1, 2, 3):
-        save = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-        if stage == 3:  # stop after the first checkpoint, then resume from it: DeepSpeed's ZeRO-3 state round-trips
-            run_ppo(config(wide, save, stage, 2), "cpu")
-        run_ppo(config(wide, save, stage, 3), "cpu")
-        out[stage] = save
+        out[stage] = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+        run_ppo(config(wide, out[stage], stage), "cpu")
+    # Crashed after iteration 3's update, before its checkpoint: the rerun resumes from iteration 2.
+    out["3-resumed"] = tmp_path_factory.mktemp("zero3-resumed") / "run"
+    with crash_while_saving("iteration_000003"), pytest.raises(Crash):
+        run_ppo(config(wide, out["3-resumed"], 3), "cpu")
+    with driver_log() as out["resume_log"]:
+        run_ppo(config(wide, out["3-resumed"], 3), "cpu")
     return out
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3, "3-resumed"])
 def test_ppo_trains_and_syncs(runs, wide, stage):
     save = runs[stage]
     rows = iteration_rows(save)
@@ -78,7 +128,25 @@ def test_ppo_trains_and_syncs(runs, wide, stage):
 
 def test_stages_agree_on_the_first_iteration(runs):
     """The same math under every stage: iteration 1 (the same weights and samples) gives the same losses."""
-    first = {s: iteration_rows(runs[s])[0] for s in runs}
+    first = {s: iteration_rows(runs[s])[0] for s in (1, 2, 3)}
     for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
         assert first[2][key] == pytest.approx(first[1][key], rel=1e-4, abs=1e-5), key
         assert first[3][key] == pytest.approx(first[1][key], rel=1e-4, abs=1e-5), key
+
+
+def test_a_resumed_zero3_run_ends_where_the_uninterrupted_one_does(runs):
+    """Iteration 3 redone from iteration 2's checkpoint: the same metrics and final weights, policy and critic.
+    A resume that lost Adam's moments takes another step in iteration 3, and differs here."""
+    a, b = runs[3], runs["3-resumed"]
+    resumed = [m for m in runs["resume_log"] if m.startswith("ppo: resuming from")]
+    assert len(resumed) == 1 and resumed[0].endswith("iteration_000002 (iteration 2)"), resumed
+    rows_a, rows_b = iteration_rows(a), iteration_rows(b)
+    assert [r["iteration"] for r in rows_b] == [1, 2, 3]
+    for x, y in zip(rows_a, rows_b):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "grad_norm", "weight_version"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["iteration"], key)
+    for rel in ("final_model/model.safetensors", "final_model/critic/model.safetensors"):
+        wa, wb = load_file(a / "ppo" / rel), load_file(b / "ppo" / rel)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{rel} {k}")

@@ -18,7 +18,15 @@ from .advantages import (  # noqa: F401
                          rloo_advantages,
                          shape_rewards,
 )
-from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimator_for, kl_penalty  # noqa: F401
+from .kl import (  # noqa: F401
+                 KL_ESTIMATORS,
+                 AdaptiveKLController,
+                 FixedKLController,
+                 KLPlacement,
+                 kl_estimator_for,
+                 kl_penalty,
+                 kl_placement,
+)
 from .losses import (  # noqa: F401
                          LOSS_AGG,
                          aggregate_loss,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -41,6 +43,23 @@ def kl_penalty(
 def kl_estimator_for(kl_in: str, estimator: str | None) -> str:
     """The estimator to use: as given, else k1 in the reward and k3 in the loss (see `kl_penalty`)."""
     return estimator or ("k1" if kl_in == "reward" else "k3")
+
+
+class KLPlacement(NamedTuple):
+    """Where the KL to the reference enters the objective: exactly one of the two weights is the coefficient."""
+
+    reward_coef: float  # weight of the per-token penalty in the token rewards (kl_in: reward), else 0
+    loss_coef: float  # weight of the KL term in the policy loss (kl_in: loss), else 0
+    estimator: str  # k1 | k2 | k3, for both the logged KL and the term itself (`kl_estimator_for`)
+
+
+def kl_placement(kl_in: str, kl_coef: float, estimator: str | None = None) -> KLPlacement:
+    """The one decision of where the KL goes, read by the advantages phase (`reward_coef`) and by the policy
+    learner (`loss_coef`), so the term can never enter twice or not at all."""
+    if kl_in not in ("reward", "loss"):
+        raise ValueError(f"unknown kl_in {kl_in!r}; expected reward or loss")
+    in_reward = kl_in == "reward"
+    return KLPlacement(kl_coef if in_reward else 0.0, 0.0 if in_reward else kl_coef, kl_estimator_for(kl_in, estimator))
 
 
 class FixedKLController:

@@ -376,6 +376,14 @@ class RLHFConfig(_Strict):
     advantages, losses or gradient norms."""
     kl_max: PositiveFloat | None = None
     """Stop PPO when the batch KL to the reference exceeds this; the last good checkpoint is kept. Unset = no limit."""
+    sync_logprob_tolerance: PositiveFloat | None = None
+    """Largest allowed difference between the rollout's log-probs and the policy learner's for the same tokens
+    (`rollout_logprob_diff` when the learner recomputes them, else the first mini-batch's max |ratio - 1|,
+    on on-policy iterations). Unset: 1e-3 when the rollout and the learner run in float32, 1.0 when either
+    runs in bf16. Over it for sync_max_drift_iterations iterations in a row stops the run (HealthError):
+    the rollout is not generating with the learner's weights."""
+    sync_max_drift_iterations: PositiveInt = 3
+    """Iterations in a row over sync_logprob_tolerance before the run stops."""
     grad_spike_factor: PositiveFloat = 10.0
     """Log an alarm when a learner's gradient norm exceeds this many times its median over the last 20 iterations."""
     train_save_steps: NonNegInt = 0

@@ -18,7 +18,7 @@ from ..algo import AdaptiveKLController, FixedKLController, RunningMoments
 from ..config import RLHFConfig
 from ..data import read_dataset, tokenize_prompts
 from ..errors import RoleFailure
-from ..health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
+from ..health import BadStepCounter, DriftGuard, HealthError, SpikeDetector, logprob_tolerance, nonfinite_rows
 from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps, safe_join, verify
 from ..io.tracking import MetricsWriter, Timers, truncate_metrics
 from ..models import load_tokenizer
@@ -121,6 +121,8 @@ class PPORun:
             self.roles = start_roles(cfg, self.device, self.inputs, cfg.ppo_iterations * steps_per_it)
             self.pids = {(i["role"], i["rank"]): i["pid"] for i in self.roles.info}
             self.recompute = self._recompute_setting()
+            bf16 = any(i["bf16"] for i in self.roles.info if i["role"] in ("rollout", "policy"))
+            self.drift = DriftGuard(logprob_tolerance(cfg.sync_logprob_tolerance, bf16), cfg.sync_max_drift_iterations)
             if self.resume_from is not None:  # verified above: optimizer states, then the rollout gets the weights
                 for kind in ("policy", "critic"):
                     wait([a.load_state.remote(str(self.resume_from / f"{kind}_engine"))
@@ -210,6 +212,7 @@ class PPORun:
                     **{f"time/{k}": v for k, v in timers.seconds.items()}})
         if self.recompute:  # the rollout's weights are the learner's: a broken sync shows here
             rec["rollout_logprob_diff"] = float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max())
+        self._check_drift(it, rec, lag)
         for key in ("rm_score", "fn_score"):
             if key in rew[0]:
                 rec[key] = float(torch.cat([r[key] for r in rew]).mean())
@@ -218,6 +221,16 @@ class PPORun:
                  rec.get("value_loss") or 0.0, est["response_length"], seconds,
                  " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
         return rec, self._sample_rows(it, exp, [t for r in rew for t in r["responses"]])
+
+    def _check_drift(self, it: int, rec: dict, lag: int) -> None:
+        """The sync's end-to-end check (`health.DriftGuard`): the rollout's log-probs against the learner's,
+        from the recomputed old log-probs, or from the first mini-batch's ratio when the iteration was
+        on-policy (with a lagged rollout the ratio is meant to differ from 1)."""
+        diff = rec.get("rollout_logprob_diff") if self.recompute else (
+            rec.get("first_ratio_dev_max") if lag == 0 else None)
+        if diff is not None and self.drift.record(diff, it + 1):
+            log.warning("ppo: iteration %d: the rollout's log-probs differ from the learner's by %.3g (> %g)",
+                        it + 1, diff, self.drift.tolerance)
 
     def update(self, it: int, exp, kl: float, timers: Timers, rec: dict) -> tuple[dict, dict]:
         """The learner and sync phases, unless the experience has non-finite values (then the update is skipped)."""

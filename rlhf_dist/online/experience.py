@@ -10,8 +10,8 @@ from ..algo import (
     advantages_for,
     chunked_logprobs,
     entropy_from_logits,
-    kl_estimator_for,
     kl_penalty,
+    kl_placement,
     logprobs_from_logits,
     masked_mean,
 )
@@ -140,15 +140,15 @@ class Experience:
 
 def make_experience(samples, old_logprobs, ref_logprobs, values, scores, cfg, kl_coef: float) -> Experience:
     """The advantages phase, for every online algorithm: the KL estimate, then `advantages_for`. The KL
-    penalty enters the rewards only with kl_in: reward (else the learner adds it to the loss). Critic-free
-    algorithms pass `values` None: zeros stand in."""
+    penalty enters the rewards only where `kl_placement` puts it (kl_in: reward; else the learner adds it to
+    the loss). Critic-free algorithms pass `values` None: zeros stand in."""
     mask = samples.action_mask  # (B, R)
-    kl = kl_penalty(old_logprobs, ref_logprobs, kl_estimator_for(cfg.kl_in, cfg.kl_estimator)) * mask  # (B, R)
+    place = kl_placement(cfg.kl_in, kl_coef, cfg.kl_estimator)
+    kl = kl_penalty(old_logprobs, ref_logprobs, place.estimator) * mask  # (B, R)
     values = torch.zeros_like(old_logprobs) if values is None else values  # (B, R)
     rewards, advantages, returns = advantages_for(
-        cfg.algorithm, scores, kl, values, mask, n=cfg.n_samples_per_prompt,
-        kl_coef=kl_coef if cfg.kl_in == "reward" else 0.0, gamma=cfg.ppo_gamma, lam=cfg.ppo_lam,
-        whiten=cfg.ppo_whiten_advantages, norm_std=cfg.grpo_norm_std)
+        cfg.algorithm, scores, kl, values, mask, n=cfg.n_samples_per_prompt, kl_coef=place.reward_coef,
+        gamma=cfg.ppo_gamma, lam=cfg.ppo_lam, whiten=cfg.ppo_whiten_advantages, norm_std=cfg.grpo_norm_std)
     return Experience(samples.sequences, samples.attention_mask, mask, samples.prompt_len, old_logprobs, ref_logprobs,
                       values, scores, kl, rewards, advantages, returns, samples.sample_ids, samples.version)
 

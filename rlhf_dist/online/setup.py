@@ -189,12 +189,14 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
 def sync_weights(cfg: RLHFConfig, roles: Roles, version: int) -> int:
     """Every policy rank sends (rank 0 for real; the others join ZeRO-3's gathers); every rollout worker
     takes the broadcast or, on rank 0's GPU, receives its buckets by IPC during the send. Only once every
-    sender has returned, so every bucket has landed, does each worker switch to the new weights
-    (`finish_sync`): an IPC worker has nothing to receive, and would otherwise switch before its buckets."""
+    sender has returned, so every bucket has landed, does each worker check what landed against the
+    sender's fingerprints and switch to the new weights (`finish_sync`): an IPC worker has nothing to
+    receive, and would otherwise switch before its buckets arrive."""
     refs = [a.send_weights.remote() for a in roles.policy] + [a.receive_weights.remote() for a in roles.rollout]
-    moved = wait(refs, "rollout", "sync", cfg.sync_timeout_s)[0]
-    wait([a.finish_sync.remote(version) for a in roles.rollout], "rollout", "sync", cfg.sync_timeout_s)
-    return moved
+    sent = wait(refs, "rollout", "sync", cfg.sync_timeout_s)[0]  # policy rank 0's
+    wait([a.finish_sync.remote(version, sent["fingerprints"]) for a in roles.rollout], "rollout", "sync",
+         cfg.sync_timeout_s)
+    return sent["bytes"]
 
 
 def save_iteration(cfg: RLHFConfig, roles: Roles, out: Path, tokenizer_dir: str, state: dict) -> None:

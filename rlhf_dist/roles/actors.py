@@ -151,8 +151,11 @@ class RolloutWorker(RoleWorker):
         with engine_guard(self.rank):
             return self.receiver.load_bucket(bucket, handle)
 
-    def finish_sync(self, version: int) -> None:
-        """Every bucket has landed (the driver calls this after every sender returned): use them as `version`."""
+    def finish_sync(self, version: int, fingerprints: list) -> None:
+        """Every bucket has landed (the driver calls this after every sender returned): check each against
+        the sender's fingerprint (`WeightReceiver.verify`: SyncError naming a bucket), then use them as
+        `version`."""
+        self.receiver.verify(fingerprints, f"rollout-{self.rank}")
         with engine_guard(self.rank):
             self.engine.update_weights(version)
 

@@ -114,8 +114,8 @@ class Learner(RoleWorker):
 
     def train(self, exp, seed: int, kl_coef: float = 0.0) -> dict:
         """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch, in
-        micro-batches (`micro_batches`), then one optimizer step per mini-batch. `kl_coef`: the KL term's
-        weight in the policy loss (with kl_in: loss)."""
+        micro-batches (`micro_batches`), then one optimizer step per mini-batch. `kl_coef`: the KL coefficient,
+        which enters the policy loss only where `kl_placement` puts it (kl_in: loss)."""
         from ..distributed import accumulate
         from ..online.update import minibatches
 
@@ -159,7 +159,7 @@ class Learner(RoleWorker):
     def micro_loss(self, micro, mb_action_mask: torch.Tensor, kl_coef: float):
         """The policy or value loss of one micro-batch, as its share of the mini-batch's (whose action mask
         gives the units the loss averages over), scaled by the ranks DeepSpeed averages over."""
-        from ..algo import kl_estimator_for, loss_units
+        from ..algo import kl_placement, loss_units
         from ..online.update import policy_loss, value_loss
         from ..packing import one_row, pack
 
@@ -171,10 +171,11 @@ class Learner(RoleWorker):
         micro = _to_device(micro, self.engine.device)
         if self.kind == "policy":
             units = float(loss_units(mb_action_mask, c.loss_agg))  # what the policy loss averages over
+            place = kl_placement(c.kl_in, kl_coef, c.kl_estimator)
             loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
                                    entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, agg=c.loss_agg,
-                                   units=units, scale=self.world, kl_coef=kl_coef if c.kl_in == "loss" else 0.0,
-                                   kl_estimator=kl_estimator_for(c.kl_in, c.kl_estimator), packed=packed)
+                                   units=units, scale=self.world, kl_coef=place.loss_coef,
+                                   kl_estimator=place.estimator, packed=packed)
         else:
             loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range,
                                   units=float(mb_action_mask.sum()), scale=self.world, packed=packed)
@@ -201,8 +202,9 @@ class Learner(RoleWorker):
         _, client = self.engine.load_checkpoint(in_dir, tag="engine", load_module_strict=not self.cfg.lora_rank)
         self.version = client["version"]
 
-    def send_weights(self) -> int:
-        """Send the weights (rank 0; other ranks join the ZeRO-3 gathers). Returns the bytes sent."""
+    def send_weights(self) -> dict:
+        """Send the weights (rank 0; other ranks join the ZeRO-3 gathers). Returns `WeightSender.send`'s
+        {"bytes", "fingerprints"}."""
         def deliver(bucket: int, handle) -> None:  # returns once every IPC receiver has copied the bucket
             refs = [r.load_bucket.remote(bucket, handle) for r in self.ipc_receivers]
             wait(refs, "rollout", "sync", self.cfg.sync_timeout_s)

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import PhaseTimeout, PlacementError
-from ..rollout.transfer import export_ipc, open_ipc
+from ..rollout.transfer import export_ipc, fingerprint, open_ipc
 
 BUCKET_BYTES = 64 << 20  # few enough collectives, small enough to not double peak memory
 
@@ -171,10 +171,11 @@ class WeightSender:
         self.buckets = make_buckets(param_signature(named_params), bucket_bytes)
 
     @torch.no_grad()
-    def send(self, deliver: Callable[[int, object], None] | None, group: Broadcast | None) -> int:
-        """Returns the bytes sent (0 on ranks other than 0). `deliver(bucket, handle)` returns once every
-        IPC receiver has copied the bucket, so the bucket can be freed."""
-        moved = 0
+    def send(self, deliver: Callable[[int, object], None] | None, group: Broadcast | None) -> dict:
+        """Returns {"bytes": sent, "fingerprints": one `transfer.fingerprint` per bucket} (0 and [] on ranks
+        other than 0). `deliver(bucket, handle)` returns once every IPC receiver has copied the bucket, so the
+        bucket can be freed."""
+        moved, prints = 0, []
         fresh = self.tensors() if self.tensors is not None else None
         for b, idx in enumerate(self.buckets):
             params = [self.params[i] for i in idx]
@@ -182,6 +183,7 @@ class WeightSender:
                 if self.rank != 0:
                     continue
                 flat = flatten(params if fresh is None else [next(fresh) for _ in idx])
+                prints.append(fingerprint(flat))
                 if deliver is not None:
                     deliver(b, export_ipc(flat) if flat.is_cuda else flat)
                 if group is not None:
@@ -189,7 +191,7 @@ class WeightSender:
                 moved += flat.numel() * flat.element_size()
         if deliver is not None and torch.cuda.is_available():
             torch.cuda.ipc_collect()  # blocks the receivers have let go of return to the allocator
-        return moved
+        return {"bytes": moved, "fingerprints": prints}
 
 
 def bucket_entries(signature: list, idx: list[int]) -> list[tuple[str, tuple]]:
@@ -197,21 +199,41 @@ def bucket_entries(signature: list, idx: list[int]) -> list[tuple[str, tuple]]:
     return [(signature[i][0], tuple(signature[i][1])) for i in idx]
 
 
+class SyncError(RuntimeError):
+    """A weight sync delivered something else than the learner sent; names the bucket."""
+
+
 class WeightReceiver:
     """Rollout side: takes the learner's buckets, from IPC handles or the broadcast, and hands each to
     `load(flat, entries)` (the engine's `load_bucket`): flat (N,) in the sender's dtype, entries the
-    (name, shape) of the parameters in it."""
+    (name, shape) of the parameters in it. `load` returns the fingerprint of what the engine then holds,
+    which `verify` checks against the sender's once the sync is over."""
 
-    def __init__(self, signature: list, load: Callable[[torch.Tensor, list], None], bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, signature: list, load: Callable[[torch.Tensor, list], tuple], bucket_bytes: int = BUCKET_BYTES):
         self.signature = [(n, tuple(s), d) for n, s, d in signature]
         self.dtypes = [_dtype(d) for _, _, d in self.signature]
         self.buckets = make_buckets(self.signature, bucket_bytes)
         self.load = load
+        self.landed: dict[int, tuple] = {}  # bucket -> fingerprint of what the engine holds, this sync
+
+    def _load(self, b: int, flat: torch.Tensor) -> None:
+        self.landed[b] = tuple(self.load(flat, bucket_entries(self.signature, self.buckets[b])))
+
+    def verify(self, sent: list, who: str) -> None:
+        """Every bucket landed as it was sent (`sent`: the sender's fingerprints), else SyncError naming the
+        first bucket that did not; then a new sync starts."""
+        landed, self.landed = self.landed, {}
+        for b, want in enumerate(sent):
+            got = landed.get(b)
+            if got != tuple(want):
+                first = self.signature[self.buckets[b][0]][0]
+                what = "never arrived" if got is None else f"arrived with fingerprint {got}, sent as {tuple(want)}"
+                raise SyncError(f"{who}: weight sync bucket {b} of {len(sent)} (from {first}) {what}")
 
     def load_bucket(self, b: int, handle) -> int:
         """One bucket from an IPC handle (a CUDA tensor's, or a plain tensor where there is no GPU)."""
         flat = open_ipc(handle) if isinstance(handle, tuple) else handle
-        self.load(flat, bucket_entries(self.signature, self.buckets[b]))
+        self._load(b, flat)
         if flat.is_cuda:
             torch.cuda.current_stream().synchronize()  # copied before the sender frees the bucket
         return flat.numel() * flat.element_size()
@@ -219,15 +241,15 @@ class WeightReceiver:
     @torch.no_grad()
     def receive(self, group: Broadcast) -> int:
         moved = 0
-        for idx in self.buckets:
+        for b, idx in enumerate(self.buckets):
             n = sum(math.prod(self.signature[i][1]) for i in idx)
             flat = group(torch.empty(n, dtype=self.dtypes[idx[0]], device=group.device))
-            self.load(flat, bucket_entries(self.signature, idx))
+            self._load(b, flat)
             moved += flat.numel() * flat.element_size()
         return moved
 
 
-def push_weights(named_params, load: Callable[[torch.Tensor, list], None], bucket_bytes: int = BUCKET_BYTES) -> int:
+def push_weights(named_params, load: Callable[[torch.Tensor, list], tuple], bucket_bytes: int = BUCKET_BYTES) -> int:
     """In one process: a model's weights into an engine's `load_bucket`, bucket by bucket (eval's checkpoints
     into one vLLM engine; tests). Returns the bytes moved."""
     named_params = [(n, p.detach()) for n, p in named_params]

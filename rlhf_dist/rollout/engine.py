@@ -17,7 +17,7 @@ import torch
 
 from .decode import generate_chunked
 from .samples import Samples
-from .transfer import split_bucket
+from .transfer import fingerprint, split_bucket
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class RolloutEngine(Protocol):
         """Raise if the learner's (name, shape, dtype) list cannot be loaded into this engine."""
         ...
 
-    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> None:
-        """One bucket of a sync: flat (N,) holds the parameters `entries` names, in order and shape."""
+    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> tuple[int, int, int]:
+        """One bucket of a sync: flat (N,) holds the parameters `entries` names, in order and shape. Returns
+        the `transfer.fingerprint` of the bucket as the engine received it, for the sync's check."""
         ...
 
     def update_weights(self, version: int) -> None:
@@ -84,9 +85,20 @@ class HFDecodeEngine:
             raise RuntimeError(f"{who}: parameters differ from the learner's (names or shapes); cannot sync weights")
 
     @torch.no_grad()
-    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> None:
-        for name, t in split_bucket(flat, entries):
-            self.params[name].copy_(t)  # casts to the engine's dtype and device
+    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> tuple[int, int, int]:
+        params = [self.params[name] for name, _ in entries]
+        for p, (_, t) in zip(params, split_bucket(flat, entries)):
+            p.copy_(t)  # casts to the engine's dtype and device
+        # Read back what the parameters now hold, in the sender's dtype; a narrower dtype here than the
+        # sender's cannot give its bytes back, so only the bucket as received is checked then.
+        if all(p.dtype == flat.dtype or p.dtype == torch.float32 for p in params):
+            return fingerprint(flatten_as(params, flat.dtype))
+        return fingerprint(flat)
 
     def update_weights(self, version: int) -> None:
         self.version = version  # the buckets were copied in place; nothing is derived from them
+
+
+def flatten_as(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The parameters in one flat tensor of `dtype`: (sum of numels,)."""
+    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])

@@ -152,11 +152,15 @@ class VLLMEngine:
             self.llm.wake_up()
             self.asleep = False
 
+    def close(self) -> None:
+        """Stop vLLM's engine and worker processes now (they otherwise go when this object is collected)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     # ---- weights -----------------------------------------------------------------
     def check_signature(self, signature: list, who: str) -> None:
         """vLLM maps the HF names onto its own (fused) layout as it loads; an unknown name fails there."""
 
-    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> None:
+    def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> tuple[int, int, int]:
         from .transfer import export_ipc
 
         self._wake()
@@ -165,7 +169,8 @@ class VLLMEngine:
             self.loading = True
         payload = (("ipc", export_ipc(flat)) if flat.is_cuda else
                    ("bytes", str(flat.dtype).removeprefix("torch."), flat.contiguous().view(torch.uint8).numpy().tobytes()))
-        self.llm.collective_rpc("rlhf_load_bucket", args=(payload, [(n, list(s)) for n, s in entries]))
+        prints = self.llm.collective_rpc("rlhf_load_bucket", args=(payload, [(n, list(s)) for n, s in entries]))
+        return tuple(prints[0]) if all(p == prints[0] for p in prints) else (-1, -1, -1)  # every TP worker's must agree
 
     def update_weights(self, version: int) -> None:
         if self.loading:

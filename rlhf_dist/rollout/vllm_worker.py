@@ -48,13 +48,15 @@ class WeightLoader:
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
         initialize_layerwise_reload(self.model_runner.get_model())
 
-    def rlhf_load_bucket(self, payload, entries: list) -> int:
-        """One bucket: the flat tensor in `payload`, split into the (name, shape) `entries` (HF names)."""
-        from .transfer import split_bucket
+    def rlhf_load_bucket(self, payload, entries: list) -> tuple[int, int, int]:
+        """One bucket: the flat tensor in `payload`, split into the (name, shape) `entries` (HF names).
+        Returns the fingerprint of the bucket as it arrived here (vLLM's fused, repacked weights cannot be
+        read back as the learner's tensors)."""
+        from .transfer import fingerprint, split_bucket
 
-        pairs = split_bucket(bucket_tensor(payload), [(n, tuple(s)) for n, s in entries])
-        self.model_runner.get_model().load_weights(iter(pairs))
-        return len(pairs)
+        flat = bucket_tensor(payload)
+        self.model_runner.get_model().load_weights(iter(split_bucket(flat, [(n, tuple(s)) for n, s in entries])))
+        return fingerprint(flat)
 
     def rlhf_finish_sync(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
