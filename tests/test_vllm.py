@@ -124,6 +124,18 @@ def test_a_sync_loads_new_weights_moves_the_version_and_resets_the_prefix_cache(
         engine.update_weights(0)
 
 
+def test_a_batch_over_the_default_token_budget(engine, model_tok):
+    """More prompt tokens in one call than vLLM's CPU default budget (4096): whole prompts per step, or the
+    seeded requests' split prefill crashes vLLM 0.32's CPU build ("CPU Generator does not use offset")."""
+    model, tok = model_tok
+    long = prompts(tok, ["Describe the cat in the park. " * 15])[0]  # > 128 tokens
+    ps = [long[:1] + [t] + long[2:] for t in range(10, 50)]  # 40 prompts, no shared block, > 5000 tokens
+    assert sum(map(len, ps)) > 4096
+    s = engine.generate(ps, SamplingParams(max_new_tokens=4), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                        generator=torch.Generator().manual_seed(0))
+    assert len(s) == 40 and s.action_mask.sum() > 0
+
+
 def test_a_group_is_one_request_with_n_samples(engine, model_tok, monkeypatch):
     """n_samples_per_prompt copies of a prompt (consecutive, as the driver sends them) go to vLLM as one
     request with n: rows and sample ids stay in order, and a group's samples differ."""

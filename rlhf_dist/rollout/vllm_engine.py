@@ -65,8 +65,12 @@ class VLLMEngine:
         logging.getLogger("vllm").setLevel(level)  # lines logged while vllm imports, before it reads the variable
         from vllm import LLM
 
+        # On a CPU, a token budget that fits 256 whole prompts: vLLM 0.32's CPU build crashes ("CPU Generator
+        # does not use offset") when a seeded request's prefill is split over steps, as its default budget
+        # of 4096 tokens does to a batch of long prompts.
         kw = {"gpu_memory_utilization": gpu_memory_utilization} if device == "cuda" else {
-            "kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30)}
+            "kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30), "max_num_seqs": 256,
+            "max_num_batched_tokens": 256 * max_model_len}
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager or device != "cuda",
                        enable_prefix_caching=True, enable_sleep_mode=sleep, skip_tokenizer_init=True,
