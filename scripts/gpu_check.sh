@@ -8,7 +8,7 @@
 #   learner   the learner benchmark on the 336M Llama (16k tokens per step, lengths 256-1024, padded and
 #             packed). About 5 minutes.
 #   rollout   the rollout benchmark (batch 64 and 256, prompt 128, 256 new tokens) of the HF and vLLM
-#             engines (vLLM where installed) and transformers' generate. About 5 minutes.
+#             engines (vLLM where installed) and transformers' generate. About 6 minutes.
 # Each benchmark's last line is JSON, in OUT_DIR/<name>.log. The script exits 1 if any step failed.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          (OUT_DIR defaults to $OUT, else runs/gpu_check)
@@ -58,8 +58,8 @@ if [[ " $parts " == *" learner "* ]]; then
 fi
 if [[ " $parts " == *" rollout "* ]]; then
   rollout=(scripts/bench_rollout.py --device "$device" "${shape[@]}")
-  [ "$device" = cpu ] && rollout+=(--prompt 32 --new-tokens 32 --dtype float32 --no-hf-compile)
+  [ "$device" = cpu ] && rollout+=(--prompt 32 --new-tokens 32 --dtype float32 --no-hf-compile --reps 1)
   step rollout_b64 180 python3 "${rollout[@]}" --batch 64
-  step rollout_b256 120 python3 "${rollout[@]}" --batch 256 --no-hf-compile
+  step rollout_b256 180 python3 "${rollout[@]}" --batch 256 --no-hf-compile
 fi
 exit "$failed"
