@@ -157,6 +157,21 @@ def test_make_report_skips_missing_stages(tmp_path):
     assert (tmp_path / "report/sft_loss.png").is_file() and not (tmp_path / "report/ppo_kl.png").exists()
 
 
+def test_make_report_has_a_section_for_every_stage(tmp_path):
+    """Every row of the stage table gets its section, DPO included (accuracy per step, with its eval)."""
+    from rlhf_dist.config.stages import STAGES
+
+    _metrics(tmp_path)
+    dpo = [{"step": s, "loss": 0.69 / s, "accuracy": min(1.0, 0.5 + s / 20)} for s in range(1, 11)]
+    dpo[4]["eval_accuracy"], dpo[-1]["eval_accuracy"] = 0.8, 0.7
+    _write_jsonl(tmp_path / "dpo/metrics.jsonl", dpo + [{"summary": True, "seconds": 2.0}])
+    md = make_report(tmp_path).read_text()
+    for stage in STAGES.values():
+        assert f"### {stage.report.title}" in md, stage.name
+    assert (tmp_path / "report/dpo_accuracy.png").is_file()
+    assert "| DPO eval accuracy (best) | 0.8 |" in md and "| DPO wall time (s) | 2.0 |" in md
+
+
 def test_cli_eval_and_report(run_dir, capsys):
     from rlhf_dist.cli import main
 

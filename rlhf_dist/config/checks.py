@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .stages import OFFLINE, STAGES, micro_batch_size
+
 # Fields of the critic; setting one with a critic-free algorithm is an error.
 CRITIC_FIELDS = ("critic_init", "critic_model_path", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
 
@@ -23,21 +25,17 @@ def config_errors(cfg) -> list[str]:
     errors = []
     if not cfg.model_name.strip():
         errors.append("model_name: must not be empty")
-    for stage, batch, micro, workers in (
-        ("sft", cfg.sft_batch_size, cfg.sft_micro_batch_size, cfg.sft_workers),
-        ("reward", cfg.reward_batch_size, cfg.reward_micro_batch_size, cfg.reward_workers),
-        ("dpo", cfg.dpo_batch_size, cfg.dpo_micro_batch_size, cfg.dpo_workers),
-    ):
-        micro = micro or batch // workers
+    for stage in OFFLINE:
+        f = stage.fields
+        batch, workers = getattr(cfg, f.batch), getattr(cfg, f.workers)
+        micro = micro_batch_size(cfg, stage, workers)
         if micro == 0 or batch % (micro * workers):
-            errors.append(
-                f"{stage}_batch_size: {batch} is not a multiple of "
-                f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
-            )
-    for stage in ("sft", "reward", "dpo", "ppo"):
-        if getattr(cfg, f"{stage}_max_tokens_per_micro_batch") and getattr(cfg, f"{stage}_micro_batch_size"):
-            errors.append(f"{stage}_max_tokens_per_micro_batch: set it (packed micro-batches) or "
-                          f"{stage}_micro_batch_size (padded ones), not both")
+            errors.append(f"{f.batch}: {batch} is not a multiple of {f.micro_batch} ({micro}) x {f.workers} "
+                          f"({workers})")
+    for f in (s.fields for s in STAGES.values()):
+        if getattr(cfg, f.max_tokens) and getattr(cfg, f.micro_batch):
+            errors.append(f"{f.max_tokens}: set it (packed micro-batches) or {f.micro_batch} (padded ones), "
+                          "not both")
     errors += stage_errors(cfg)
     samples = cfg.ppo_batch_size * cfg.n_samples_per_prompt
     if samples % cfg.ppo_mini_batch_size:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..algo import dpo_loss
-from ..data import Encoded, pad_right
-from ..models import adapters_off
-from ..packing import micro_batch_indices, pack
+from ..data import Encoded, ReadStats, pad_right, read_dataset, tokenize_preferences
+from ..models import adapters_off, load_causal_lm
+from ..packing import micro_batch_indices, one_row, pack
 from .sft import next_token_logprobs
 
 
@@ -80,3 +80,19 @@ def attach_reference(model, to_dev, items: list, pad_id: int, micro: int, max_to
             logps = sequence_logprobs(model, to_dev(batch)).tolist()  # (2b,)
         ref.update({i: (logps[j], logps[len(ids) + j]) for j, i in enumerate(ids)})
     return [DPOPair(p.chosen, p.rejected, *ref[i]) for i, p in enumerate(pairs)]
+
+
+def task_parts(cfg, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    """The DPO stage's data (preference pairs, dpo_data_path else reward_data_path) and Task fields: the policy,
+    with the reference's log-probs attached to each pair once before training."""
+    rows, stats = read_dataset(cfg.dpo_data_path or cfg.reward_data_path, "preference", cfg.bad_rows,
+                               cfg.max_bad_fraction)
+    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
+    return items, stats, dict(
+        model=lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation),
+        batch=lambda it: dpo_batch(it, tok.pad_token_id),
+        loss=lambda m, b, n: dpo_step_loss(m, b, n, cfg.dpo_beta, cfg.dpo_loss), count=dpo_count,
+        higher_is_better=True, eval_every=0, stats=("accuracy", "reward_margin", "logp_chosen", "logp_rejected"),
+        prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro,
+                                                              cfg.dpo_max_tokens_per_micro_batch,
+                                                              one_row(cfg.attn_implementation)))

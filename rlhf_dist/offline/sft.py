@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..algo import chunked_logprobs, logprobs_from_logits
-from ..data import Encoded, pad_right
+from ..data import Encoded, ReadStats, pad_right, read_dataset, tokenize_sft
+from ..models import load_causal_lm
 from ..online.experience import plain_lm_head
 from ..packing import Packed, forward, padded
 
@@ -50,3 +51,12 @@ def sft_loss(model, batch: dict, norm: float) -> tuple[torch.Tensor, dict[str, t
     mask = batch["loss_mask"][:, 1:].float()  # (B, T-1)
     nll_sum = -(logp * mask).sum()
     return nll_sum / norm, {"loss_sum": nll_sum.detach(), "count": mask.sum(), "tokens": attn.sum()}
+
+
+def task_parts(cfg, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    """The SFT stage's data (conversations) and Task fields: a causal LM trained on the assistant tokens."""
+    rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
+    items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
+    model = lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation)  # noqa: E731
+    return items, stats, dict(model=model, batch=lambda it: sft_batch(it, tok.pad_token_id),
+                              loss=sft_loss, count=sft_count, higher_is_better=False, eval_every=cfg.sft_eval_every)
