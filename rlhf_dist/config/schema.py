@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .algorithms import ALGORITHMS
 from .stages import STAGES
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -237,7 +238,7 @@ class RLHFConfig(_Strict):
     which stops pushing once the log-ratio margin h reaches 1/(2 beta)."""
 
     # --- online RL (the `ppo` stage, whatever the algorithm) ----------------------------
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    algorithm: Literal[tuple(ALGORITHMS)] = "ppo"  # type: ignore[valid-type]
     """The online algorithm; one driver runs them all, differing only in the advantages. ppo: a critic and
     GAE. grpo: group-normalised outcome rewards. rloo: leave-one-out baseline. reinforce_pp: REINFORCE++,
     batch-normalised returns with a group-mean baseline. The last three start no critic."""

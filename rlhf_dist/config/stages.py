@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .algorithms import ALGORITHMS
+
 
 @dataclass(frozen=True)
 class StageFields:
@@ -57,6 +59,7 @@ class Stage:
         return self.task is not None
 
 
+_ONLINE = " or ".join((", ".join(list(ALGORITHMS)[:-1]), list(ALGORITHMS)[-1]))  # "ppo, grpo, rloo or reinforce_pp"
 _PAIRS = "accuracy (fraction of pairs, chosen > rejected)"
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -80,7 +83,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           task="rlhf_dist.offline.dpo:task_parts", data_fallback="reward_data_path", makes_policy=True),
     Stage("ppo", "ppo", "final_model", "prompt", "ppo_data_path",
           StageFields("ppo_batch_size", "ppo_micro_batch_size", "ppo_max_tokens_per_micro_batch"),
-          "online RL (algorithm: ppo, grpo, rloo or reinforce_pp) against the reward model and/or reward_fn",
+          f"online RL (algorithm: {_ONLINE}) against the reward model and/or reward_fn",
           ("iteration", "reward_mean"), ReportSpec("PPO", "PPO")),
 )}
 OFFLINE = tuple(s for s in STAGES.values() if s.offline)

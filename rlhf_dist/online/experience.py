@@ -15,6 +15,7 @@ from ..algo import (
     logprobs_from_logits,
     masked_mean,
 )
+from ..config.algorithms import ALGORITHMS
 from ..models import token_scalars
 from ..packing import Packed, forward, padded
 
@@ -147,8 +148,8 @@ def make_experience(samples, old_logprobs, ref_logprobs, values, scores, cfg, kl
     kl = kl_penalty(old_logprobs, ref_logprobs, place.estimator) * mask  # (B, R)
     values = torch.zeros_like(old_logprobs) if values is None else values  # (B, R)
     rewards, advantages, returns = advantages_for(
-        cfg.algorithm, scores, kl, values, mask, n=cfg.n_samples_per_prompt, kl_coef=place.reward_coef,
-        gamma=cfg.ppo_gamma, lam=cfg.ppo_lam, whiten=cfg.ppo_whiten_advantages, norm_std=cfg.grpo_norm_std)
+        ALGORITHMS[cfg.algorithm].advantages, scores, kl, values, mask, n=cfg.n_samples_per_prompt,
+        kl_coef=place.reward_coef, gamma=cfg.ppo_gamma, lam=cfg.ppo_lam, whiten=cfg.ppo_whiten_advantages, norm_std=cfg.grpo_norm_std)
     return Experience(samples.sequences, samples.attention_mask, mask, samples.prompt_len, old_logprobs, ref_logprobs,
                       values, scores, kl, rewards, advantages, returns, samples.sample_ids, samples.version)
 

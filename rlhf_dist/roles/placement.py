@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from ..config.algorithms import ALGORITHMS
 from ..config.checks import vllm_installed
 from ..config.stages import OFFLINE, STAGES
 from ..errors import PlacementError
@@ -51,8 +52,8 @@ def _spec(roles, role: str):
 def roles_of(cfg) -> tuple[str, ...]:
     """The roles a run starts: critic-free algorithms (grpo, rloo, reinforce_pp) start no critic; with LoRA
     no reference starts (the policy learner computes its logprobs with the adapters off)."""
-    return tuple(r for r in ROLES
-                 if (r != "critic" or cfg.algorithm == "ppo") and (r != "reference" or not cfg.lora_rank))
+    critic = ALGORITHMS[cfg.algorithm].critic
+    return tuple(r for r in ROLES if (r != "critic" or critic) and (r != "reference" or not cfg.lora_rank))
 
 
 def _hosts(roles, names) -> dict[str, str]:
