@@ -37,6 +37,7 @@ from .io.eval_results import eval_settings, format_table, metrics_row, write_res
 from .io.sources import check_model_paths, policy_start, reference_model
 from .io.sources import reward_model as find_reward_model
 from .precision import use_bf16
+from .steps.forwards import response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,6 @@ def decode(tok, batches: list) -> list[str]:
 @torch.inference_mode()
 def seq_logprobs(model, batches: list, device: str, temperature: float) -> torch.Tensor:
     """Summed logprob of each sampled response under `model`: -> (N,)."""
-    from .online.experience import response_logprobs
-
     out = []
     for s in batches:
         lp = response_logprobs(model, s.sequences.to(device), s.attention_mask.to(device), s.prompt_len,

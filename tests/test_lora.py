@@ -20,9 +20,9 @@ from rlhf_dist.models import (
     save_hf,
     sequence_scores,
 )
-from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.roles.weight_sync import WeightReceiver, WeightSender, param_signature
 from rlhf_dist.rollout.engine import HFDecodeEngine
+from rlhf_dist.steps.forwards import response_logprobs
 
 RANK, ALPHA = 4, 8.0
 

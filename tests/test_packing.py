@@ -150,7 +150,7 @@ def test_reward_and_dpo_packed_equal_padded(lm, critic, impl):
 
 def _experience(B: int = 5, P: int = 6, R: int = 7):
     """Left-padded prompts of mixed lengths, responses of mixed lengths (right-padded)."""
-    from rlhf_dist.online.experience import Experience
+    from rlhf_dist.steps.records import Experience
 
     g = torch.Generator().manual_seed(2)
     seq = torch.randint(1, 97, (B, P + R), generator=g)  # (B, P+R)
@@ -168,7 +168,7 @@ def _experience(B: int = 5, P: int = 6, R: int = 7):
 
 @pytest.mark.parametrize("entropy_coef,agg", [(0.0, "token_mean"), (0.01, "seq_mean_token_mean")])
 def test_ppo_policy_and_value_losses_packed_equal_padded(lm, critic, impl, entropy_coef, agg):
-    from rlhf_dist.online.update import policy_loss, value_loss
+    from rlhf_dist.steps.update import policy_loss, value_loss
 
     mb = _experience()
     kw = dict(clip_range=0.2, entropy_coef=entropy_coef, temperature=0.7, agg=agg, kl_coef=0.05)
@@ -225,8 +225,8 @@ def test_no_grad_forwards_packed_by_tokens_equal_padded(lm, critic, impl):
 
     from rlhf_dist.config import RLHFConfig
     from rlhf_dist.models import sequence_scores
-    from rlhf_dist.online.experience import response_logprobs, response_values
     from rlhf_dist.roles.actors import forward_chunks
+    from rlhf_dist.steps.forwards import response_logprobs, response_values
 
     mb = _experience()
     seq, attn, P = mb.sequences, mb.attention_mask, mb.prompt_len

@@ -7,8 +7,8 @@ import torch
 from ..algo import chunked_logprobs, logprobs_from_logits
 from ..data import Encoded, ReadStats, pad_right, read_dataset, tokenize_sft
 from ..models import load_causal_lm
-from ..online.experience import plain_lm_head
 from ..packing import Packed, forward, padded
+from ..steps.forwards import plain_lm_head
 
 
 def sft_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
