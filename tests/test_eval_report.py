@@ -119,7 +119,7 @@ def test_pipeline_evaluate_model_delegates(run_dir):
 
 
 def test_perplexity_matches_the_sft_loss(run_dir):
-    from rlhf_dist.offline.sft import sft_batch, sft_loss
+    from rlhf_dist.steps.sft import sft_batch, sft_loss
 
     path = str(run_dir["save"] / "sft/best_model")
     tok, model = load_tokenizer(path), load_causal_lm(path).eval()

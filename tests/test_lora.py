@@ -132,7 +132,7 @@ def test_dpo_reference_is_the_base_model(tiny):
     """DPO's one-off reference pass over a LoRA model runs with the adapters off: the base's log-probs."""
     from rlhf_dist.data import read_dataset, tokenize_preferences
     from rlhf_dist.models import load_tokenizer
-    from rlhf_dist.offline.dpo import attach_reference
+    from rlhf_dist.steps.dpo import attach_reference
 
     tok = load_tokenizer(str(tiny["model"]))
     rows, stats = read_dataset(tiny["prefs"], "preference")

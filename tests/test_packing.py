@@ -111,7 +111,7 @@ def test_sft_loss_and_gradients_packed_equal_padded(lm, impl, checkpointing):
     import copy
 
     from rlhf_dist.models import enable_gradient_checkpointing
-    from rlhf_dist.offline.sft import sft_batch, sft_count, sft_loss
+    from rlhf_dist.steps.sft import sft_batch, sft_count, sft_loss
 
     if checkpointing:
         lm = copy.deepcopy(lm).train()
@@ -129,8 +129,8 @@ def test_sft_loss_and_gradients_packed_equal_padded(lm, impl, checkpointing):
 
 
 def test_reward_and_dpo_packed_equal_padded(lm, critic, impl):
-    from rlhf_dist.offline.dpo import DPOPair, dpo_batch, dpo_step_loss
-    from rlhf_dist.offline.reward import reward_batch, reward_loss
+    from rlhf_dist.steps.dpo import DPOPair, dpo_batch, dpo_step_loss
+    from rlhf_dist.steps.reward import reward_batch, reward_loss
 
     enc = _encoded(8, 1)
     pairs = [(enc[i], enc[i + 4], 0.0) for i in range(4)]

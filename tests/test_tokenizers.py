@@ -80,7 +80,7 @@ def test_bare_tokenizer_json_is_an_error_naming_the_field(tiny, tmp_path):
 # --- pad == eos --------------------------------------------------------------------------------------
 
 def test_pad_eos_sft_labels_keep_eos(pad_eos_tok):
-    from rlhf_dist.offline.sft import sft_batch, sft_count
+    from rlhf_dist.steps.sft import sft_batch, sft_count
 
     tok, eos = pad_eos_tok, pad_eos_tok.eos_token_id
     check_special_tokens(tok)  # eos is in the assistant labels

@@ -1,6 +1,6 @@
 """What a stage of the Ray Train job trains: its data, model, batches and loss (`Task`), and its micro-batches.
 
-The steps (`sft.sft_loss`, `reward.reward_loss`, `dpo.dpo_step_loss`) are plain functions of a model and a
+The steps (`steps.sft.sft_loss`, `steps.reward.reward_loss`, `steps.dpo.dpo_step_loss`) are plain functions of a model and a
 batch; each stage module's `task_parts` (named by the stage's row in `config.stages`) binds one of them to the
 stage's data and model, `build_task` adds what every stage shares, and `loop.StageLoop` runs it.
 """
@@ -21,7 +21,7 @@ from ..io.sources import check_model_paths, policy_start
 from ..io.tracking import Timers
 from ..models import apply_lora, load_tokenizer
 from ..packing import micro_batch_indices, pack
-from .dpo import DPOPair
+from ..steps.dpo import DPOPair
 
 log = logging.getLogger(__name__)
 
