@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .config import ConfigError
+from .config.stages import STAGES
 from .data import DataError
 from .failures import EXIT, report_failure
 from .health import HealthError
@@ -26,10 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "or SFT -> DPO")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "the config's stages in order (default: SFT -> reward model -> PPO)"),
-                        ("sft", "supervised fine-tuning (Ray Train + DeepSpeed)"),
-                        ("reward", "reward-model training on preference pairs"),
-                        ("ppo", "online RL (algorithm: ppo, grpo, rloo or reinforce_pp) against the reward model and/or reward_fn"),
-                        ("dpo", "DPO on preference pairs from the SFT model (Ray Train + DeepSpeed)"),
+                        *((s.name, s.help) for s in STAGES.values()),
                         ("check", "validate the config and every data file, then exit")):
         _add_config(sub.add_parser(name, help=help_))
     _add_config(sub.add_parser("doctor", help="versions, the Ray cluster and where each PPO role would be placed "
@@ -106,16 +104,18 @@ def _dispatch(args, loaded: dict) -> int:
         from .io.tracking import setup_logging
 
         setup_logging(pipe.config.log_level)
-        # The files `run` reads, and DPO's own file when one is set (else it reads reward_data_path).
-        stages = pipe.config.run_stages() + (("dpo",) if pipe.config.dpo_data_path else ())
+        # The files `run` reads, and a stage's own file where one is set for a stage that falls back on another's
+        # (DPO reads reward_data_path unless dpo_data_path is set).
+        cfg = pipe.config
+        own = tuple(s.name for s in STAGES.values() if s.data_fallback and getattr(cfg, s.data_field))
+        stages = cfg.run_stages() + own
         pipe.validate_data(tuple(dict.fromkeys(stages)))
         from .io.sources import check_model_paths
 
         check_model_paths(pipe.config)
         print("config and data ok")
         return 0
-    run = {"run": pipe.run_full_pipeline, "sft": pipe.run_sft, "reward": pipe.run_reward_training,
-           "ppo": pipe.run_ppo_training, "dpo": pipe.run_dpo}[args.command]
+    run = pipe.run_full_pipeline if args.command == "run" else lambda: pipe.run_stage(args.command)
     try:
         result = run()
     finally:

@@ -1,6 +1,6 @@
 """DeepSpeed engines and torch.distributed helpers shared by the SFT, reward and PPO learners.
 
-This is plumbing only: it wraps the training steps (in `offline/`, `online/update.py`), which run unchanged
+This is plumbing only: it wraps the training steps (in `offline/`, `steps/update.py`), which run unchanged
 in one process without it.
 """
 

@@ -14,6 +14,7 @@ import platform
 import sys
 
 from .config import RLHFConfig
+from .config.stages import STAGES
 
 # The pure helpers live in placement.py (shared with the pipeline's pre-start check); importable from here too.
 from .roles.placement import (  # noqa: F401
@@ -122,8 +123,8 @@ def _print_train_plan(cfg: RLHFConfig, stages: tuple[str, ...], device: str, tot
     """Print where each non-PPO stage's Ray Train workers would go."""
     print("\n== SFT / reward model / DPO (Ray Train workers; run before PPO, each stage on its own)")
     train = train_bundle(cfg, device)
-    for stage in (s for s in stages if s != "ppo"):
-        n = getattr(cfg, f"{stage}_workers")
+    for stage in (s for s in stages if STAGES[s].offline):
+        n = getattr(cfg, STAGES[stage].fields.workers)
         hosts = fit_bundles([train] * n, total)
         print(f"  {stage}: {n} worker(s) x {_fmt_res(train)} -> {', '.join(_where(h, ips) for h in hosts)}")
 

@@ -30,12 +30,14 @@ from typing import Any, Callable
 import torch
 
 from .config import ConfigError, RLHFConfig, load_config
+from .config.stages import OFFLINE
 from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
 from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
 from .io.eval_results import eval_settings, format_table, metrics_row, write_results
 from .io.sources import check_model_paths, policy_start, reference_model
 from .io.sources import reward_model as find_reward_model
 from .precision import use_bf16
+from .steps.forwards import response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,10 @@ def default_checkpoints(cfg: RLHFConfig) -> dict[str, str]:
     """Every complete checkpoint of the run's layout, in training order."""
     save = Path(cfg.save_dir)
     out: dict[str, str] = {}
-    sft = save / "sft" / "best_model"
-    if is_complete(sft):
-        out["sft"] = str(sft)
-    dpo = save / "dpo" / "best_model"
-    if is_complete(dpo):
-        out["dpo"] = str(dpo)
+    for stage in (s for s in OFFLINE if s.makes_policy):
+        model = save / stage.out_dir / stage.output
+        if is_complete(model):
+            out[stage.name] = str(model)
     for it in complete_iterations(save / "ppo"):
         out[f"ppo/{it.name}"] = str(it / "policy")
     final = save / "ppo" / "final_model"
@@ -228,8 +228,6 @@ def decode(tok, batches: list) -> list[str]:
 @torch.inference_mode()
 def seq_logprobs(model, batches: list, device: str, temperature: float) -> torch.Tensor:
     """Summed logprob of each sampled response under `model`: -> (N,)."""
-    from .online.experience import response_logprobs
-
     out = []
     for s in batches:
         lp = response_logprobs(model, s.sequences.to(device), s.attention_mask.to(device), s.prompt_len,

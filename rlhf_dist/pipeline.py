@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .config import RLHFConfig, load_config, redact
+from .config.stages import STAGES
 from .data import DataError, read_dataset
 from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
 from .io.sources import check_model_paths
@@ -16,7 +17,6 @@ from .io.tracking import setup_logging
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "reward", "dpo", "ppo")
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train in the driver
 
 
@@ -102,52 +102,50 @@ class RLHFPipeline:
     def validate_data(self, stages: tuple[str, ...]) -> None:
         """Read every data file the stages need, before any model or Ray worker starts."""
         cfg = self.config
-        needs = {"sft": ("sft_data_path", "sft"), "reward": ("reward_data_path", "preference"),
-                 "dpo": ("dpo_data_path", "preference"), "ppo": ("ppo_data_path", "prompt")}
-        for stage in stages:
-            field, kind = needs[stage]
-            path = getattr(cfg, field)
-            if stage == "dpo" and not path:  # DPO reads the reward stage's pairs unless told otherwise
-                field, path = "dpo_data_path (or reward_data_path)", cfg.reward_data_path
+        for stage in map(STAGES.get, stages):
+            field, path = stage.data_field, getattr(cfg, stage.data_field)
+            if stage.data_fallback and not path:  # e.g. DPO reads the reward stage's pairs unless told otherwise
+                field, path = f"{field} (or {stage.data_fallback})", getattr(cfg, stage.data_fallback)
             if not path:
-                raise DataError(f"{field}: required by the {stage} stage")
+                raise DataError(f"{field}: required by the {stage.name} stage")
             t = time.time()
-            _, stats = read_dataset(path, kind, cfg.bad_rows, cfg.max_bad_fraction)
+            _, stats = read_dataset(path, stage.data_kind, cfg.bad_rows, cfg.max_bad_fraction)
             log.info("data %s ok: %s (%.2fs)", path, stats.summary(), time.time() - t)
 
     # ------------------------------------------------------------------------------
-    def _run_offline(self, stage: str) -> Path:
-        from .offline.job import run_supervised
-
+    def run_stage(self, stage: str) -> Path:
+        """One stage of config.stages.STAGES on its own; returns its output directory."""
         self._start((stage,))
         with ray_session(self.config):
             device = self._preflight((stage,))
-            return self._timed(stage, lambda: run_supervised(self.config, stage, device))
+            return self._timed(stage, self._runner(stage, device))
+
+    def _runner(self, stage: str, device: str):
+        """The stage's job: a Ray Train job for an offline stage, the online driver for PPO."""
+        if STAGES[stage].offline:
+            from .offline.job import run_supervised
+
+            return lambda: run_supervised(self.config, stage, device)
+        from .online.driver import run_ppo
+
+        return lambda: run_ppo(self.config, device)
 
     def run_sft(self) -> Path:
-        return self._run_offline("sft")
+        return self.run_stage("sft")
 
     def run_reward_training(self) -> Path:
-        return self._run_offline("reward")
+        return self.run_stage("reward")
 
     def run_dpo(self) -> Path:
         """DPO on the preference pairs, from SFT's best model (or model_name); returns dpo/best_model."""
-        return self._run_offline("dpo")
+        return self.run_stage("dpo")
 
     def run_ppo_training(self) -> Path:
-        from .online.driver import run_ppo
-
-        self._start(("ppo",))
-        with ray_session(self.config):
-            device = self._preflight(("ppo",))
-            return self._timed("ppo", lambda: run_ppo(self.config, device))
+        return self.run_stage("ppo")
 
     def run_full_pipeline(self) -> dict[str, Path]:
         """The config's `stages` in order (default SFT -> RM -> PPO). A stage whose output is already complete
         is not run again."""
-        from .offline.job import run_supervised
-        from .online.driver import run_ppo
-
         cfg = self.config
         stages = cfg.run_stages()  # less the stages whose output a *_model_path gives
         self._start(stages)
@@ -162,10 +160,7 @@ class RLHFPipeline:
                     log.info("%s: already complete at %s, not rerun", stage, done)
                     out[stage] = done
                     continue
-                if stage == "ppo":
-                    out[stage] = self._timed(stage, lambda: run_ppo(cfg, device))
-                else:
-                    out[stage] = self._timed(stage, lambda s=stage: run_supervised(cfg, s, device))
+                out[stage] = self._timed(stage, self._runner(stage, device))
         return out
 
     def evaluate_model(self, checkpoints: dict[str, str] | None = None, num_prompts: int | None = None, *,
@@ -180,11 +175,10 @@ class RLHFPipeline:
     def _finished(self, stage: str) -> bool:
         # PPO writes final_model only at its end; SFT, RM and DPO rewrite best_model as they go.
         done = self.stage_output(stage)
-        return is_complete(done) if stage == "ppo" else stage_finished(done)
+        return stage_finished(done) if STAGES[stage].offline else is_complete(done)
 
     def stage_output(self, stage: str) -> Path:
-        return self.save_dir / {"sft": "sft/best_model", "reward": "reward_model/best_model",
-                                "dpo": "dpo/best_model", "ppo": "ppo/final_model"}[stage]
+        return self.save_dir / STAGES[stage].out_dir / STAGES[stage].output
 
     def _timed(self, stage, fn):
         """Run a stage with its progress display and W&B logging (both follow its metrics file)."""
@@ -192,7 +186,7 @@ class RLHFPipeline:
 
         if self.tracker is None:
             self.tracker = Tracker(self.config, self.save_dir)
-        sub = {"sft": "sft", "reward": "reward_model", "dpo": "dpo", "ppo": "ppo"}[stage]
+        sub = STAGES[stage].out_dir
         total = self.config.ppo_iterations if stage == "ppo" else None
         samples = self.save_dir / "ppo" / "samples.jsonl" if stage == "ppo" else None
         t = time.time()

@@ -7,8 +7,8 @@
 Everything runs through the package's own code: the model is saved as an HF directory and loaded with
 `rlhf_dist.models.load_causal_lm` (SFT, policy) and `load_scalar_model` (critic), with the attention kernel,
 gradient checkpointing and optimizer offload the config would give; the engine is
-`rlhf_dist.distributed.make_engine`; the losses are `offline.sft.sft_loss` over `sft_batch`, and
-`online.update.policy_loss` / `value_loss` over an `online.experience.Experience`; a step is its micro-batches'
+`rlhf_dist.distributed.make_engine`; the losses are `steps.sft.sft_loss` over `sft_batch`, and
+`steps.update.policy_loss` / `value_loss` over a `steps.records.Experience`; a step is its micro-batches'
 `engine.backward(loss, scale_wrt_gas=False)` under `distributed.accumulate`, as the SFT job and the PPO
 learners run it.
 
@@ -148,7 +148,7 @@ def micro_batches(seqs: list[tuple[list[int], int]], micro: int, pack: int) -> l
 def sft_micro(group) -> tuple[dict, int, int]:
     """(sft_batch over the group, real tokens, padded positions); the loss is on the response tokens."""
     from rlhf_dist.data import Encoded
-    from rlhf_dist.offline.sft import sft_batch
+    from rlhf_dist.steps.sft import sft_batch
 
     items = [Encoded(input_ids=ids, loss_mask=[0] * p + [1] * (len(ids) - p), prompt_len=p) for ids, p in group]
     batch = sft_batch(items, PAD_ID)
@@ -167,7 +167,7 @@ def packed(batch: dict | None, exp=None, one_row: bool = False):
 def ppo_micro(group, vocab: int, g: torch.Generator):
     """(Experience over the group, real tokens, padded positions): prompts left-padded to the longest prompt,
     responses right-padded to the longest response, as the rollout lays them out; random PPO targets."""
-    from rlhf_dist.online.experience import Experience
+    from rlhf_dist.steps.records import Experience
 
     P = max(p for _, p in group)
     R = max(len(ids) - p for ids, p in group)
@@ -302,8 +302,8 @@ def make_step(phase: str, args, rng: random.Random, g: torch.Generator, micro: i
 def run_step(phase: str, engine, step: dict) -> None:
     """The step's micro-batches, each to the device, forward and backward, then one optimizer step."""
     from rlhf_dist.distributed import accumulate
-    from rlhf_dist.offline.sft import sft_loss
-    from rlhf_dist.online.update import policy_loss, value_loss
+    from rlhf_dist.steps.sft import sft_loss
+    from rlhf_dist.steps.update import policy_loss, value_loss
 
     dev = engine.device
     batches = step["batches"]

@@ -272,7 +272,7 @@ def _calls_batches(samples, g) -> list:
     import torch
 
     from rlhf_dist.algo import masked_whiten
-    from rlhf_dist.online.experience import Experience
+    from rlhf_dist.steps.records import Experience
 
     mask = samples.action_mask.float()  # (B, R)
     exp = Experience(samples.sequences, samples.attention_mask, samples.action_mask, samples.prompt_len,
@@ -306,9 +306,9 @@ def bench_calls(assets: dict, reps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rlhf_dist.models import load_scalar_model, sequence_scores
-    from rlhf_dist.online.experience import response_logprobs, response_values
-    from rlhf_dist.online.update import policy_loss, value_loss
     from rlhf_dist.rollout.decode import generate
+    from rlhf_dist.steps.forwards import response_logprobs, response_values
+    from rlhf_dist.steps.update import policy_loss, value_loss
 
     torch.set_num_threads(1)
     rollout_model, reference = (AutoModelForCausalLM.from_pretrained(assets["model"]).eval().requires_grad_(False)

@@ -13,14 +13,9 @@ from rlhf_dist.algo import (
     masked_mean,
     ppo_policy_loss,
 )
-from rlhf_dist.online.experience import (
-    Experience,
-    plain_lm_head,
-    response_logits,
-    response_logprobs,
-    response_logprobs_entropy,
-)
-from rlhf_dist.online.update import policy_loss
+from rlhf_dist.steps.forwards import plain_lm_head, response_logits, response_logprobs, response_logprobs_entropy
+from rlhf_dist.steps.records import Experience
+from rlhf_dist.steps.update import policy_loss
 
 
 def plain(hidden, weight, targets, temperature, bias=None):  # (N, H), (V, H), (N,) -> (N,), (N,)

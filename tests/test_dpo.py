@@ -70,7 +70,7 @@ def test_step_sums_response_logprobs_and_splits_like_one_batch(tiny):
     two micro-batches normalised by the step's pair count give the loss and gradient of one batch."""
     from rlhf_dist.algo import logprobs_from_logits
     from rlhf_dist.models import load_causal_lm
-    from rlhf_dist.offline.dpo import attach_reference, dpo_batch, dpo_step_loss, sequence_logprobs
+    from rlhf_dist.steps.dpo import attach_reference, dpo_batch, dpo_step_loss, sequence_logprobs
 
     tok, items = _pairs(tiny, 4)
     model = load_causal_lm(str(tiny["model"]))

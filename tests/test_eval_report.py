@@ -119,7 +119,7 @@ def test_pipeline_evaluate_model_delegates(run_dir):
 
 
 def test_perplexity_matches_the_sft_loss(run_dir):
-    from rlhf_dist.offline.sft import sft_batch, sft_loss
+    from rlhf_dist.steps.sft import sft_batch, sft_loss
 
     path = str(run_dir["save"] / "sft/best_model")
     tok, model = load_tokenizer(path), load_causal_lm(path).eval()
@@ -155,6 +155,21 @@ def test_make_report_skips_missing_stages(tmp_path):
     md = make_report(tmp_path).read_text()
     assert "ppo/metrics.jsonl` not found" in md and "reward_model/metrics.jsonl` has no metric rows" in md
     assert (tmp_path / "report/sft_loss.png").is_file() and not (tmp_path / "report/ppo_kl.png").exists()
+
+
+def test_make_report_has_a_section_for_every_stage(tmp_path):
+    """Every row of the stage table gets its section, DPO included (accuracy per step, with its eval)."""
+    from rlhf_dist.config.stages import STAGES
+
+    _metrics(tmp_path)
+    dpo = [{"step": s, "loss": 0.69 / s, "accuracy": min(1.0, 0.5 + s / 20)} for s in range(1, 11)]
+    dpo[4]["eval_accuracy"], dpo[-1]["eval_accuracy"] = 0.8, 0.7
+    _write_jsonl(tmp_path / "dpo/metrics.jsonl", dpo + [{"summary": True, "seconds": 2.0}])
+    md = make_report(tmp_path).read_text()
+    for stage in STAGES.values():
+        assert f"### {stage.report.title}" in md, stage.name
+    assert (tmp_path / "report/dpo_accuracy.png").is_file()
+    assert "| DPO eval accuracy (best) | 0.8 |" in md and "| DPO wall time (s) | 2.0 |" in md
 
 
 def test_cli_eval_and_report(run_dir, capsys):

@@ -135,7 +135,7 @@ def test_hang_in_remote_call_times_out(fault_ray, tiny, tmp_path):
 def test_nonfinite_loss_and_reward_skip_the_update(fault_ray, tiny, tmp_path, caplog):
     """A NaN policy loss (iteration 1) and NaN rewards (iteration 3) skip those updates; the run goes on
     and no non-finite weight is saved."""
-    nan = [{"target": "rlhf_dist.online.update:policy_loss", "call": 1, "action": "nan"}]
+    nan = [{"target": "rlhf_dist.steps.update:policy_loss", "call": 1, "action": "nan"}]
     run(fault_ray, tiny, tmp_path, nan, reward_fn="faults_rewards:positivity_or_nan")
     rows = iteration_rows(tmp_path)
     assert [r.get("skipped", 0) for r in rows] == [1, 0, 1, 0]

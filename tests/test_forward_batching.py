@@ -6,11 +6,11 @@ import torch
 from rlhf_dist.config import field_docs, load_config
 from rlhf_dist.data import encode_prompt, encode_prompt_response, pad_right
 from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-from rlhf_dist.online.experience import response_logprobs, response_values
 from rlhf_dist.roles.actors import ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
 from rlhf_dist.roles.learner import Learner
 from rlhf_dist.rollout.decode import generate, generate_chunked
 from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
+from rlhf_dist.steps.forwards import response_logprobs, response_values
 
 TEXTS = ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more.", "Park?", "Tell me about rain.",
          "Good", "How was the city at night, and the food?"]

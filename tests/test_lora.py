@@ -20,9 +20,9 @@ from rlhf_dist.models import (
     save_hf,
     sequence_scores,
 )
-from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.roles.weight_sync import WeightReceiver, WeightSender, param_signature
 from rlhf_dist.rollout.engine import HFDecodeEngine
+from rlhf_dist.steps.forwards import response_logprobs
 
 RANK, ALPHA = 4, 8.0
 
@@ -132,7 +132,7 @@ def test_dpo_reference_is_the_base_model(tiny):
     """DPO's one-off reference pass over a LoRA model runs with the adapters off: the base's log-probs."""
     from rlhf_dist.data import read_dataset, tokenize_preferences
     from rlhf_dist.models import load_tokenizer
-    from rlhf_dist.offline.dpo import attach_reference
+    from rlhf_dist.steps.dpo import attach_reference
 
     tok = load_tokenizer(str(tiny["model"]))
     rows, stats = read_dataset(tiny["prefs"], "preference")

@@ -137,7 +137,8 @@ def test_the_experience_kl_uses_the_configured_estimator(kl_in, estimator, want)
 def _policy_batch(model, prompt_len: int = 4):
     """Two sampled sequences (the second response one token shorter) for the tiny policy `model`, with old
     logprobs its own (ratio 1), advantages 0 (no surrogate loss) and log r = -1 on every response token."""
-    from rlhf_dist.online.experience import Experience, response_logprobs
+    from rlhf_dist.steps.forwards import response_logprobs
+    from rlhf_dist.steps.records import Experience
 
     seq = torch.randint(3, model.config.vocab_size, (2, prompt_len + 3), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(seq)  # (B, P+R)

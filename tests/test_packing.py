@@ -111,7 +111,7 @@ def test_sft_loss_and_gradients_packed_equal_padded(lm, impl, checkpointing):
     import copy
 
     from rlhf_dist.models import enable_gradient_checkpointing
-    from rlhf_dist.offline.sft import sft_batch, sft_count, sft_loss
+    from rlhf_dist.steps.sft import sft_batch, sft_count, sft_loss
 
     if checkpointing:
         lm = copy.deepcopy(lm).train()
@@ -129,8 +129,8 @@ def test_sft_loss_and_gradients_packed_equal_padded(lm, impl, checkpointing):
 
 
 def test_reward_and_dpo_packed_equal_padded(lm, critic, impl):
-    from rlhf_dist.offline.dpo import DPOPair, dpo_batch, dpo_step_loss
-    from rlhf_dist.offline.reward import reward_batch, reward_loss
+    from rlhf_dist.steps.dpo import DPOPair, dpo_batch, dpo_step_loss
+    from rlhf_dist.steps.reward import reward_batch, reward_loss
 
     enc = _encoded(8, 1)
     pairs = [(enc[i], enc[i + 4], 0.0) for i in range(4)]
@@ -150,7 +150,7 @@ def test_reward_and_dpo_packed_equal_padded(lm, critic, impl):
 
 def _experience(B: int = 5, P: int = 6, R: int = 7):
     """Left-padded prompts of mixed lengths, responses of mixed lengths (right-padded)."""
-    from rlhf_dist.online.experience import Experience
+    from rlhf_dist.steps.records import Experience
 
     g = torch.Generator().manual_seed(2)
     seq = torch.randint(1, 97, (B, P + R), generator=g)  # (B, P+R)
@@ -168,7 +168,7 @@ def _experience(B: int = 5, P: int = 6, R: int = 7):
 
 @pytest.mark.parametrize("entropy_coef,agg", [(0.0, "token_mean"), (0.01, "seq_mean_token_mean")])
 def test_ppo_policy_and_value_losses_packed_equal_padded(lm, critic, impl, entropy_coef, agg):
-    from rlhf_dist.online.update import policy_loss, value_loss
+    from rlhf_dist.steps.update import policy_loss, value_loss
 
     mb = _experience()
     kw = dict(clip_range=0.2, entropy_coef=entropy_coef, temperature=0.7, agg=agg, kl_coef=0.05)
@@ -225,8 +225,8 @@ def test_no_grad_forwards_packed_by_tokens_equal_padded(lm, critic, impl):
 
     from rlhf_dist.config import RLHFConfig
     from rlhf_dist.models import sequence_scores
-    from rlhf_dist.online.experience import response_logprobs, response_values
     from rlhf_dist.roles.actors import forward_chunks
+    from rlhf_dist.steps.forwards import response_logprobs, response_values
 
     mb = _experience()
     seq, attn, P = mb.sequences, mb.attention_mask, mb.prompt_len

@@ -7,9 +7,9 @@ from conftest import assert_in_nucleus, tiny_llama
 
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
-from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.rollout.decode import generate
 from rlhf_dist.rollout.samples import merge_samples, slice_samples, trim_samples
+from rlhf_dist.steps.forwards import response_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ MIXED = ["Hi", "What do you think of this movie? Tell me more.", "Describe the c
 
 def teacher_forced(model, s):
     """The plain forward over the generated sequences -> logits (B, R, V) at temperature 1."""
-    from rlhf_dist.online.experience import response_logits
+    from rlhf_dist.steps.forwards import response_logits
 
     with torch.no_grad():
         return response_logits(model, s.sequences, s.attention_mask, s.prompt_len, 1.0).float()
@@ -188,8 +188,8 @@ def test_engine_greedy_matches_the_plain_forward(model_tok, static, chunk, monke
 def test_engine_sampling_matches_the_plain_forward(model_tok, top_p, top_k):
     """Sampled with top-p / top-k: every token lies in the truncated set of the plain forward's distribution,
     its logprob is that forward's (untruncated, at the temperature), and a fixed generator repeats the batch."""
-    from rlhf_dist.online.experience import response_logprobs
     from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
+    from rlhf_dist.steps.forwards import response_logprobs
 
     model, tok = model_tok
     ps = prompts(tok, MIXED * 2)

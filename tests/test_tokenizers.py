@@ -80,7 +80,7 @@ def test_bare_tokenizer_json_is_an_error_naming_the_field(tiny, tmp_path):
 # --- pad == eos --------------------------------------------------------------------------------------
 
 def test_pad_eos_sft_labels_keep_eos(pad_eos_tok):
-    from rlhf_dist.offline.sft import sft_batch, sft_count
+    from rlhf_dist.steps.sft import sft_batch, sft_count
 
     tok, eos = pad_eos_tok, pad_eos_tok.eos_token_id
     check_special_tokens(tok)  # eos is in the assistant labels
@@ -119,8 +119,8 @@ def test_pad_eos_reward_read_at_the_last_real_token(tiny, pad_eos_tok):
 
 def test_pad_eos_generation_stops_at_eos(tiny, pad_eos_tok):
     from rlhf_dist.models import load_causal_lm
-    from rlhf_dist.online.experience import response_logprobs
     from rlhf_dist.rollout.decode import generate
+    from rlhf_dist.steps.forwards import response_logprobs
 
     tok, eos = pad_eos_tok, pad_eos_tok.eos_token_id
     model = load_causal_lm(str(tiny["model"])).eval()

@@ -11,11 +11,11 @@ from conftest import assert_in_nucleus
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
-from rlhf_dist.online.experience import response_logprobs
 from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
 from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams
 from rlhf_dist.rollout.engines import choose_engine, vllm_sleeps
 from rlhf_dist.rollout.vllm_engine import VLLMEngine, prompt_runs, vllm_log_level
+from rlhf_dist.steps.forwards import response_logprobs
 
 MIXED = ["Hi", "What do you think of this movie? Tell me more.", "Describe the cat.", "Park?",
          "How was the city at night, and the food?"]  # mixed lengths: left padding on most rows
@@ -65,7 +65,7 @@ def test_sampled_logprobs_are_the_tempered_untruncated_softmax(engine, model_tok
     lp = forward_logprobs(model, s, 0.7)
     assert (lp - s.rollout_logprobs)[m].abs().max() < 1e-4
     with torch.no_grad():
-        from rlhf_dist.online.experience import response_logits
+        from rlhf_dist.steps.forwards import response_logits
 
         probs = torch.softmax(response_logits(model, s.sequences, s.attention_mask, s.prompt_len).float() / 0.7, -1)
     assert_in_nucleus(probs, s.responses, m, top_p=0.9, top_k=20)

@@ -3,6 +3,8 @@ batch-normalised returns (REINFORCE++)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .stats import _last_valid_index, _valid, masked_whiten
@@ -150,11 +152,46 @@ def group_baseline(scores: torch.Tensor, n: int) -> torch.Tensor:  # (B,) -> (B,
     return (g - g.mean(dim=1, keepdim=True)).reshape(-1) if n > 1 else scores.float()
 
 
+def _gae(scores, kl, values, mask, *, n, kl_coef, gamma, lam, whiten, norm_std):
+    """PPO: GAE over the critic's values on the KL-shaped token rewards."""
+    rewards = shape_rewards(scores, kl, mask, kl_coef)  # (B, T)
+    adv, returns = compute_gae(rewards, values * mask, mask, gamma, lam)
+    return rewards, (masked_whiten(adv, mask) if whiten else adv), returns
+
+
+def _reinforce_pp(scores, kl, values, mask, *, n, kl_coef, gamma, lam, whiten, norm_std):
+    """REINFORCE++: scores less their group mean, KL-shaped, then whitened returns-to-go."""
+    rewards = shape_rewards(group_baseline(scores, n), kl, mask, kl_coef)
+    return rewards, reinforce_pp_advantages(rewards, mask, gamma), reward_to_go(rewards, mask, gamma)
+
+
+def _outcome(group_advantages: Callable):
+    """Outcome-based estimators: the sequence's score less its summed KL penalty, against the other samples
+    of its prompt (`group_advantages(seq (B,), n, norm_std) -> (B,)`), broadcast to the response tokens."""
+    def estimate(scores, kl, values, mask, *, n, kl_coef, gamma, lam, whiten, norm_std):
+        rewards = shape_rewards(scores, kl, mask, kl_coef)  # (B, T), logged
+        zero = torch.zeros((), device=kl.device)
+        seq = scores.float() - kl_coef * torch.where(_valid(mask), kl.float(), zero).sum(-1)  # (B,)
+        adv = broadcast_to_tokens(group_advantages(seq, n, norm_std), mask)  # (B, T)
+        return rewards, adv, reward_to_go(rewards, mask, gamma)
+
+    return estimate
+
+
+# The advantage estimators, by the name an algorithm's row (config.algorithms) gives.
+ESTIMATORS: dict[str, Callable] = {
+    "gae": _gae,
+    "reinforce_pp": _reinforce_pp,
+    "grpo": _outcome(grpo_advantages),
+    "rloo": _outcome(lambda seq, n, norm_std: rloo_advantages(seq, n)),
+}
+
+
 def advantages_for(
-    algorithm: str,  # ppo | grpo | rloo | reinforce_pp
+    estimator: str,  # a key of ESTIMATORS (config.algorithms.ALGORITHMS[algorithm].advantages)
     scores: torch.Tensor,  # (B,) sequence scores, groups of n consecutive rows
     kl: torch.Tensor,  # (B, T) per-token KL estimate (k1 when it goes in the reward)
-    values: torch.Tensor,  # (B, T) critic values (ppo; zeros otherwise)
+    values: torch.Tensor,  # (B, T) critic values (gae; zeros otherwise)
     mask: torch.Tensor,  # (B, T) response mask
     *,
     n: int,
@@ -165,22 +202,9 @@ def advantages_for(
     norm_std: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # rewards (B, T), advantages (B, T), returns (B, T)
     """The one place the online algorithms differ in their advantages. Token rewards are the KL-shaped
-    rewards (score at the last token) for every algorithm; returns are the critic's targets (ppo) or the
+    rewards (score at the last token) for every algorithm; returns are the critic's targets (gae) or the
     returns-to-go (logged)."""
-    rewards = shape_rewards(scores, kl, mask, kl_coef)  # (B, T)
-    if algorithm == "ppo":
-        adv, returns = compute_gae(rewards, values * mask, mask, gamma, lam)
-        return rewards, (masked_whiten(adv, mask) if whiten else adv), returns
-    if algorithm == "reinforce_pp":
-        rewards = shape_rewards(group_baseline(scores, n), kl, mask, kl_coef)
-        return rewards, reinforce_pp_advantages(rewards, mask, gamma), reward_to_go(rewards, mask, gamma)
-    # Outcome-based: the sequence's score less its summed KL penalty, against the other samples of its prompt.
-    seq = scores.float() - kl_coef * torch.where(_valid(mask), kl.float(), torch.zeros((), device=kl.device)).sum(-1)
-    if algorithm == "grpo":
-        adv = grpo_advantages(seq, n, norm_std)
-    elif algorithm == "rloo":
-        adv = rloo_advantages(seq, n)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}")
-    adv = broadcast_to_tokens(adv, mask)  # (B, T)
-    return rewards, adv, reward_to_go(rewards, mask, gamma)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}")
+    return ESTIMATORS[estimator](scores, kl, values, mask, n=n, kl_coef=kl_coef, gamma=gamma, lam=lam,
+                                 whiten=whiten, norm_std=norm_std)

@@ -7,6 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .algorithms import ALGORITHMS
+from .stages import OFFLINE, STAGES, micro_batch_size
+
 # Fields of the critic; setting one with a critic-free algorithm is an error.
 CRITIC_FIELDS = ("critic_init", "critic_model_path", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
 
@@ -23,21 +26,17 @@ def config_errors(cfg) -> list[str]:
     errors = []
     if not cfg.model_name.strip():
         errors.append("model_name: must not be empty")
-    for stage, batch, micro, workers in (
-        ("sft", cfg.sft_batch_size, cfg.sft_micro_batch_size, cfg.sft_workers),
-        ("reward", cfg.reward_batch_size, cfg.reward_micro_batch_size, cfg.reward_workers),
-        ("dpo", cfg.dpo_batch_size, cfg.dpo_micro_batch_size, cfg.dpo_workers),
-    ):
-        micro = micro or batch // workers
+    for stage in OFFLINE:
+        f = stage.fields
+        batch, workers = getattr(cfg, f.batch), getattr(cfg, f.workers)
+        micro = micro_batch_size(cfg, stage, workers)
         if micro == 0 or batch % (micro * workers):
-            errors.append(
-                f"{stage}_batch_size: {batch} is not a multiple of "
-                f"{stage}_micro_batch_size ({micro}) x {stage}_workers ({workers})"
-            )
-    for stage in ("sft", "reward", "dpo", "ppo"):
-        if getattr(cfg, f"{stage}_max_tokens_per_micro_batch") and getattr(cfg, f"{stage}_micro_batch_size"):
-            errors.append(f"{stage}_max_tokens_per_micro_batch: set it (packed micro-batches) or "
-                          f"{stage}_micro_batch_size (padded ones), not both")
+            errors.append(f"{f.batch}: {batch} is not a multiple of {f.micro_batch} ({micro}) x {f.workers} "
+                          f"({workers})")
+    for f in (s.fields for s in STAGES.values()):
+        if getattr(cfg, f.max_tokens) and getattr(cfg, f.micro_batch):
+            errors.append(f"{f.max_tokens}: set it (packed micro-batches) or {f.micro_batch} (padded ones), "
+                          "not both")
     errors += stage_errors(cfg)
     samples = cfg.ppo_batch_size * cfg.n_samples_per_prompt
     if samples % cfg.ppo_mini_batch_size:
@@ -46,7 +45,7 @@ def config_errors(cfg) -> list[str]:
     errors += algorithm_errors(cfg)
     learners = cfg.roles.policy.num_workers
     micro = cfg.ppo_micro_batch_size or cfg.ppo_mini_batch_size // learners
-    for role in ("policy", "critic") if cfg.algorithm == "ppo" else ("policy",):
+    for role in ("policy", "critic") if ALGORITHMS[cfg.algorithm].critic else ("policy",):
         n = getattr(cfg.roles, role).num_workers
         if micro == 0 or cfg.ppo_mini_batch_size % (micro * n):
             errors.append(
@@ -124,10 +123,8 @@ def learner_option_errors(cfg) -> list[str]:
 
 def lora_errors(cfg) -> list[str]:
     """LoRA settings that cannot work together with the rest of the config."""
-    from .schema import RLHFConfig
-
     if not cfg.lora_rank:
-        defaults = RLHFConfig(model_name="x")
+        defaults = type(cfg)(model_name="x")  # the schema's defaults (importing it would be a cycle)
         return [f"{name}: only used with lora_rank > 0 (LoRA is off at lora_rank 0)"
                 for name in ("lora_alpha", "lora_dropout", "lora_target_modules")
                 if getattr(cfg, name) != getattr(defaults, name)]
@@ -147,19 +144,22 @@ def lora_errors(cfg) -> list[str]:
 
 def algorithm_errors(cfg) -> list[str]:
     """Options that make no sense for the chosen online algorithm are errors naming the field."""
-    errors = []
-    if cfg.algorithm in ("grpo", "rloo") and cfg.n_samples_per_prompt < 2:
-        errors.append(f"n_samples_per_prompt: {cfg.algorithm} needs 2 or more samples per prompt, got "
+    errors, algo = [], ALGORITHMS[cfg.algorithm]
+    defaults = type(cfg)(model_name="x")  # the schema's defaults, without importing it (it imports this module)
+    if cfg.n_samples_per_prompt < algo.min_samples:
+        errors.append(f"n_samples_per_prompt: {algo.name} needs {algo.min_samples} or more samples per prompt, got "
                       f"{cfg.n_samples_per_prompt}")
-    if cfg.algorithm != "ppo":
-        from .schema import RLHFConfig
-
-        defaults = RLHFConfig(model_name="x")
+    if cfg.kl_in not in algo.kl_in:
+        errors.append(f"kl_in: {cfg.kl_in} is not allowed with algorithm: {algo.name} ({', '.join(algo.kl_in)})")
+    if not algo.critic:
+        critics = ", ".join(a.name for a in ALGORITHMS.values() if a.critic)
         for name in CRITIC_FIELDS:  # a value other than the default was set for a critic nobody starts
             if _dotted(cfg, name) != _dotted(defaults, name):
-                errors.append(f"{name}: only used with algorithm: ppo (a critic); {cfg.algorithm} starts none")
-    if cfg.algorithm != "grpo" and cfg.grpo_norm_std is not True:
-        errors.append(f"grpo_norm_std: only used with algorithm: grpo, not {cfg.algorithm}")
+                errors.append(f"{name}: only used with algorithm: {critics} (a critic); {algo.name} starts none")
+    for other in (a for a in ALGORITHMS.values() if a is not algo):
+        for name in other.own_fields:
+            if _dotted(cfg, name) != _dotted(defaults, name):
+                errors.append(f"{name}: only used with algorithm: {other.name}, not {algo.name}")
     if cfg.kl_in == "reward" and cfg.kl_estimator not in (None, "k1"):
         errors.append(f"kl_estimator: {cfg.kl_estimator} in the reward gives a biased KL gradient; use k1 "
                       "(or leave it unset), or kl_in: loss")

@@ -6,6 +6,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .algorithms import ALGORITHMS
+from .stages import STAGES
+
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -165,7 +168,7 @@ class RLHFConfig(_Strict):
     """Held-out share of the SFT and preference (reward, DPO) data used to pick the best model."""
 
     # --- stages ---------------------------------------------------------------------
-    stages: list[Literal["sft", "reward", "dpo", "ppo"]] | None = None
+    stages: list[Literal[tuple(STAGES)]] | None = None  # type: ignore[valid-type]
     """The stages `rlhf-dist run` runs, in order, skipping those already complete in save_dir. Unset =
     sft, reward, ppo (reward left out when reward_model_weight is 0: PPO then loads no reward model).
     E.g. [sft, dpo] or [sft, ppo]. sft, when listed, comes first (the others start from its best model);
@@ -235,7 +238,7 @@ class RLHFConfig(_Strict):
     which stops pushing once the log-ratio margin h reaches 1/(2 beta)."""
 
     # --- online RL (the `ppo` stage, whatever the algorithm) ----------------------------
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    algorithm: Literal[tuple(ALGORITHMS)] = "ppo"  # type: ignore[valid-type]
     """The online algorithm; one driver runs them all, differing only in the advantages. ppo: a critic and
     GAE. grpo: group-normalised outcome rewards. rloo: leave-one-out baseline. reinforce_pp: REINFORCE++,
     batch-normalised returns with a group-mean baseline. The last three start no critic."""
@@ -431,8 +434,7 @@ class RLHFConfig(_Strict):
 
     def given_stages(self) -> dict[str, str]:
         """{stage: field} for the stages whose output a *_model_path field gives: `run` skips them."""
-        return {s: f for s, f in (("sft", "policy_model_path"), ("reward", "reward_model_path"))
-                if getattr(self, f) is not None}
+        return {s.name: s.given_by for s in STAGES.values() if s.given_by and getattr(self, s.given_by) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

@@ -1,7 +1,7 @@
 """`rlhf-dist report SAVE_DIR`: training curves and a summary, from the run's local metrics files only.
 
-Reads sft/, reward_model/ and ppo/metrics.jsonl (no W&B, no network, works on a finished or a
-crashed run) and writes PNGs plus report.md to SAVE_DIR/report/. A missing stage or metric is
+Reads every stage's metrics.jsonl (the stages and their sections: config/stages.py; no W&B, no network,
+works on a finished or a crashed run) and writes PNGs plus report.md to SAVE_DIR/report/. A missing stage or metric is
 skipped with a line in report.md, never an error.
 """
 
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config.stages import STAGES, Stage
 from .tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 FIGSIZE = (7, 4)
 DPI = 110
 LW = 1.8
-STAGES = {"sft": "sft/metrics.jsonl", "reward": "reward_model/metrics.jsonl", "ppo": "ppo/metrics.jsonl"}
 
 
 def _read(path: Path, notes: list[str]) -> tuple[list[dict], list[dict]]:
@@ -109,33 +109,27 @@ def _train_and_eval(rows, key: str, title: str, ylabel: str):
     return fig, ax, xs, ys, ey
 
 
-def _plot_sft(rows, out: Path, md: list[str]) -> dict[str, Any]:
-    made = _train_and_eval(rows, "loss", "SFT loss", "cross-entropy (nats / assistant token)")
+def _plot_offline(stage: Stage, rows, out: Path, md: list[str]) -> dict[str, Any]:
+    """An offline stage's section, from its row's ReportSpec: train and eval `metric` per step -> summary rows."""
+    spec = stage.report
+    made = _train_and_eval(rows, spec.metric, f"{spec.title} {spec.metric}", spec.ylabel)
     if made is None:
-        md.append("- SFT: no loss values in sft/metrics.jsonl; plot skipped.")
+        md.append(f"- {spec.title}: no {spec.metric} values in {stage.out_dir}/metrics.jsonl; plot skipped.")
         return {}
     fig, ax, xs, ys, ey = made
-    ax.legend()
-    _save(fig, out / "sft_loss.png")
-    md += ["### SFT", "", "![SFT loss](sft_loss.png)", ""]
-    return {"SFT train loss (last)": ys[-1] if ys else None, "SFT eval loss (last)": ey[-1] if ey else None,
-            "SFT eval loss (best)": min(ey) if ey else None, "SFT steps": xs[-1] if xs else None}
-
-
-def _plot_rm(rows, out: Path, md: list[str]) -> dict[str, Any]:
-    made = _train_and_eval(rows, "accuracy", "Reward model accuracy", "accuracy (fraction of pairs, chosen > rejected)")
-    if made is None:
-        md.append("- Reward model: no accuracy values in reward_model/metrics.jsonl; plot skipped.")
-        return {}
-    fig, ax, _, ys, ey = made
-    ax.axhline(0.5, color="gray", lw=1.0, ls=":", label="chance (0.5)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="lower right")
-    _save(fig, out / "rm_accuracy.png")
-    md += ["### Reward model", "", "![Reward model accuracy](rm_accuracy.png)", ""]
+    if spec.chance is not None:
+        ax.axhline(spec.chance, color="gray", lw=1.0, ls=":", label=f"chance ({spec.chance:g})")
+        ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="lower right" if spec.chance is not None else "best")
+    _save(fig, out / spec.png)
+    md += [f"### {spec.title}", "", f"![{spec.title} {spec.metric}]({spec.png})", ""]
+    best = min if spec.best == "min" else max
     _, losses = _series(rows, "step", "loss")
-    return {"RM train accuracy (last)": ys[-1] if ys else None, "RM eval accuracy (last)": ey[-1] if ey else None,
-            "RM eval accuracy (best)": max(ey) if ey else None, "RM train loss (last)": losses[-1] if losses else None}
+    name = f"{spec.short} {{}} {spec.metric} ({{}})"
+    return {name.format("train", "last"): ys[-1] if ys else None, name.format("eval", "last"): ey[-1] if ey else None,
+            name.format("eval", "best"): best(ey) if ey else None,
+            f"{spec.short} train loss (last)": losses[-1] if losses else None,
+            f"{spec.short} steps": xs[-1] if xs else None}
 
 
 _PPO_X, _PPO_XLABEL = "iteration", "PPO iteration"  # PPO rows are per iteration, not per optimizer step
@@ -211,7 +205,7 @@ def _ppo_phase_table(rows) -> list[str]:
     return md
 
 
-def _plot_ppo(rows, out: Path, md: list[str]) -> dict[str, Any]:
+def _plot_ppo(stage: Stage, rows, out: Path, md: list[str]) -> dict[str, Any]:
     X = _PPO_X
     made: list[str] = []
     xs, mean = _series(rows, X, "reward_mean")
@@ -264,20 +258,20 @@ def make_report(save_dir: str | os.PathLike) -> Path:
     notes: list[str] = []
     sections: list[str] = []
     summary: dict[str, Any] = {}
-    plotters = {"sft": _plot_sft, "reward": _plot_rm, "ppo": _plot_ppo}
-    names = {"sft": "SFT", "reward": "Reward model", "ppo": "PPO"}
-    for stage, rel in STAGES.items():
+    for stage in STAGES.values():
+        rel, title = f"{stage.out_dir}/metrics.jsonl", stage.report.title
         path = save / rel
         if not path.is_file():
-            sections.append(f"- {names[stage]}: `{rel}` not found; stage skipped.")
+            sections.append(f"- {title}: `{rel}` not found; stage skipped.")
             continue
         rows, summaries = _read(path, notes)
         if not rows:
-            sections.append(f"- {names[stage]}: `{rel}` has no metric rows; stage skipped.")
+            sections.append(f"- {title}: `{rel}` has no metric rows; stage skipped.")
             continue
-        summary.update(plotters[stage](rows, out, sections))
+        plot = _plot_offline if stage.report.metric else _plot_ppo
+        summary.update(plot(stage, rows, out, sections))
         if summaries and isinstance(summaries[-1].get("seconds"), (int, float)):
-            summary[f"{names[stage]} wall time (s)"] = summaries[-1]["seconds"]
+            summary[f"{title} wall time (s)"] = summaries[-1]["seconds"]
 
     md = [f"# Run report: `{save.resolve().name}`", "", f"From the local metrics files of `{save}`.", ""]
     rows = [(k, v) for k, v in summary.items() if v is not None]

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from ..config import ConfigError
+from ..config.stages import STAGES
 from .checkpoint import MANIFEST, is_complete, safe_join, verify, warn_if_unfinished
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def policy_start(cfg, user: str) -> tuple[str, str]:
     if cfg.policy_model_path is not None:
         verify_if_sealed(cfg.policy_model_path)
         return cfg.policy_model_path, "policy_model_path"
-    sft = stage_model(cfg, "sft", user)
+    sft = stage_model(cfg, STAGES["sft"].out_dir, user)
     if sft is not None:
         return str(sft), "the SFT checkpoint"
     return cfg.model_name, "model_name (no SFT checkpoint in save_dir)"
@@ -90,5 +91,5 @@ def reward_model(cfg, user: str) -> tuple[str, str] | None:
     if cfg.reward_model_path is not None:
         verify_if_sealed(cfg.reward_model_path)
         return cfg.reward_model_path, "reward_model_path"
-    rm = stage_model(cfg, "reward_model", user)
+    rm = stage_model(cfg, STAGES["reward"].out_dir, user)
     return (str(rm), "the reward stage") if rm is not None else None

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..config import redact, secret_values
+from ..config.stages import STAGES
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(role)s] %(name)s: %(message)s"
 
@@ -183,7 +184,7 @@ class Tracker:
             if init_timeout is None:
                 init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
             self.run = self._start(cfg, save_dir, init_timeout)
-            for prefix, axis in (("sft", "step"), ("reward", "step"), ("dpo", "step"), ("ppo", "iteration")):
+            for prefix, (axis, _) in ((s.name, s.axis) for s in STAGES.values()):
                 self.run.define_metric(f"{prefix}/{axis}")
                 self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{axis}")
         except Exception as e:
@@ -257,9 +258,6 @@ class StageMonitor:
     lines otherwise) and W&B logging. Works the same whether rows come from Ray Train workers or the
     PPO driver, because the file is the source of truth."""
 
-    AXES = {"sft": ("step", "loss"), "reward": ("step", "accuracy"), "dpo": ("step", "accuracy"),
-            "ppo": ("iteration", "reward_mean")}
-
     def __init__(self, stage: str, metrics_path: Path, tracker: Tracker | None, total: int | None = None,
                  samples_path: Path | None = None, interval: float = 1.0):
         import threading
@@ -303,7 +301,7 @@ class StageMonitor:
             self._poll()
 
     def _poll(self) -> None:
-        axis, key = self.AXES[self.stage]
+        axis, key = STAGES[self.stage].axis
         log = logging.getLogger("rlhf_dist.progress")
         for row in self._new_rows(self.path):
             if row.get("summary"):

@@ -1,82 +1,24 @@
-"""The DPO step (Rafailov et al. 2023, arXiv:2305.18290): the policy learns from preference pairs directly,
-with no reward model and no sampling (single-process, no Ray, no DeepSpeed).
-
-The reference is the frozen starting model. Its sequence log-probs never change, so `attach_reference`
-computes them once, in one no-grad pass before training, and stores them beside each pair: training then
-holds one model instead of two (half the weights' memory) and does one forward per pair instead of two.
-With LoRA the reference is the base model: that pass runs with the adapters off.
-"""
+"""The DPO stage: preference pairs, the policy, and the DPO loss against the reference's log-probs (`steps.dpo`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from ..algo import dpo_loss
-from ..data import Encoded, pad_right
-from ..models import adapters_off
-from ..packing import micro_batch_indices, pack
-from .sft import next_token_logprobs
+from ..data import ReadStats, read_dataset, tokenize_preferences
+from ..models import load_causal_lm
+from ..packing import one_row
+from ..steps.dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
 
 
-@dataclass
-class DPOPair:
-    chosen: Encoded
-    rejected: Encoded
-    ref_chosen: float = 0.0  # the reference's summed log-prob of the chosen response
-    ref_rejected: float = 0.0
-
-
-def dpo_batch(items: list[DPOPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one padded batch: ids (2B, T), reference log-probs (2B,)."""
-    sides = [p.chosen for p in items] + [p.rejected for p in items]
-    ids, attn = pad_right([e.input_ids for e in sides], pad_id)  # (2B, T)
-    loss_mask, _ = pad_right([e.loss_mask for e in sides], 0)  # (2B, T)
-    ref = torch.tensor([p.ref_chosen for p in items] + [p.ref_rejected for p in items], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "ref_logps": ref}
-
-
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Sum of log p(token) over each row's response tokens (the prompt masked as SFT masks it) -> (N,) float32."""
-    logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch.get("packed"))  # (N, T-1)
-    return (logp * batch["loss_mask"][:, 1:].float()).sum(-1)  # (N,)
-
-
-def dpo_step_loss(model, batch: dict, norm: float, beta: float, kind: str) -> tuple[torch.Tensor, dict]:
-    """Sum of per-pair DPO/IPO losses divided by `norm` (the optimizer step's global pair count). Stats are
-    sums, as 0-dim tensors (no host sync) or counts."""
-    logps = sequence_logprobs(model, batch)  # (2B,)
-    B = logps.shape[0] // 2
-    ref = batch["ref_logps"]  # (2B,)
-    losses, st = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, kind)  # (B,)
-    total = losses.sum()
-    stats = {"loss_sum": total, "count": B, "accuracy": st["reward_accuracy"].sum(),
-             "reward_margin": st["reward_margin"].sum(), "logp_chosen": logps[:B].sum(),
-             "logp_rejected": logps[B:].sum(), "tokens": batch["attention_mask"].sum()}
-    return total / norm, {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
-
-
-def dpo_count(items) -> int:
-    return len(items)
-
-
-@torch.no_grad()
-def attach_reference(model, to_dev, items: list, pad_id: int, micro: int, max_tokens: int | None = None,
-                     flat: bool = True) -> list[DPOPair]:
-    """(chosen, rejected, margin) pairs -> DPOPairs with the reference's log-probs, `micro` pairs per forward,
-    or with `max_tokens` (dpo_max_tokens_per_micro_batch) packed forwards of at most that many tokens (`flat`:
-    one row, `packing.one_row`). Every worker does all rows, in the same order: the same values everywhere,
-    and the same number of forwards on every rank (a ZeRO-3 forward is a collective). DPO has no use for the
-    pair's margin."""
-    pairs = [DPOPair(c, r) for c, r, _ in items]
-    lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs]
-    ref: dict[int, tuple[float, float]] = {}
-    for ids in micro_batch_indices(lengths, micro, max_tokens):
-        batch = dpo_batch([pairs[i] for i in ids], pad_id)
-        if max_tokens is not None:
-            batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)
-        with adapters_off(model):
-            logps = sequence_logprobs(model, to_dev(batch)).tolist()  # (2b,)
-        ref.update({i: (logps[j], logps[len(ids) + j]) for j, i in enumerate(ids)})
-    return [DPOPair(p.chosen, p.rejected, *ref[i]) for i, p in enumerate(pairs)]
+def task_parts(cfg, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
+    """The DPO stage's data (preference pairs, dpo_data_path else reward_data_path) and Task fields: the policy,
+    with the reference's log-probs attached to each pair once before training."""
+    rows, stats = read_dataset(cfg.dpo_data_path or cfg.reward_data_path, "preference", cfg.bad_rows,
+                               cfg.max_bad_fraction)
+    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
+    return items, stats, dict(
+        model=lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation),
+        batch=lambda it: dpo_batch(it, tok.pad_token_id),
+        loss=lambda m, b, n: dpo_step_loss(m, b, n, cfg.dpo_beta, cfg.dpo_loss), count=dpo_count,
+        higher_is_better=True, eval_every=0, stats=("accuracy", "reward_margin", "logp_chosen", "logp_rejected"),
+        prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro,
+                                                              cfg.dpo_max_tokens_per_micro_batch,
+                                                              one_row(cfg.attn_implementation)))

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from ..config import RLHFConfig, load_config
+from ..config.stages import STAGES
 from ..io.checkpoint import is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join
 from ..io.tracking import Timers
 from ..precision import use_bf16
 from .loop import StageLoop
-from .task import OUT_DIRS, build_task, input_model_dir
+from .task import build_task, input_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    workers = getattr(cfg, f"{stage}_workers")
+    spec = STAGES[stage]
+    workers = getattr(cfg, spec.fields.workers)
     use_gpu = device == "cuda"
     cpus = cfg.train_cpus_per_worker
     # Ray Train gives up on a worker group that has not started in 60 s; a loaded machine needs longer.
@@ -72,7 +74,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     config = dict(cfg.to_dict(), _stage=stage, _cpus_per_worker=cpus, _device=device, _cwd=os.getcwd(),
                   _start=input_model_dir(cfg, stage), _t_submit=time.time())
-    remove_stale_temps(safe_join(cfg.save_dir, OUT_DIRS[stage]))
+    remove_stale_temps(safe_join(cfg.save_dir, spec.out_dir))
     trainer = TorchTrainer(
         supervised_worker,
         train_loop_config=config,
@@ -84,7 +86,7 @@ def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.max_restarts, controller_failure_limit=0)),
     )
-    out = safe_join(cfg.save_dir, OUT_DIRS[stage], "best_model")
+    out = safe_join(cfg.save_dir, spec.out_dir, spec.output)
     mark_stage_started(out)
     trainer.fit()
     if not is_complete(out):

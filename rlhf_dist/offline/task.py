@@ -1,45 +1,34 @@
 """What a stage of the Ray Train job trains: its data, model, batches and loss (`Task`), and its micro-batches.
 
-The steps (`sft.sft_loss`, `reward.reward_loss`, `dpo.dpo_step_loss`) are plain functions of a model and a
-batch; `build_task` binds one of them to the stage's data and model, and `loop.StageLoop` runs it.
+The steps (`steps.sft.sft_loss`, `steps.reward.reward_loss`, `steps.dpo.dpo_step_loss`) are plain functions of a model and a
+batch; each stage module's `task_parts` (named by the stage's row in `config.stages`) binds one of them to the
+stage's data and model, `build_task` adds what every stage shares, and `loop.StageLoop` runs it.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..config import RLHFConfig
-from ..data import (
-    Encoded,
-    ReadStats,
-    check_special_tokens,
-    read_dataset,
-    split_eval,
-    tokenize_preferences,
-    tokenize_sft,
-)
+from ..config.stages import STAGES, micro_batch_size
+from ..data import Encoded, check_special_tokens, split_eval
 from ..io.checkpoint import safe_join
 from ..io.sources import check_model_paths, policy_start
 from ..io.tracking import Timers
-from ..models import apply_lora, load_causal_lm, load_scalar_model, load_tokenizer
-from ..packing import micro_batch_indices, one_row, pack
-from .dpo import DPOPair, attach_reference, dpo_batch, dpo_count, dpo_step_loss
-from .reward import reward_batch, reward_count, reward_loss
-from .sft import sft_batch, sft_count, sft_loss
+from ..models import apply_lora, load_tokenizer
+from ..packing import micro_batch_indices, pack
+from ..steps.dpo import DPOPair
 
 log = logging.getLogger(__name__)
 
-# The subdirectory of save_dir each stage writes (best_model, metrics.jsonl, stage_complete.json).
-OUT_DIRS = {"sft": "sft", "reward": "reward_model", "dpo": "dpo"}
-
-
 @dataclass
 class Task:
-    name: str  # "sft" | "reward" | "dpo"
-    out_dir: Path  # save_dir / OUT_DIRS[name]
+    name: str  # an offline stage of config.stages.STAGES
+    out_dir: Path  # save_dir / its out_dir
     model: object
     tokenizer: object
     train: list
@@ -76,54 +65,16 @@ def input_model_dir(cfg: RLHFConfig, stage: str) -> tuple[str, str]:
     return policy_start(cfg, stage)
 
 
-def _sft_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
-    rows, stats = read_dataset(cfg.sft_data_path, "sft", cfg.bad_rows, cfg.max_bad_fraction)
-    items = tokenize_sft(tok, rows, cfg.max_length, cfg.truncate, stats)
-    model = lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation)  # noqa: E731
-    return items, stats, dict(model=model, batch=lambda it: sft_batch(it, tok.pad_token_id),
-                              loss=sft_loss, count=sft_count, higher_is_better=False, eval_every=cfg.sft_eval_every)
-
-
-def _reward_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
-    rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
-    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
-
-    def model():
-        m = load_scalar_model(model_dir, bf16, tok.pad_token_id, cfg.attn_implementation)
-        if cfg.freeze_reward_backbone:
-            for n, p in m.named_parameters():
-                p.requires_grad = n.startswith("score.")
-        return m
-
-    return items, stats, dict(model=model, batch=lambda it: reward_batch(it, tok.pad_token_id),
-                              loss=lambda m, b, n: reward_loss(m, b, n, cfg.reward_center_coef), count=reward_count,
-                              higher_is_better=True, eval_every=0, stats=("accuracy",))
-
-
-def _dpo_parts(cfg: RLHFConfig, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
-    rows, stats = read_dataset(cfg.dpo_data_path or cfg.reward_data_path, "preference", cfg.bad_rows,
-                               cfg.max_bad_fraction)
-    items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
-    return items, stats, dict(
-        model=lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation),
-        batch=lambda it: dpo_batch(it, tok.pad_token_id),
-        loss=lambda m, b, n: dpo_step_loss(m, b, n, cfg.dpo_beta, cfg.dpo_loss), count=dpo_count,
-        higher_is_better=True, eval_every=0, stats=("accuracy", "reward_margin", "logp_chosen", "logp_rejected"),
-        prepare=lambda m, to_dev, it, micro: attach_reference(m, to_dev, it, tok.pad_token_id, micro,
-                                                              cfg.dpo_max_tokens_per_micro_batch,
-                                                              one_row(cfg.attn_implementation)))
-
-
 def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, start: tuple[str, str] | None = None,
                timers: Timers | None = None) -> Task:
     """`start`: (model dir, why) as `input_model_dir` gave the driver (resolved here when None). `timers`:
     gets the seconds of its "data" (read, tokenise) and "model" (load) phases."""
     timers = timers or Timers()
     model_dir, why = start or input_model_dir(cfg, stage)
-    parts_of = {"sft": _sft_parts, "reward": _reward_parts, "dpo": _dpo_parts}[stage]
+    spec = STAGES[stage]
     with timers.phase("data"):
         tok = load_tokenizer(cfg.tokenizer_path or model_dir)
-        items, stats, parts = parts_of(cfg, tok, model_dir, bf16)
+        items, stats, parts = task_parts_of(spec)(cfg, tok, model_dir, bf16)
     with timers.phase("model"):
         parts["model"] = parts["model"]()
     check_special_tokens(tok, parts["model"].get_input_embeddings().weight.shape[0])
@@ -136,12 +87,18 @@ def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, star
                                     cfg.lora_target_modules, ["score"] if stage == "reward" else None)
     log.info("%s: starting from %s (%s); data: %s", stage, model_dir, why, stats.summary())
     train_idx, eval_idx = split_eval(len(items), cfg.eval_fraction, cfg.seed)
-    hp = lambda name: getattr(cfg, f"{stage}_{name}")  # sft_epochs, reward_lr, dpo_batch_size, ...
-    return Task(stage, safe_join(cfg.save_dir, OUT_DIRS[stage]), tokenizer=tok, train=[items[i] for i in train_idx],
-                eval=[items[i] for i in eval_idx], epochs=hp("epochs"), batch_size=hp("batch_size"),
-                micro_batch=hp("micro_batch_size") or hp("batch_size") // world, lr=hp("lr"),
-                max_tokens=hp("max_tokens_per_micro_batch"),
-                warmup_ratio=hp("warmup_ratio"), **parts)
+    f = spec.fields
+    return Task(stage, safe_join(cfg.save_dir, spec.out_dir), tokenizer=tok, train=[items[i] for i in train_idx],
+                eval=[items[i] for i in eval_idx], epochs=getattr(cfg, f.epochs), batch_size=getattr(cfg, f.batch),
+                micro_batch=micro_batch_size(cfg, spec, world), lr=getattr(cfg, f.lr),
+                max_tokens=getattr(cfg, f.max_tokens), warmup_ratio=getattr(cfg, f.warmup), **parts)
+
+
+def task_parts_of(spec) -> Callable:
+    """The stage's `task_parts(cfg, tok, model_dir, bf16) -> (items, ReadStats, Task fields)`, named by its row
+    (imported here: the config layer that holds the table imports no stage code)."""
+    module, name = spec.task.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def micro_batches(task: Task, items: list, agree: Callable[[int], int] = lambda k: k) -> list[list]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RLHFConfig
+from ..config.algorithms import ALGORITHMS
 from ..io.checkpoint import atomic_dir, prune_iterations, safe_join, write_json_atomic
 from ..io.sources import check_model_paths, policy_start, reference_model, reward_model, verify_if_sealed
 from ..roles.actors import ReferenceWorker, RewardWorker, RolloutWorker
@@ -51,7 +52,7 @@ def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
     start = policy_start(cfg, "ppo")
     if cfg.policy_model_path is None and start[0] == cfg.model_name:
         log.warning("ppo: no complete SFT checkpoint in %s; starting from model_name %s", cfg.save_dir, cfg.model_name)
-    critic_from_rm = cfg.algorithm == "ppo" and cfg.critic_model_path is None and cfg.critic_init == "reward"
+    critic_from_rm = ALGORITHMS[cfg.algorithm].critic and cfg.critic_model_path is None and cfg.critic_init == "reward"
     rm = reward_model(cfg, "ppo") if cfg.reward_model_weight != 0 or critic_from_rm else None
     if cfg.reward_model_weight != 0 and rm is None:
         raise FileNotFoundError(f"ppo: reward_model_weight is {cfg.reward_model_weight} but "
@@ -82,7 +83,7 @@ def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
 
 def _critic_source(cfg: RLHFConfig, start: tuple[str, str], rm: tuple[str, str] | None) -> tuple[str, str] | None:
     """(model, why) of the critic's start: critic_model_path, else per critic_init; None without a critic."""
-    if cfg.algorithm != "ppo":
+    if not ALGORITHMS[cfg.algorithm].critic:
         return None
     if cfg.critic_model_path is not None:
         verify_if_sealed(cfg.critic_model_path)

@@ -8,15 +8,28 @@ shared GPU, else by a broadcast in a group of its own (NCCL or gloo).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
+import resource
 from pathlib import Path
 
 import torch
 
+from ..config import load_config
+from ..config.checks import vllm_installed
+from ..data import encode_prompt_response, pad_right
+from ..distributed import enter_workdir, set_threads
+from ..io.tracking import setup_logging
+from ..models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
+from ..packing import one_row, pack, plan_micro_batches
 from ..precision import use_bf16
+from ..rollout.engine import SamplingParams
+from ..rollout.engines import choose_engine, make_engine
+from ..steps.forwards import response_logprobs
 from .calls import free_port
 from .placement import ROLES
+from .weight_sync import Broadcast, WeightReceiver, local_device_id
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +51,6 @@ def forward_chunks(fn, cfg, seq: torch.Tensor, attn: torch.Tensor, agree=lambda 
     CPU in row order: (B, ...). Chunks of `forward_micro_batch` rows (packed None), or with
     ppo_max_tokens_per_micro_batch, chunks of at most that many real tokens, each packed (`packing.pack`;
     `agree`: the chunk count over a learner's ranks, whose ZeRO-3 forwards are collectives)."""
-    from ..packing import one_row, pack, plan_micro_batches
-
     budget = cfg.ppo_max_tokens_per_micro_batch
     if budget is None:
         return in_chunks(lambda s, a: fn(s, a, None), forward_micro_batch(cfg), seq, attn)
@@ -58,10 +69,6 @@ def forward_chunks(fn, cfg, seq: torch.Tensor, attn: torch.Tensor, agree=lambda 
 
 class RoleWorker:
     def __init__(self, role: str, rank: int, config: dict, num_cpus: float, device: str):
-        from ..config import load_config
-        from ..distributed import enter_workdir, set_threads
-        from ..io.tracking import setup_logging
-
         config = dict(config)
         enter_workdir(config.pop("_cwd", ""))
         self.cfg = load_config(config)
@@ -74,29 +81,25 @@ class RoleWorker:
         torch.manual_seed(self.cfg.seed + 1000 * ROLES.index(role) + rank)
 
     def info(self) -> dict:
-        import ray
+        import ray  # deferred: a heavy import, needed only inside a running actor
 
         return {"role": self.role, "rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "threads": self.threads, "device": str(self.device), "bf16": self.bf16,
                 "gpu_ids": ray.get_gpu_ids()}
 
     def address(self) -> tuple[str, int]:
-        import ray
+        import ray  # deferred: a heavy import, needed only inside a running actor
 
         return ray.util.get_node_ip_address(), free_port()
 
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**20
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def device_id(self):
         """Node and GPU UUID: the weight sync's transport depends on them (`weight_sync.plan_sync`)."""
-        import ray
-
-        from .weight_sync import local_device_id
+        import ray  # deferred: a heavy import, needed only inside a running actor
 
         return local_device_id(ray.get_runtime_context().get_node_id(), self.device)
 
@@ -107,10 +110,6 @@ class RolloutWorker(RoleWorker):
 
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str, gpu_share: float = 0.0):
         super().__init__("rollout", rank, config, num_cpus, device)
-        from ..config.checks import vllm_installed
-        from ..rollout.engine import SamplingParams
-        from ..rollout.engines import choose_engine, make_engine
-
         self.engine_name, why = choose_engine(self.cfg.rollout_engine, self.device.type, vllm_installed())
         log.info("rollout-%d: engine %s (%s)", rank, self.engine_name, why)
         self.engine = make_engine(self.engine_name, self.cfg, model_dir, self.device, self.bf16, gpu_share,
@@ -118,7 +117,7 @@ class RolloutWorker(RoleWorker):
         self.sampling = SamplingParams.from_config(self.cfg)
         self.generator = torch.Generator(device=self.device)
         if self.cfg.gen_compile:
-            from torch._inductor import config as inductor
+            from torch._inductor import config as inductor  # only with gen_compile: loading Inductor is slow
 
             # Inductor compiles in a pool of min(32, cores on the node) processes; the actor owns only its CPUs.
             inductor.compile_threads = self.threads
@@ -135,8 +134,6 @@ class RolloutWorker(RoleWorker):
     def join_sync(self, signature: list, addr: str, port: int, group_rank: int | None, world: int,
                   backend: str) -> None:
         """Take weights by IPC (`group_rank` None) or as rank `group_rank` of the broadcast group."""
-        from .weight_sync import Broadcast, WeightReceiver
-
         self.engine.check_signature(signature, f"rollout-{self.rank}")
         self.receiver = WeightReceiver(signature, self.engine.load_bucket)
         self.group = (None if group_rank is None else
@@ -182,15 +179,11 @@ def engine_guard(rank: int):
 class ReferenceWorker(RoleWorker):
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str):
         super().__init__("reference", rank, config, num_cpus, device)
-        from ..models import load_causal_lm
-
         self.model = load_causal_lm(model_dir, self.bf16, self.cfg.attn_implementation).to(self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
     def logprobs(self, samples) -> torch.Tensor:
-        from ..online.experience import response_logprobs
-
         def one(seq, attn, packed):  # (b, P+R) -> (b, R)
             return response_logprobs(self.model, seq.to(self.device), attn.to(self.device), samples.prompt_len,
                                      self.cfg.gen_temperature, packed and packed.to(self.device))
@@ -204,8 +197,6 @@ class RewardWorker(RoleWorker):
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str | None,
                  policy_tokenizer_dir: str):
         super().__init__("reward", rank, config, num_cpus, device)
-        from ..models import load_scalar_model, load_tokenizer
-
         self.policy_tok = load_tokenizer(policy_tokenizer_dir)
         self.model = self.tok = None
         if model_dir is not None and self.cfg.reward_model_weight != 0:
@@ -220,16 +211,11 @@ class RewardWorker(RoleWorker):
                      "same tokenizer as the policy" if self.same_tokens else "different tokenizer: re-tokenising text")
         self.fn = None
         if self.cfg.reward_fn:
-            import importlib
-
             mod, name = self.cfg.reward_fn.split(":")
             self.fn = getattr(importlib.import_module(mod), name)
 
     @torch.no_grad()
     def score(self, samples, prompts: list[list[dict]]) -> dict:
-        from ..data import encode_prompt_response, pad_right
-        from ..models import sequence_scores
-
         responses = [self.policy_tok.decode(r[m.bool()], skip_special_tokens=True)
                      for r, m in zip(samples.responses, samples.action_mask)]
         B = len(responses)

@@ -5,9 +5,28 @@ from __future__ import annotations
 import datetime
 
 import torch
+import torch.distributed as dist
 
+from ..algo import kl_placement, loss_units
+from ..distributed import accumulate, all_reduce_max, all_reduce_sum, full_state_dict, init_local_group_env, make_engine
+from ..models import (
+    adapters_off,
+    apply_lora,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_lora,
+    load_scalar_model,
+    load_tokenizer,
+    merged_weights,
+    save_hf,
+)
+from ..packing import micro_batch_indices, one_row, pack
+from ..steps import update  # the module, not its functions: a fault plan (tests/faults.py) patches them there
+from ..steps.forwards import response_logprobs, response_values
+from ..steps.records import Experience
 from .actors import RoleWorker, forward_chunks
 from .calls import wait
+from .weight_sync import Broadcast, WeightSender, param_signature
 
 
 class Learner(RoleWorker):
@@ -20,18 +39,6 @@ class Learner(RoleWorker):
 
     def setup(self, addr: str, port: int, model_dir: str, total_steps: int, adapter_dir: str | None = None) -> dict:
         """`adapter_dir`: with lora_rank > 0, trained adapters (a resumed iteration's) to put on `model_dir`."""
-        import torch.distributed as dist
-
-        from ..distributed import init_local_group_env, make_engine
-        from ..models import (
-            apply_lora,
-            enable_gradient_checkpointing,
-            load_causal_lm,
-            load_lora,
-            load_scalar_model,
-            load_tokenizer,
-        )
-
         init_local_group_env(self.rank, self.world, addr, port)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=self.rank,
@@ -61,22 +68,16 @@ class Learner(RoleWorker):
     def sync_params(self, merge: bool = False):
         """(name, tensor) of what the rollout's plain model receives: the parameters, or with LoRA the
         weights merged under the base model's names (merge=False: the base weights, for names and shapes)."""
-        from ..models import merged_weights
-
         if self.cfg.lora_rank:
             return merged_weights(self.engine.module, merge=merge)
         return self.engine.module.named_parameters()
 
     def signature(self) -> list:
-        from .weight_sync import param_signature
-
         return param_signature(self.sync_params())
 
     def join_sync(self, addr: str, port: int, world: int, backend: str, ipc_receivers: list) -> None:
         """Every policy rank gets a sender (ZeRO-3 gathers are collectives); rank 0 also sends: by CUDA IPC
         to `ipc_receivers` (rollout actors on its GPU) and as rank 0 of the broadcast group when `world` > 1."""
-        from .weight_sync import Broadcast, WeightSender
-
         merged = (lambda: (t for _, t in self.sync_params(merge=True))) if self.cfg.lora_rank else None
         self.sender = WeightSender(self.sync_params(), self.rank, self.engine.zero_optimization_stage() == 3,
                                    tensors=merged)
@@ -87,9 +88,6 @@ class Learner(RoleWorker):
     @torch.no_grad()
     def forward(self, samples) -> torch.Tensor:
         """Old logprobs (policy) or values (critic) for a slice of the batch: (b, R)."""
-        from ..distributed import all_reduce_max
-        from ..online.experience import response_logprobs, response_values
-
         def one(seq, attn, packed):  # (b, P+R) -> (b, R)
             d = self.engine.device
             s, a, p = seq.to(d), attn.to(d), packed and packed.to(d)
@@ -107,8 +105,6 @@ class Learner(RoleWorker):
     def reference_logprobs(self, samples) -> torch.Tensor:
         """The reference's logprobs (b, R) with lora_rank > 0: the policy's own base weights, adapters off
         (so no reference actor holds a second copy of the model)."""
-        from ..models import adapters_off
-
         with adapters_off(self.engine.module):
             return self.forward(samples)
 
@@ -116,15 +112,12 @@ class Learner(RoleWorker):
         """ppo_epochs x mini-batches over the experience; this rank takes its share of each mini-batch, in
         micro-batches (`micro_batches`), then one optimizer step per mini-batch. `kl_coef`: the KL coefficient,
         which enters the policy loss only where `kl_placement` puts it (kl_in: loss)."""
-        from ..distributed import accumulate
-        from ..online.update import minibatches
-
         c = self.cfg
         # Stats stay 0-dim device tensors through the micro-batch loop and are read once at the end, so
         # the loop adds no host synchronisation of its own.
         acc = _StepStats()
         skipped_before = self.engine.skipped_steps
-        for j, idx in enumerate(minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
+        for j, idx in enumerate(update.minibatches(len(exp), c.ppo_mini_batch_size, c.ppo_epochs, seed)):
             mb = exp.select(idx)
             per_rank = len(idx) // self.world
             mine = mb.select(list(range(self.rank * per_rank, (self.rank + 1) * per_rank)))
@@ -149,9 +142,6 @@ class Learner(RoleWorker):
     def micro_batches(self, mine) -> list[list[int]]:
         """This rank's share of a mini-batch -> micro-batches (indices): of ppo_micro_batch_size samples, or
         packed by tokens (ppo_max_tokens_per_micro_batch), as many on every rank (`plan_micro_batches`)."""
-        from ..distributed import all_reduce_max
-        from ..packing import micro_batch_indices
-
         lengths = mine.attention_mask.sum(1).tolist()  # (b,) real tokens, on the host already
         return micro_batch_indices(lengths, self.micro, self.cfg.ppo_max_tokens_per_micro_batch,
                                    lambda k: int(all_reduce_max([float(k)])[0]))
@@ -159,10 +149,6 @@ class Learner(RoleWorker):
     def micro_loss(self, micro, mb_action_mask: torch.Tensor, kl_coef: float):
         """The policy or value loss of one micro-batch, as its share of the mini-batch's (whose action mask
         gives the units the loss averages over), scaled by the ranks DeepSpeed averages over."""
-        from ..algo import kl_placement, loss_units
-        from ..online.update import policy_loss, value_loss
-        from ..packing import one_row, pack
-
         c = self.cfg
         packed = None
         if c.ppo_max_tokens_per_micro_batch is not None:  # laid out on the host, before the copy to the device
@@ -172,20 +158,18 @@ class Learner(RoleWorker):
         if self.kind == "policy":
             units = float(loss_units(mb_action_mask, c.loss_agg))  # what the policy loss averages over
             place = kl_placement(c.kl_in, kl_coef, c.kl_estimator)
-            loss, st = policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
-                                   entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, agg=c.loss_agg,
-                                   units=units, scale=self.world, kl_coef=place.loss_coef,
-                                   kl_estimator=place.estimator, packed=packed)
+            loss, st = update.policy_loss(self.engine.module, micro, clip_range=c.ppo_clip_range,
+                                          entropy_coef=c.ppo_entropy_coef, temperature=c.gen_temperature, agg=c.loss_agg,
+                                          units=units, scale=self.world, kl_coef=place.loss_coef,
+                                          kl_estimator=place.estimator, packed=packed)
         else:
-            loss, st = value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range,
-                                  units=float(mb_action_mask.sum()), scale=self.world, packed=packed)
+            loss, st = update.value_loss(self.engine.module, micro, clip_range=c.ppo_value_clip_range,
+                                         units=float(mb_action_mask.sum()), scale=self.world, packed=packed)
         return loss, st, micro
 
     def params_finite(self) -> bool:
         """Every parameter finite, on every rank. Under ZeRO-3 each rank checks its own partition
         (`ds_tensor`), so together they check every element. One host sync."""
-        from ..distributed import all_reduce_sum
-
         parts = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
         bad = torch.stack([(~torch.isfinite(t)).any() for t in parts if t.numel()]).any()
         return all_reduce_sum([float(bad)])[0] == 0
@@ -213,9 +197,6 @@ class Learner(RoleWorker):
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:
         """HF-format weights (a collective under ZeRO-3; rank 0 writes)."""
-        from ..distributed import full_state_dict
-        from ..models import load_tokenizer, save_hf
-
         state = full_state_dict(self.engine)
         if not all(bool(torch.isfinite(t).all()) for t in (state or {}).values() if t.is_floating_point()):
             raise FloatingPointError(f"{self.role}: non-finite parameters; refusing to write them to {out_dir}")
@@ -233,8 +214,6 @@ class Learner(RoleWorker):
 
 
 def _to_device(exp, device):
-    from ..online.experience import Experience
-
     return Experience(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in exp.__dict__.items()})
 
 
@@ -263,8 +242,6 @@ class _StepStats:
     def read(self, world: int) -> dict:
         """Means over every rank's micro-batches (losses: over mini-batches), in one host read and one
         all-reduce. Every rank runs as many micro-batches (`Learner.micro_batches`)."""
-        from ..distributed import all_reduce_sum
-
         keys, first_keys = sorted(self.sums), sorted(self.first)
         flat = torch.stack([self.sums[k] for k in keys] + [self.first[k] for k in first_keys]
                            + [bad.float() for bad, _ in self.nonfinite]).tolist() if self.nonfinite else []

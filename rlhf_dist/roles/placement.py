@@ -13,7 +13,9 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from ..config.algorithms import ALGORITHMS
 from ..config.checks import vllm_installed
+from ..config.stages import OFFLINE, STAGES
 from ..errors import PlacementError
 from ..rollout.engines import choose_engine, vllm_sleeps
 
@@ -50,8 +52,8 @@ def _spec(roles, role: str):
 def roles_of(cfg) -> tuple[str, ...]:
     """The roles a run starts: critic-free algorithms (grpo, rloo, reinforce_pp) start no critic; with LoRA
     no reference starts (the policy learner computes its logprobs with the adapters off)."""
-    return tuple(r for r in ROLES
-                 if (r != "critic" or cfg.algorithm == "ppo") and (r != "reference" or not cfg.lora_rank))
+    critic = ALGORITHMS[cfg.algorithm].critic
+    return tuple(r for r in ROLES if (r != "critic" or critic) and (r != "reference" or not cfg.lora_rank))
 
 
 def _hosts(roles, names) -> dict[str, str]:
@@ -154,7 +156,7 @@ def plan_for_cluster(cfg, device: str, nodes: dict[str, dict]) -> tuple[list[dic
     return plan_placement(cfg, gpus, [r.get("CPU", 0.0) for r in nodes.values()], device)
 
 
-TRAIN_STAGES = ("sft", "reward", "dpo")  # Ray Train jobs: {stage}_workers x train_bundle each
+TRAIN_STAGES = tuple(s.name for s in OFFLINE)  # Ray Train jobs: their workers field x train_bundle each
 
 
 def train_bundle(cfg, device: str) -> dict:
@@ -280,14 +282,15 @@ def bundle_problems(bundles: list[dict], slots, nodes: dict[str, dict], strategy
 
 def train_problems(cfg, stage: str, device: str, nodes: dict[str, dict]) -> list[str]:
     """A Ray Train stage whose workers do not all fit `nodes` at once (Ray Train packs them)."""
-    n = getattr(cfg, f"{stage}_workers")
+    workers = STAGES[stage].fields.workers
+    n = getattr(cfg, workers)
     bundle = train_bundle(cfg, device)
     if None not in fit_bundles([bundle] * n, nodes):
         return []
     why = (missing_resources(bundle, nodes) if not any(_fits(bundle, r) for r in nodes.values())
            else "not enough resources for all workers at once")
     return [f"{stage} stage: {n} Ray Train worker(s) x {fmt_res(bundle)} cannot be placed: {why} "
-            f"({stage}_workers, train_cpus_per_worker, train_gpus_per_worker)"]
+            f"({workers}, train_cpus_per_worker, train_gpus_per_worker)"]
 
 
 def nccl_conflicts(cfg, bundles: list[dict], slots, device: str, stages) -> list[str]:
@@ -310,11 +313,12 @@ def nccl_conflicts(cfg, bundles: list[dict], slots, device: str, stages) -> list
                        f"(roles.{role}.num_gpus: 1) or use 1 worker")
     g = cfg.train_gpus_per_worker
     for stage in (s for s in stages if s in TRAIN_STAGES):
-        n = getattr(cfg, f"{stage}_workers")
+        workers = STAGES[stage].fields.workers
+        n = getattr(cfg, workers)
         if n > 1 and g < 1 - _EPS:
-            out.append(f"{stage} stage: {stage}_workers {n} at train_gpus_per_worker {g:g} can land on one GPU, and "
+            out.append(f"{stage} stage: {workers} {n} at train_gpus_per_worker {g:g} can land on one GPU, and "
                        f"NCCL refuses two ranks of the stage's process group on one device; set "
-                       f"train_gpus_per_worker: 1 or {stage}_workers: 1")
+                       f"train_gpus_per_worker: 1 or {workers}: 1")
     return out
 
 

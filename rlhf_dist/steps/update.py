@@ -12,7 +12,8 @@ import torch
 
 from ..algo import aggregate_loss, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
 from ..packing import Packed
-from .experience import Experience, response_logprobs_entropy, response_values
+from .forwards import response_logprobs_entropy, response_values
+from .records import Experience
 
 
 def policy_loss(model, mb: Experience, *, clip_range: float, entropy_coef: float, temperature: float,
