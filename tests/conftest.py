@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def local_ray():
              runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}})
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def fault_hooked_ray(plan_dir: Path):
+    """A local Ray on loopback whose workers run `faults.install` (tests/faults.py) with the plan at
+    plan_dir/plan.json, empty to start with; yields the plan's path and shuts Ray down after."""
+    import faults
+    import ray
+
+    plan = plan_dir / "plan.json"
+    faults.plan(plan, [])
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             runtime_env={"worker_process_setup_hook": "faults.install",
+                          "env_vars": {faults.ENV: str(plan), "PYTHONPATH": str(Path(__file__).parent)}})
+    try:
+        yield plan
+    finally:
+        ray.shutdown()
 
 
 def tiny_llama(tiny, kv_heads: int):

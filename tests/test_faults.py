@@ -14,7 +14,7 @@ from pathlib import Path
 import faults
 import pytest
 import torch
-from conftest import base_config, iteration_rows
+from conftest import base_config, fault_hooked_ray, iteration_rows
 from safetensors.torch import load_file
 
 from rlhf_dist.errors import PhaseTimeout, RoleFailure
@@ -23,20 +23,12 @@ from rlhf_dist.io.checkpoint import CheckpointError
 from rlhf_dist.online.driver import run_ppo
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def fault_ray(tmp_path_factory):
-    import ray
-
-    plan = tmp_path_factory.mktemp("faults") / "plan.json"
-    faults.plan(plan, [])
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"worker_process_setup_hook": "faults.install",
-                          "env_vars": {faults.ENV: str(plan), "PYTHONPATH": str(TESTS)}})
-    yield plan
-    ray.shutdown()
+    with fault_hooked_ray(tmp_path_factory.mktemp("faults")) as plan:
+        yield plan
 
 
 def ppo_config(tiny, save_dir, **kw):

@@ -11,28 +11,20 @@ from pathlib import Path
 
 import faults
 import pytest
-from conftest import base_config, iteration_rows
+from conftest import base_config, fault_hooked_ray, iteration_rows
 
 from rlhf_dist.config import load_config
 from rlhf_dist.online.driver import run_ppo
 from rlhf_dist.pipeline import create_rlhf_pipeline
 
 pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
-TESTS = Path(__file__).parent
 KILL_ENGINE = {"target": "rlhf_dist.roles.actors:RolloutWorker.generate", "call": 3, "action": "kill_children"}
 
 
 @pytest.fixture(scope="module")
 def vllm_ray(tmp_path_factory):
-    import ray
-
-    plan = tmp_path_factory.mktemp("faults") / "plan.json"
-    faults.plan(plan, [])
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"worker_process_setup_hook": "faults.install",
-                          "env_vars": {faults.ENV: str(plan), "PYTHONPATH": str(TESTS)}})
-    yield plan
-    ray.shutdown()
+    with fault_hooked_ray(tmp_path_factory.mktemp("faults")) as plan:
+        yield plan
 
 
 def config(tiny_vllm, save: Path, **kw) -> dict:
