@@ -1,7 +1,9 @@
 """Rollout: prompts -> `Samples`, through a `RolloutEngine` (engine.py).
 
 samples.py: `Samples` and merging / slicing them; decode.py: the HF decoder (KV cache, StaticDecoder,
-sampling); engine.py: the engine interface, `SamplingParams` and `HFDecodeEngine`.
+sampling); engine.py: the engine interface, `SamplingParams` and `HFDecodeEngine`; engines.py: which
+engine a worker runs, and building it; vllm_engine.py / vllm_worker.py: the vLLM engine and what runs
+in vLLM's workers; transfer.py: weight buckets (splitting, fingerprints, CUDA IPC handles).
 """
 
 from .decode import generate, generate_chunked, left_pad, sample_token
