@@ -178,7 +178,7 @@ def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size
     """exp(token-weighted mean NLL) of the assistant tokens, teacher-forced."""
     from .algo import logprobs_from_logits
     from .data import pad_right
-    from .models import position_ids_from_mask
+    from .packing import position_ids_from_mask
 
     nll, count = 0.0, 0
     for a, b in _batches(len(convs), batch_size):

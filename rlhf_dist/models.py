@@ -208,11 +208,6 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return values.gather(1, idx[:, None]).squeeze(1)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, the same in generation and in scoring: (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def save_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
     """An HF-format directory: safetensors weights, config, generation config, tokenizer. A LoRA model is
     saved as its plain HF model, adapters merged (`hf_state_dict`)."""

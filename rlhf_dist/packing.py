@@ -162,10 +162,13 @@ def forward(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packe
         return module(**inputs, **kw)
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, the same in generation and in scoring: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: Packed | None) -> dict:
     """Keyword arguments of a HF forward over a padded batch, or over its packed layout."""
-    from .models import position_ids_from_mask
-
     if packed is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}

@@ -8,10 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..evaluate import EvalRun
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +30,9 @@ def text_metrics(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     return float(bleu), float(rouge)
 
 
-def metrics_row(run: EvalRun, path: str, r: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
-    """A checkpoint's row of results.json from its `raw_pass` (and the baseline's, for the win rate)."""
+def metrics_row(run: Any, path: str, r: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's row of results.json from its `raw_pass` (and the baseline's, for the win rate); `run`: an
+    `evaluate.EvalRun` (not imported: evaluate imports this module)."""
     es = run.es
     bleu, rouge = text_metrics(r["responses"], es.references)
     m: dict[str, Any] = {
@@ -61,7 +59,7 @@ def metrics_row(run: EvalRun, path: str, r: dict[str, Any], baseline: dict[str, 
     return m
 
 
-def eval_settings(run: EvalRun) -> dict[str, Any]:
+def eval_settings(run: Any) -> dict[str, Any]:
     """results.json's settings: what the numbers were measured on and how."""
     import sacrebleu
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..models import position_ids_from_mask
+from ..packing import position_ids_from_mask
 from .samples import Samples, merge_samples, select_samples
 
 log = logging.getLogger(__name__)
