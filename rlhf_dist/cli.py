@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, loaded)
     except USER_ERRORS as e:
+        if isinstance(e, FileNotFoundError) and not e.filename:
+            # No path named: not a file the user gave us, but a bug; its traceback goes to run.log.
+            return report_failure(e, args.command, loaded.get("save_dir"))
         # A user's mistake: one clear line, no traceback.
         print(f"rlhf-dist: error: {e}", file=sys.stderr)
         return EXIT["user"]

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .config import ConfigError, RLHFConfig, load_config
+from .config.engines import ENGINES, installed_engines
 from .config.stages import OFFLINE
 from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
 from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
@@ -326,12 +327,11 @@ def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gol
 def eval_engine(cfg: RLHFConfig, model_dir: str, device: str, bf16: bool):
     """The vLLM engine eval samples with, built once on `model_dir` (each checkpoint's weights are then
     loaded into it, as a weight sync would), when rollout_engine picks vLLM here; else None."""
-    from .config.checks import vllm_installed
     from .rollout.engines import choose_engine, make_engine
 
-    name, why = choose_engine(cfg.rollout_engine, device, vllm_installed())
+    name, why = choose_engine(cfg.rollout_engine, device, installed_engines())
     log.info("eval: sampling with the %s engine (%s)", name, why)
-    return make_engine(name, cfg, model_dir, torch.device(device), bf16, 1.0) if name == "vllm" else None
+    return make_engine(name, cfg, model_dir, torch.device(device), bf16, 1.0) if ENGINES[name].own_weights else None
 
 
 def raw_pass(run: EvalRun, path: str) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def decoders(model, a) -> dict:
     """name -> a callable that decodes the batch once (and waits for the device)."""
     import torch
 
-    from rlhf_dist.config.checks import VLLM_INSTALL, vllm_installed
+    from rlhf_dist.config.engines import VLLM_INSTALL, installed_engines
     from rlhf_dist.rollout.decode import left_pad
     from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
 
@@ -146,7 +146,7 @@ def decoders(model, a) -> dict:
             "vllm": lambda: vllm_decoder(model, a, prompts), "hf_eager": lambda: hf,
             "hf_static_compile": static_compile}
     names = [n for n in a.engine if not (n == "hf_static_compile" and a.no_hf_compile)]
-    if "vllm" in names and not vllm_installed():
+    if "vllm" in names and "vllm" not in installed_engines():
         print(f"vllm: not installed here, skipped ({VLLM_INSTALL})", flush=True)
         names.remove("vllm")
     return {n: sync(make[n]()) for n in names}

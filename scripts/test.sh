@@ -6,4 +6,4 @@ source "$(dirname "$0")/_setup.sh"
 [ $# -gt 0 ] || bash scripts/test_floor.sh
 # And the lint (pyproject.toml [tool.ruff]: errors, pyflakes, import order).
 [ $# -gt 0 ] || ruff check rlhf_dist scripts tests
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

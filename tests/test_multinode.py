@@ -92,14 +92,16 @@ def cluster():
                WANDB_MODE="disabled", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # nothing to drain here: stop in seconds, not 30
                RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING="0", RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING="0")
+    # Each node its own temp dir, as on real machines: with one shared dir, both nodes' runtime-env agents
+    # manage the same unpacked working_dir, and one deleted it under the running job's driver.
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=300000000",
-              f"--temp-dir={tmp}", "--disable-usage-stats", "--block"]
+              "--disable-usage-stats", "--block"]
     procs: list[subprocess.Popen] = []
     logs = {name: Path(tmp, f"{name}.log") for name in ("head", "worker")}
     try:
         procs.append(subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", f"--port={gcs}", '--resources={"node_a": 10}',
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={tmp}/a",
              f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}", *common],
             env=env, cwd=tmp, stdout=logs["head"].open("w"), stderr=subprocess.STDOUT, start_new_session=True))
         # The worker joins through the head's GCS; give the head a head start so the GCS is listening.
@@ -113,7 +115,7 @@ def cluster():
             time.sleep(0.5)
         procs.append(subprocess.Popen(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", '--resources={"node_b": 10}',
-             f"--dashboard-agent-listen-port={_free_port()}", *common],
+             f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={tmp}/b", *common],
             env=env, cwd=tmp, stdout=logs["worker"].open("w"), stderr=subprocess.STDOUT, start_new_session=True))
         nodes: list[dict] = []
         while time.time() - t0 < 150:

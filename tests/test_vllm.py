@@ -13,8 +13,8 @@ from rlhf_dist.data import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
 from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
 from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams
-from rlhf_dist.rollout.engines import choose_engine, vllm_sleeps
-from rlhf_dist.rollout.vllm_engine import VLLMEngine, prompt_runs, vllm_log_level
+from rlhf_dist.rollout.engines import choose_engine
+from rlhf_dist.rollout.vllm_engine import VLLMEngine, prompt_runs, vllm_log_level, vllm_sleeps
 from rlhf_dist.steps.forwards import response_logprobs
 
 MIXED = ["Hi", "What do you think of this movie? Tell me more.", "Describe the cat.", "Park?",
@@ -166,14 +166,15 @@ def test_prompt_runs():
 
 
 def test_engine_choice_and_sleep_rules():
-    assert choose_engine("auto", "cuda", True) == ("vllm", "rollout_engine: auto, vLLM is installed and the "
+    BOTH, HF = frozenset({"hf", "vllm"}), frozenset({"hf"})
+    assert choose_engine("auto", "cuda", BOTH) == ("vllm", "rollout_engine: auto, vLLM is installed and the "
                                                            "rollout runs on a GPU")
-    assert choose_engine("auto", "cpu", True)[0] == "hf"
-    name, why = choose_engine("auto", "cuda", False)
+    assert choose_engine("auto", "cpu", BOTH)[0] == "hf"
+    name, why = choose_engine("auto", "cuda", HF)
     assert name == "hf" and "not installed" in why and "pip install" in why
-    assert choose_engine("vllm", "cpu", True)[0] == "vllm" and choose_engine("hf", "cuda", True)[0] == "hf"
+    assert choose_engine("vllm", "cpu", BOTH)[0] == "vllm" and choose_engine("hf", "cuda", BOTH)[0] == "hf"
     with pytest.raises(ModuleNotFoundError, match=r"pip install"):
-        choose_engine("vllm", "cuda", False)
+        choose_engine("vllm", "cuda", HF)
     assert [vllm_sleeps("auto", "cuda", g) for g in (0.5, 1.0)] == [True, False]
     assert not vllm_sleeps(True, "cpu", 0.5) and not vllm_sleeps(False, "cuda", 0.5)
     assert [vllm_log_level(x) for x in ("DEBUG", "INFO", "WARNING")] == ["DEBUG", "WARNING", "ERROR"]

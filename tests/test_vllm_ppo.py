@@ -1,10 +1,10 @@
-"""PPO and GRPO end to end with `rollout_engine: vllm` (vLLM's CPU build in the rollout actor), on a local
+"""PPO end to end with `rollout_engine: vllm` (vLLM's CPU build in the rollout actor), on a local
 Ray with the fault hooks: the first mini-batch on-policy from vLLM's own log-probs, the reward rising, the
-engine's process killed mid-run and survived, and a resume from a checkpoint."""
+engine's process killed mid-run and survived, and a resume from a checkpoint. (GRPO groups as one vLLM request
+with n: tests/test_vllm.py at the engine, tests/test_algorithms.py through the driver.)"""
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -77,21 +77,3 @@ def test_a_killed_engine_process_is_survived_and_the_run_resumes(ppo_vllm):
     assert "the vLLM engine process died" in text
     assert "rollout-0 restarted after dying during phase 'experience'" in text  # the phase the driver retries
     assert "ppo: resuming from" in text
-
-
-def test_grpo_groups_go_through_vllm_n(vllm_ray, tiny_vllm, tmp_path):
-    """GRPO with 4 samples per prompt: each group is one vLLM request with n=4; the samples keep their group."""
-    faults.plan(vllm_ray, [])
-    n = 4
-    cfg = config(tiny_vllm, tmp_path, algorithm="grpo", n_samples_per_prompt=n, kl_in="loss", ppo_batch_size=4,
-                 ppo_mini_batch_size=8, ppo_iterations=2)
-    del cfg["ppo_lr_value"], cfg["roles"]["critic"]  # critic settings with a critic-free algorithm are errors
-    run_ppo(load_config(cfg), "cpu")
-    rows = iteration_rows(tmp_path)
-    assert all(abs(r["first_ratio_mean"] - 1) < 1e-3 for r in rows)
-    samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
-    assert samples and all(s["group"] == s["sample_id"] // n for s in samples)
-    by_group: dict = {}
-    for s in samples:
-        by_group.setdefault((s["iteration"], s["group"]), []).append(s)
-    assert all(len(g) == n and len({s["prompt"] for s in g}) == 1 for g in by_group.values())

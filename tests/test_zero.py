@@ -92,9 +92,10 @@ def driver_log():
 
 @pytest.fixture(scope="module")
 def runs(wide, tmp_path_factory, local_ray):
-    """Run directories of ZeRO stages 1, 2 and 3, and "3-resumed"; "resume_log": the rerun's driver log."""
+    """Run directories of ZeRO stages 2 and 3, and "3-resumed"; "resume_log": the rerun's driver log.
+    (Stage 1 partitions only the optimizer states, a subset of what stage 2 does: not run, to save suite time.)"""
     out = {}
-    for stage in (1, 2, 3):
+    for stage in (2, 3):
         out[stage] = tmp_path_factory.mktemp(f"zero{stage}") / "run"
         run_ppo(config(wide, out[stage], stage), "cpu")
     # Crashed after iteration 3's update, before its checkpoint: the rerun resumes from iteration 2.
@@ -106,7 +107,7 @@ def runs(wide, tmp_path_factory, local_ray):
     return out
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3, "3-resumed"])
+@pytest.mark.parametrize("stage", [2, 3, "3-resumed"])
 def test_ppo_trains_and_syncs(runs, wide, stage):
     save = runs[stage]
     rows = iteration_rows(save)
@@ -128,10 +129,9 @@ def test_ppo_trains_and_syncs(runs, wide, stage):
 
 def test_stages_agree_on_the_first_iteration(runs):
     """The same math under every stage: iteration 1 (the same weights and samples) gives the same losses."""
-    first = {s: iteration_rows(runs[s])[0] for s in (1, 2, 3)}
+    first = {s: iteration_rows(runs[s])[0] for s in (2, 3)}
     for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
-        assert first[2][key] == pytest.approx(first[1][key], rel=1e-4, abs=1e-5), key
-        assert first[3][key] == pytest.approx(first[1][key], rel=1e-4, abs=1e-5), key
+        assert first[3][key] == pytest.approx(first[2][key], rel=1e-4, abs=1e-5), key
 
 
 def test_a_resumed_zero3_run_ends_where_the_uninterrupted_one_does(runs):

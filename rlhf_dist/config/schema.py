@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .algorithms import ALGORITHMS
+from .engines import ENGINES
 from .stages import STAGES
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -335,7 +336,7 @@ class RLHFConfig(_Strict):
     compiles on its first rollout (3-15 s on CPU; torch caches compiled code on disk for later processes),
     with as many compile processes as it has CPUs, and once more per new batch size or cache-length
     bucket. Finished rows stay in the batch until all rows are done."""
-    rollout_engine: Literal["auto", "hf", "vllm"] = "auto"
+    rollout_engine: Literal[("auto", *ENGINES)] = "auto"  # type: ignore[valid-type]
     """What the rollout (and eval) generates with. vllm: vLLM (`pip install -e '.[vllm]'`; an error before any
     stage starts if it is not installed). hf: the HF model decoded in the rollout actor (rlhf_dist/rollout/decode.py).
     auto: vLLM where it is installed and the rollout is on a GPU, else hf. The start-up log and

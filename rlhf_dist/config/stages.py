@@ -23,6 +23,7 @@ class StageFields:
     epochs: str | None = None
     lr: str | None = None
     warmup: str | None = None
+    step_batch: str | None = None  # the samples of one optimizer step, where not `batch` (online: the mini-batch)
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ReportSpec("DPO", "DPO", "accuracy", f"implicit-reward {_PAIRS}", "dpo_accuracy.png", "max", 0.5),
           task="rlhf_dist.offline.dpo:task_parts", data_fallback="reward_data_path", makes_policy=True),
     Stage("ppo", "ppo", "final_model", "prompt", "ppo_data_path",
-          StageFields("ppo_batch_size", "ppo_micro_batch_size", "ppo_max_tokens_per_micro_batch"),
+          StageFields("ppo_batch_size", "ppo_micro_batch_size", "ppo_max_tokens_per_micro_batch",
+                      step_batch="ppo_mini_batch_size"),
           f"online RL (algorithm: {_ONLINE}) against the reward model and/or reward_fn",
           ("iteration", "reward_mean"), ReportSpec("PPO", "PPO")),
 )}
 OFFLINE = tuple(s for s in STAGES.values() if s.offline)
+ONLINE = next(s for s in STAGES.values() if not s.offline)
 
 
 def micro_batch_size(cfg, stage: Stage, workers: int) -> int:
-    """Per-worker micro-batch of an offline stage: its micro-batch field, else its batch split over `workers`."""
-    return getattr(cfg, stage.fields.micro_batch) or getattr(cfg, stage.fields.batch) // workers
+    """Per-worker micro-batch: the stage's micro-batch field, else one optimizer step's samples (its batch;
+    online, the mini-batch) split over `workers`. The only place this default is computed."""
+    f = stage.fields
+    return getattr(cfg, f.micro_batch) or getattr(cfg, f.step_batch or f.batch) // workers

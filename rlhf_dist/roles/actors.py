@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
-from ..config.checks import vllm_installed
+from ..config.engines import installed_engines
+from ..config.stages import ONLINE, micro_batch_size
 from ..data import encode_prompt_response, pad_right
 from ..distributed import enter_workdir, set_threads
 from ..io.tracking import setup_logging
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 
 def forward_micro_batch(cfg) -> int:
     """Samples per no-gradient forward pass (`ppo_forward_micro_batch_size`, default the learners' micro-batch)."""
-    return (cfg.ppo_forward_micro_batch_size or cfg.ppo_micro_batch_size
-            or cfg.ppo_mini_batch_size // cfg.roles.policy.num_workers)
+    return cfg.ppo_forward_micro_batch_size or micro_batch_size(cfg, ONLINE, cfg.roles.policy.num_workers)
 
 
 def in_chunks(fn, size: int, *rows: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class RolloutWorker(RoleWorker):
 
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str, gpu_share: float = 0.0):
         super().__init__("rollout", rank, config, num_cpus, device)
-        self.engine_name, why = choose_engine(self.cfg.rollout_engine, self.device.type, vllm_installed())
+        self.engine_name, why = choose_engine(self.cfg.rollout_engine, self.device.type, installed_engines())
         log.info("rollout-%d: engine %s (%s)", rank, self.engine_name, why)
         self.engine = make_engine(self.engine_name, self.cfg, model_dir, self.device, self.bf16, gpu_share,
                                   on_death=lambda why: engine_died(rank, why))

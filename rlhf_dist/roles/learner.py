@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..algo import kl_placement, loss_units
+from ..config.stages import ONLINE, micro_batch_size
 from ..distributed import accumulate, all_reduce_max, all_reduce_sum, full_state_dict, init_local_group_env, make_engine
 from ..models import (
     adapters_off,
@@ -57,8 +58,7 @@ class Learner(RoleWorker):
             model = load_lora(model, adapter_dir) if adapter_dir else apply_lora(
                 model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
                 None if self.kind == "policy" else ["score"])
-        micro = c.ppo_micro_batch_size or c.ppo_mini_batch_size // self.world
-        self.micro = micro
+        self.micro = micro = micro_batch_size(c, ONLINE, self.world)
         self.accum = c.ppo_mini_batch_size // (micro * self.world)
         self.engine = make_engine(model, lr=lr, total_steps=total_steps, warmup_steps=0, micro_batch=micro,
                                   grad_accum=self.accum, zero_stage=c.zero_stage, grad_clip=c.ppo_max_grad_norm,

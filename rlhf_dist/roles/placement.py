@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass, field
 
 from ..config.algorithms import ALGORITHMS
-from ..config.checks import vllm_installed
+from ..config.engines import installed_engines
 from ..config.stages import OFFLINE, STAGES
 from ..errors import PlacementError
-from ..rollout.engines import choose_engine, vllm_sleeps
+from ..rollout.engines import choose_engine
+from ..rollout.vllm_engine import vllm_sleeps
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _engine_note(cfg, s: Slot) -> str:
     """A rollout slot's engine and why (`rollout.engine.choose_engine`, judged on this machine's packages)."""
     if s.role != "rollout":
         return ""
-    name, why = choose_engine(cfg.rollout_engine, s.device, vllm_installed())
+    name, why = choose_engine(cfg.rollout_engine, s.device, installed_engines())
     sleep = ", sleeps between rollouts" if name == "vllm" and vllm_sleeps(cfg.vllm_sleep, s.device, s.num_gpus) else ""
     return f", engine {name} ({why}{sleep})"
 

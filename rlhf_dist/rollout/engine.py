@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..models import load_causal_lm
 from .decode import generate_chunked
 from .samples import Samples
 from .transfer import fingerprint, split_bucket
@@ -102,3 +103,8 @@ class HFDecodeEngine:
 def flatten_as(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The parameters in one flat tensor of `dtype`: (sum of numels,)."""
     return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+
+
+def build(cfg, model_dir: str, device: torch.device, bf16: bool, gpu_share: float, on_death=None) -> HFDecodeEngine:
+    """The engine table's builder (`config/engines.py`): the policy loaded in this process."""
+    return HFDecodeEngine(load_causal_lm(model_dir, bf16, cfg.attn_implementation).to(device))

@@ -182,3 +182,22 @@ class VLLMEngine:
             self.loading = False
         self.llm.reset_prefix_cache()  # its KV entries were computed with the old weights
         self.version = version
+
+
+def vllm_sleeps(setting: "bool | str", device_type: str, gpu_share: float) -> bool:
+    """Whether a vLLM rollout sleeps between rollouts: auto = on a fraction of a GPU (shared with a role)."""
+    if device_type != "cuda":
+        return False  # vLLM's CPU build has no sleep mode
+    return gpu_share < 1 if setting == "auto" else bool(setting)
+
+
+def build(cfg, model_dir: str, device: torch.device, bf16: bool, gpu_share: float,
+          on_death: Callable[[str], None] | None = None) -> VLLMEngine:
+    """The engine table's builder (`config/engines.py`): vLLM on `model_dir`, sized to the slot's GPU share."""
+    share = min(gpu_share, 1.0)
+    return VLLMEngine(model_dir, device=device.type, dtype="bfloat16" if bf16 else "float32",
+                      max_model_len=cfg.max_length, seed=cfg.seed,
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or 0.85 * share,
+                      tensor_parallel_size=cfg.vllm_tensor_parallel_size, enforce_eager=cfg.vllm_enforce_eager,
+                      sleep=vllm_sleeps(cfg.vllm_sleep, device.type, share), cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib,
+                      log_level=cfg.log_level, on_death=on_death)
