@@ -30,21 +30,30 @@ def anchor(title: str) -> str:
 
 def table(rows: list[FieldDoc]) -> list[str]:
     lines = ["| field | allowed | default | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{r.name}` | {r.type.replace('|', '/')} | `{r.default}` | {r.doc.replace('|', '/')} |"
+    lines += [f"| `{r.name}` | {r.type} | `{r.default}` | {r.doc.replace('|', '/')} |"
               for r in rows]
     return lines + [""]
+
+
+def only_with(algo: str) -> str:
+    return f"Only with `algorithm: {algo}`"
 
 
 def render_section(s: Section) -> list[str]:
     lines = [f"## {s.title}", ""] + ([s.intro, ""] if s.intro else []) + table(s.rows)
     for algo, rows in s.by_algorithm.items():
-        lines += [f"### Only with `algorithm: {algo}`", ""] + table(rows)
+        lines += [f"### {only_with(algo)}", ""] + table(rows)
     return lines
+
+
+def contents(s: Section) -> list[str]:
+    return ([f"- [{s.title}](#{anchor(s.title)})" + (f" — {s.intro}" if s.intro else "")]
+            + [f"  - [{only_with(a)}](#{anchor(only_with(a))})" for a in s.by_algorithm])
 
 
 def render() -> str:
     secs = sections()
-    toc = [f"- [{s.title}](#{anchor(s.title)})" for s in secs]
+    toc = [line for s in secs for line in contents(s)]
     body = [line for s in secs for line in render_section(s)]
     return "\n".join([HEAD, "", *toc, "", *body]).rstrip() + "\n"
 
