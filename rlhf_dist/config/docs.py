@@ -146,7 +146,9 @@ def sections() -> list[Section]:
     structs = {n: type(getattr(RLHFConfig(model_name="x"), n)) for n in RLHFConfig.__struct_fields__}
     for i, row in enumerate(field_docs()):
         key, algo = section_of(row.name, comments.get(row.name.split(".")[0], ""))
-        sec = out.setdefault(key, _section(key, structs))
+        if key not in out:
+            out[key] = _section(key, structs)
+        sec = out[key]
         if algo is None:
             first.setdefault(key, i)
             sec.rows.append(row)
