@@ -5,7 +5,7 @@
   `ray up` has no dry-run, and the rest of it needs boto3 and AWS credentials.
 - kuberay-rayjob.yaml: no KubeRay CRD schema is available offline (and `kubectl --dry-run=client`
   needs an API server for a custom resource), so this checks the structure the job depends on.
-- configs/cluster.yaml (the config both run) loads and its placement plan needs GPUs.
+- configs/examples/cluster.yaml (the config both run) loads and its placement plan needs GPUs.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> int:
     failed = False
     for name, fn, path in (("cluster/aws-gpu.yaml", check_aws, ROOT / "cluster/aws-gpu.yaml"),
                            ("cluster/kuberay-rayjob.yaml", check_rayjob, ROOT / "cluster/kuberay-rayjob.yaml"),
-                           ("configs/cluster.yaml", check_run_config, ROOT / "configs/cluster.yaml")):
+                           ("configs/examples/cluster.yaml", check_run_config, ROOT / "configs/examples/cluster.yaml")):
         try:
             errors = fn(path)
         except Exception as e:  # noqa: BLE001 - report which file and why, then go on

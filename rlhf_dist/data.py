@@ -2,7 +2,7 @@
 
 Every row is decoded with msgspec one line at a time; a bad row is an error naming `file:line` and
 the field, or, with `bad_rows: skip`, is counted and reported. Handling of the byte level, documented
-in the README: a UTF-8 BOM at the start of a file and CRLF line endings are accepted; blank lines are
+in docs/data.md: a UTF-8 BOM at the start of a file and CRLF line endings are accepted; blank lines are
 skipped and counted; invalid UTF-8 is a bad row.
 
 `encode_conversation` is the single place where text becomes tokens: SFT rows, both sides of a

@@ -1,5 +1,5 @@
 """Loading a config: YAML or JSON (or a dict), dotted key=value overrides, strict conversion with errors
-naming the field, then the cross-field checks. Also the redaction of secrets and the generated field docs."""
+naming the field, then the cross-field checks. Also the redaction of secrets."""
 
 from __future__ import annotations
 
@@ -160,28 +160,3 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return [redact(v, secrets) for v in obj]
     return obj
-
-
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """(dotted name, type, default, doc) for every field: the README's config reference is made from it."""
-    import inspect
-    import typing
-
-    rows = []
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls, include_extras=True)
-        src = inspect.getsource(cls)
-        docs = dict(re.findall(r"\n    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", src, re.S))
-        for name in cls.__struct_fields__:
-            hint = hints[name]
-            default = getattr(cls(**({"model_name": "x"} if cls is RLHFConfig else {})), name)
-            if isinstance(default, msgspec.Struct):
-                walk(type(default), f"{prefix}{name}.")
-                continue
-            t = re.sub(r"typing\.|Annotated\[(\w+), .*?\]", r"\1", str(hint)).replace("<class '", "").replace("'>", "")
-            rows.append((prefix + name, t, "required" if name == "model_name" else json.dumps(default),
-                         " ".join(docs.get(name, "").split())))
-
-    walk(RLHFConfig, "")
-    return rows

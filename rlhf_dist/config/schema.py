@@ -67,11 +67,15 @@ class WandbConfig(_Strict):
     """auto = WANDB_MODE / WANDB_DISABLED=true when set, else online when an API key is set (environment
     or netrc), else offline. Online falls back to offline (sync later) when W&B cannot be reached."""
     project: str = "rlhf-dist"
+    """W&B project."""
     entity: str | None = None
+    """W&B team or user; unset = the API key's default entity."""
     name: str | None = None
     """Run name; defaults to the save_dir's name."""
     group: str | None = None
+    """W&B run group, e.g. to compare seeds; a plain name (no '/' or '..')."""
     tags: list[str] = msgspec.field(default_factory=list)
+    """W&B run tags."""
     sample_every: PositiveInt = 5
     """Log a table of sample generations every N PPO iterations."""
 
@@ -118,6 +122,9 @@ class RLHFConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto picks CUDA, then MPS, then CPU, and logs the choice."""
     seed: int = 42
+    """Seeds everything random in a run: new weights (a score head) in each worker, the held-out split and
+    data order of the offline stages, the prompt order, rollout sampling and mini-batch order of the online
+    stage, and eval's sampling. Any int; a resumed run replays the same data order and sampling."""
     max_length: PositiveInt = 512
     """Longest sequence in tokens (prompt + response)."""
     zero_stage: Annotated[int, msgspec.Meta(ge=0, le=3)] = 2
@@ -176,9 +183,18 @@ class RLHFConfig(_Strict):
     ppo with reward_model_weight != 0 needs reward before it (or reward_model_path). A stage whose output
     is given is not run: sft when policy_model_path is set, reward when reward_model_path is set."""
 
+    # --- Ray Train workers (every offline stage) -------------------------------------
+    train_cpus_per_worker: PositiveFloat = 1.0
+    """CPUs per Ray Train worker of the SFT, reward and DPO stages; also its torch thread count."""
+    train_gpus_per_worker: NonNegFloat = 1.0
+    """GPUs per Ray Train worker when the device is CUDA."""
+
     # --- SFT ------------------------------------------------------------------------
     sft_data_path: str | None = None
+    """SFT rows (JSONL): {"messages": [...]} ending with an assistant turn, or {"prompt", "response"}.
+    Required when the sft stage runs; checked row by row (errors name file:line) before anything starts."""
     sft_epochs: PositiveInt = 1
+    """Passes over the SFT training split (>= 1); the best model is picked by held-out loss."""
     sft_batch_size: PositiveInt = 16
     """Global batch per optimizer step (across workers and accumulation)."""
     sft_micro_batch_size: PositiveInt | None = None
@@ -190,27 +206,37 @@ class RLHFConfig(_Strict):
     loss stays the same token-weighted mean. Set it to the tokens a micro-batch fits in memory, e.g.
     8 x max_length."""
     sft_lr: PositiveFloat = 1e-4
+    """Peak AdamW learning rate of SFT (> 0): linear warmup, then cosine decay to 10% of it. About 1e-5 to
+    2e-5 for billion-parameter models with full fine-tuning, 1e-4 to 2e-4 with LoRA."""
     sft_warmup_ratio: UnitFloat = 0.05
+    """Share of SFT's optimizer steps (0 to 1) spent warming the learning rate up linearly from 0."""
     sft_workers: PositiveInt = 1
-    train_cpus_per_worker: PositiveFloat = 1.0
-    """CPUs per Ray Train worker of the SFT, reward and DPO stages; also its torch thread count."""
-    train_gpus_per_worker: NonNegFloat = 1.0
-    """GPUs per Ray Train worker when the device is CUDA."""
+    """Ray Train workers of SFT (>= 1), a DeepSpeed data-parallel group; each gets
+    train_cpus_per_worker CPUs and, on CUDA, train_gpus_per_worker GPUs. sft_batch_size must be a multiple of
+    sft_micro_batch_size x sft_workers."""
     sft_eval_every: NonNegInt = 0
     """Evaluate every N steps (0 = once per epoch)."""
 
     # --- reward model ---------------------------------------------------------------
     reward_data_path: str | None = None
+    """Preference pairs (JSONL): {"prompt", "chosen", "rejected", "margin"?}; chosen and rejected are
+    strings or message lists. Required when the reward stage runs (and DPO's default, see dpo_data_path)."""
     reward_epochs: PositiveInt = 1
+    """Passes over the preference pairs' training split (>= 1); one is usual, more over-fits."""
     reward_batch_size: PositiveInt = 16
     """Global number of preference pairs per optimizer step."""
     reward_micro_batch_size: PositiveInt | None = None
+    """Per-worker micro-batch of pairs; default = reward_batch_size / reward_workers (no
+    accumulation). reward_batch_size must be a multiple of it x reward_workers."""
     reward_max_tokens_per_micro_batch: PositiveInt | None = None
     """Pack instead of pad, as sft_max_tokens_per_micro_batch, counting both sides of a pair (which stay in
     one micro-batch). Unset = padded micro-batches of reward_micro_batch_size pairs."""
     reward_lr: PositiveFloat = 5e-5
+    """Peak AdamW learning rate of the reward model (> 0), warmup then cosine decay to 10%."""
     reward_warmup_ratio: UnitFloat = 0.05
+    """Share of the reward stage's optimizer steps (0 to 1) spent on linear warmup."""
     reward_workers: PositiveInt = 1
+    """Ray Train workers of the reward stage (>= 1), as sft_workers."""
     freeze_reward_backbone: bool = False
     """Train only the scalar head."""
     reward_center_coef: NonNegFloat = 0.01
@@ -220,6 +246,7 @@ class RLHFConfig(_Strict):
     dpo_data_path: str | None = None
     """Preference pairs, in the reward stage's format (their margin is not used); unset = reward_data_path."""
     dpo_epochs: PositiveInt = 1
+    """Passes over the preference pairs' training split (>= 1); DPO over-fits quickly, one or two is usual."""
     dpo_batch_size: PositiveInt = 16
     """Global number of preference pairs per optimizer step."""
     dpo_micro_batch_size: PositiveInt | None = None
@@ -230,7 +257,9 @@ class RLHFConfig(_Strict):
     dpo_lr: PositiveFloat = 1e-6
     """DPO moves a model far with a small learning rate: 5e-7 to 1e-6 is usual for billion-parameter models."""
     dpo_warmup_ratio: UnitFloat = 0.1
+    """Share of DPO's optimizer steps (0 to 1) spent on linear warmup."""
     dpo_workers: PositiveInt = 1
+    """Ray Train workers of DPO (>= 1), as sft_workers."""
     dpo_beta: PositiveFloat = 0.1
     """beta of DPO/IPO: the strength of the implicit KL pull towards the reference (the starting model);
     implicit rewards are beta * (log pi - log ref)."""
@@ -252,7 +281,11 @@ class RLHFConfig(_Strict):
     the same), over sequences of per-sequence token means (each sequence weighs the same, GRPO's original),
     or over sequences of per-sequence token sums (no length normalisation, Dr. GRPO)."""
     ppo_data_path: str | None = None
+    """Prompts (JSONL) of the online stage: {"prompt": ...} (a string or a message list) or a bare JSON
+    string. Required when the ppo stage runs; prompts are drawn in a seeded order, epoch after epoch."""
     ppo_iterations: PositiveInt = 10
+    """Online iterations (>= 1): each generates from ppo_batch_size prompts, scores the samples, runs
+    ppo_epochs of updates over them and syncs the weights to the rollout."""
     ppo_batch_size: PositiveInt = 16
     """Prompts per iteration; each gives n_samples_per_prompt samples."""
     ppo_mini_batch_size: PositiveInt = 8
@@ -270,15 +303,34 @@ class RLHFConfig(_Strict):
     grows with the batch; default = the policy learner's micro-batch (ppo_micro_batch_size or
     mini-batch / policy workers)."""
     ppo_epochs: PositiveInt = 1
+    """Passes over each iteration's samples (>= 1), in shuffled mini-batches of ppo_mini_batch_size: ppo_epochs
+    x ppo_batch_size x n_samples_per_prompt / ppo_mini_batch_size optimizer steps per iteration."""
     ppo_lr_policy: PositiveFloat = 1e-5
+    """AdamW learning rate of the policy learner (> 0), constant (no warmup or decay). About 1e-6 for
+    billion-parameter models with full fine-tuning."""
     ppo_lr_value: PositiveFloat = 1e-5
+    """AdamW learning rate of the critic learner (> 0, ppo only), constant; often 2-10x ppo_lr_policy."""
     ppo_clip_range: PositiveFloat = 0.2
+    """epsilon of the clipped surrogate (> 0): the policy ratio is clipped to [1 - eps, 1 + eps]
+    (Schulman et al. 2017, arXiv:1707.06347). 0.2 is usual."""
     ppo_value_clip_range: PositiveFloat = 0.2
+    """Clip of the value loss (> 0, ppo only): the loss is the larger of the unclipped squared error and
+    that of values held within this distance of the rollout-time values (openai/baselines ppo2)."""
     ppo_gamma: UnitFloat = 1.0
+    """Discount per response token (0 to 1) of GAE (ppo) and REINFORCE++'s returns; 1 = no discount, as
+    usual for a score given at the end of the response."""
     ppo_lam: UnitFloat = 0.95
+    """GAE's lambda (0 to 1, ppo only): 1 = Monte-Carlo returns less the value (more variance), 0 = one-step
+    TD (more bias). arXiv:1506.02438."""
     ppo_entropy_coef: NonNegFloat = 0.0
+    """Weight (>= 0) of the entropy bonus subtracted from the policy loss; 0 = none (the logged entropy
+    is then that of one sequence)."""
     ppo_max_grad_norm: PositiveFloat = 1.0
+    """Clip the global gradient norm of the policy and critic updates to this (> 0). (The SFT, reward
+    and DPO stages clip at 1.0.)"""
     ppo_whiten_advantages: bool = True
+    """ppo: normalise GAE's advantages to mean 0 and standard deviation 1 over the batch's response
+    tokens."""
     ppo_recompute_old_logprobs: Literal["auto"] | bool = "auto"
     """Where PPO's old logprobs come from. false: the rollout's sampling logprobs (one forward pass fewer;
     in float32 they match the learner's forward to ~1e-6). true: the policy learner recomputes them, as
@@ -301,13 +353,20 @@ class RLHFConfig(_Strict):
     kl_estimator: Literal["k1", "k2", "k3"] | None = None
     """None = k1 with kl_in: reward, k3 with kl_in: loss. k1 is the only one allowed in the reward."""
     kl_coef: NonNegFloat = 0.05
+    """Coefficient (>= 0) of the KL to the reference, in the reward or the loss as kl_in says; the adaptive
+    controller's starting value when kl_target is set. 0 = no KL term. Usual: 0.01-0.1 in the reward, 0.001-0.04 in
+    the loss (GRPO)."""
     kl_target: PositiveFloat | None = None
     """Set to use the adaptive KL controller (Ziegler et al. 2019); unset = fixed coefficient."""
     kl_horizon: PositiveInt = 10000
+    """The adaptive controller's horizon, in prompts (>= 1): per iteration the coefficient moves by at most
+    20% x ppo_batch_size / kl_horizon (Ziegler et al. 2019). Used only with kl_target."""
 
     reward_fn: str | None = None
     """Python reward `module:function(prompts, responses) -> list[float]`, e.g. rlhf_dist.demo:positivity_reward."""
     reward_fn_weight: float = 1.0
+    """Weight of reward_fn's value in the score: score = reward_model_weight x RM score +
+    reward_fn_weight x reward_fn. Any float; used only with reward_fn."""
     reward_model_weight: float = 1.0
     """Weight of the reward model's score; 0 = use only reward_fn (the RM is then not loaded)."""
     overlong_penalty: NonNegFloat = 0.0
@@ -318,12 +377,18 @@ class RLHFConfig(_Strict):
     """Clip (normalised) scores to [-reward_clip, reward_clip]; unset = no clipping."""
 
     gen_max_new_tokens: PositiveInt = 32
+    """Most tokens (>= 1) generated per response; must be < max_length. A response cut off here
+    without eos can be penalised with overlong_penalty."""
     gen_batch_size: PositiveInt | None = None
     """Prompts per generate call of a rollout worker: it generates its slice in chunks of this many and
     merges them, so its KV cache and logits hold one chunk. Unset = the whole slice at once. The chunks
     draw from one seeded generator in order, so a run stays reproducible."""
     gen_temperature: PositiveFloat = 1.0
+    """Sampling temperature of the rollout (> 0). Logprobs (the policy's, the reference's, eval's KL)
+    are computed at the same temperature, so the policy ratio is that of the sampling distribution."""
     gen_top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    """Nucleus sampling (0 < p <= 1): sample from the smallest set of tokens whose probability reaches p;
+    1 = off."""
     gen_top_k: NonNegInt = 0
     """0 = no top-k filtering."""
     gen_min_new_tokens: NonNegInt = 0
@@ -396,6 +461,8 @@ class RLHFConfig(_Strict):
 
     # --- outputs --------------------------------------------------------------------
     save_dir: str = "runs/default"
+    """Directory of every output of the run (checkpoints, metrics, logs, config.json); relative to the
+    working directory, and on storage every node shares for a cluster run. Must not contain '..'."""
     save_interval: PositiveInt = 5
     """Save ppo/iteration_NNNNNN every N PPO iterations."""
     save_total_limit: PositiveInt | None = None
@@ -411,6 +478,8 @@ class RLHFConfig(_Strict):
     eval_num_prompts: PositiveInt = 64
     """The first N rows of the held-out prompts are used."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of the run log (driver and workers, save_dir/logs/run.log) and the console; vLLM logs one
+    level quieter."""
     wandb: WandbConfig = WandbConfig()
     cluster: ClusterConfig = ClusterConfig()
 
