@@ -8,7 +8,7 @@ import sys
 
 from .config import ConfigError
 from .config.stages import STAGES
-from .data import DataError
+from .data.rows import DataError
 from .failures import EXIT, report_failure
 from .health import HealthError
 from .io.checkpoint import CheckpointError
@@ -104,15 +104,8 @@ def _dispatch(args, loaded: dict) -> int:
         from .io.tracking import setup_logging
 
         setup_logging(pipe.config.log_level)
-        # The files `run` reads, and a stage's own file where one is set for a stage that falls back on another's
-        # (DPO reads reward_data_path unless dpo_data_path is set).
-        cfg = pipe.config
-        own = tuple(s.name for s in STAGES.values() if s.data_fallback and getattr(cfg, s.data_field))
-        stages = cfg.run_stages() + own
-        pipe.validate_data(tuple(dict.fromkeys(stages)))
-        from .io.sources import check_model_paths
-
-        check_model_paths(pipe.config)
+        for line in pipe.check():
+            print(line)
         print("config and data ok")
         return 0
     run = pipe.run_full_pipeline if args.command == "run" else lambda: pipe.run_stage(args.command)
