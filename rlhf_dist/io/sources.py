@@ -55,8 +55,10 @@ def _not_local(name: str, value: str, what: str) -> list[str]:
 
 
 def check_model_paths(cfg) -> None:
-    """Raise ConfigError naming every unreadable *_model_path; call before anything starts."""
+    """Raise ConfigError naming every unreadable model field (one line when one); call before anything starts."""
     errors = model_path_errors(cfg)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
     if errors:
         raise ConfigError("model paths:\n  " + "\n  ".join(errors))
 
