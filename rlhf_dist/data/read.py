@@ -33,7 +33,7 @@ def scan(spec: DataSpec, kind: str, bad_rows: str, max_bad_fraction: float, keep
             row = remap(value, spec.columns)
             example = parse(row, where)
         except RowError as e:
-            _bad(spec, kind, stats, f"{where}: {e}{_hint(spec, kind, value, e)}", bad_rows)
+            _bad(spec, stats, f"{where}: {e}{_hint(spec, kind, value, e)}", bad_rows)
             continue
         if not stats.layout:
             layout = detect(kind, row)
@@ -43,7 +43,7 @@ def scan(spec: DataSpec, kind: str, bad_rows: str, max_bad_fraction: float, keep
             try:
                 keep(key, example)
             except RowError as e:
-                _bad(spec, kind, stats, f"{where}: {e}", bad_rows)
+                _bad(spec, stats, f"{where}: {e}", bad_rows)
                 continue
             except DataError as e:  # e.g. over max_length: name the field too
                 if spec.field and not str(e).startswith(f"{spec.field}:"):
@@ -62,7 +62,7 @@ def scan(spec: DataSpec, kind: str, bad_rows: str, max_bad_fraction: float, keep
     return stats
 
 
-def _bad(spec: DataSpec, kind: str, stats: ReadStats, line: str, bad_rows: str) -> None:
+def _bad(spec: DataSpec, stats: ReadStats, line: str, bad_rows: str) -> None:
     if bad_rows == "error":
         raise spec.error(line)
     stats.skipped += 1

@@ -140,8 +140,8 @@ def open_source(spec: DataSpec) -> Source:
         files = [Path(f).resolve() for f in sorted(glob.glob(str(p), recursive=True)) if Path(f).is_file()]
         if not files:
             raise spec.error(f"no files match {Path(spec.path).expanduser().absolute()}")
-    elif _HUB_ID.fullmatch(spec.path) and not spec.path.startswith((".", "~")):
-        return _from_hub(spec)
+    elif _HUB_ID.fullmatch(spec.path) and not spec.path.startswith((".", "~")) and not p.parent.is_dir():
+        return _from_hub(spec)  # "data/x.jsonl" where ./data exists is a missing file, not the hub's org "data"
     else:
         raise spec.error(f"{p.absolute()}: data file not found")
     builders = {BUILDERS.get(f.suffix.lower()) for f in files}
