@@ -252,3 +252,27 @@ def test_check_fails_on_a_newcomers_mistakes_in_one_line(tiny, tmp_path, capsys,
     lines = [x for x in err.splitlines() if x.startswith("rlhf-dist: error:")]
     assert len(lines) == 1 and re.search(needle, lines[0]), err
     assert "Traceback" not in err
+
+
+def test_the_online_driver_takes_its_prompts_from_the_prompt_set(tiny, tok, tmp_path):
+    """The rollout gets each sampled prompt's token ids from the on-demand set, n times in a row, and the
+    samples table its text (the driver's own methods, on a PPORun without roles: fake rollout actors)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf_dist.online.driver import PPORun
+
+    prompts, _ = open_prompts(DataSpec(str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)), "ppo_data_path"), tok, 48,
+                              False, "error", 0.0)
+    calls = []
+    actor = SimpleNamespace(generate=SimpleNamespace(remote=lambda ids, sids, *rest: calls.append((ids, sids))))
+    run = PPORun.__new__(PPORun)
+    run.cfg = load_config(base_config(tiny, tmp_path / "run", n_samples_per_prompt=2, ppo_mini_batch_size=4))
+    run.tok, run.prompts, run.roles = tok, prompts, SimpleNamespace(rollout=[actor, actor])
+    run._launch(0, [4, 1])
+    assert calls == [([prompts.token_ids(4)] * 2, [8, 9]), ([prompts.token_ids(1)] * 2, [2, 3])]
+    exp = SimpleNamespace(sample_ids=[8, 9, 2, 3], kl=torch.zeros(4, 2), action_mask=torch.ones(4, 2),
+                          scores=torch.zeros(4))
+    rows = run._sample_rows(0, exp, ["a", "b", "c", "d"])
+    assert [r["prompt"] for r in rows] == [PROMPTS[4]["prompt"]] * 2 + [PROMPTS[1]["prompt"]] * 2
