@@ -170,10 +170,14 @@ def _load(spec: DataSpec, builder: str, **kw):
 
 
 def _from_disk(spec: DataSpec, p: Path) -> ArrowSource:
-    ds = _datasets().load_from_disk(str(p))
+    try:
+        ds = _datasets().load_from_disk(str(p))
+    except Exception as e:  # a damaged or partial directory
+        raise spec.error(f"{p}: cannot be read as a save_to_disk directory: {_first_line(e)}") from None
     if hasattr(ds, "keys"):  # a DatasetDict: pick the split
         if spec.split not in ds:
-            raise spec.error(f"{p}: no split {spec.split!r} (splits: {', '.join(ds)}); set the *_data_split field")
+            split_field = f"{(spec.field or '*_data_path').removesuffix('_data_path')}_data_split"
+            raise spec.error(f"{p}: no split {spec.split!r} (splits: {', '.join(ds)}); set {split_field}")
         ds = ds[spec.split]
     return ArrowSource(ds, str(p), spec.split)
 
