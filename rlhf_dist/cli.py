@@ -8,7 +8,7 @@ import sys
 
 from .config import ConfigError
 from .config.stages import STAGES
-from .data import DataError
+from .data.rows import DataError
 from .failures import EXIT, report_failure
 from .health import HealthError
 from .io.checkpoint import CheckpointError
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "the config's stages in order (default: SFT -> reward model -> PPO)"),
                         *((s.name, s.help) for s in STAGES.values()),
-                        ("check", "validate the config and every data file, then exit")):
+                        ("check", "validate the config, models, tokenizer, reward_fn and every data source, then exit")):
         _add_config(sub.add_parser(name, help=help_))
     _add_config(sub.add_parser("doctor", help="versions, the Ray cluster and where each PPO role would be placed "
                                               "(loads nothing; exit 3 when something cannot be placed)"))
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", metavar="NAME=DIR",
                    help="default: every complete checkpoint in save_dir")
     p.add_argument("--num-prompts", type=int, default=None, help="evaluate the first N rows only (default: all)")
-    p.add_argument("--data", default=None, help="eval JSONL of prompt/response or messages rows "
-                                                "(default: eval.jsonl beside sft_data_path)")
+    p.add_argument("--data", default=None, help="eval rows in an SFT layout (prompt/response, messages, ...) from any "
+                                                "source of docs/data.md (default: eval.jsonl beside sft_data_path)")
     p.add_argument("--gold", default=None, metavar="MODULE:FUNCTION",
                    help="rule-based gold metric (default: reward_fn)")
     p = sub.add_parser("report", help="plots and report.md from a run's local metrics files")
@@ -107,15 +107,8 @@ def _dispatch(args, loaded: dict) -> int:
         from .io.tracking import setup_logging
 
         setup_logging(pipe.config.log_level)
-        # The files `run` reads, and a stage's own file where one is set for a stage that falls back on another's
-        # (DPO reads reward_data_path unless dpo_data_path is set).
-        cfg = pipe.config
-        own = tuple(s.name for s in STAGES.values() if s.data_fallback and getattr(cfg, s.data_field))
-        stages = cfg.run_stages() + own
-        pipe.validate_data(tuple(dict.fromkeys(stages)))
-        from .io.sources import check_model_paths
-
-        check_model_paths(pipe.config)
+        for line in pipe.check():
+            print(line)
         print("config and data ok")
         return 0
     run = pipe.run_full_pipeline if args.command == "run" else lambda: pipe.run_stage(args.command)

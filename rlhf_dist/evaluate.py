@@ -32,7 +32,9 @@ import torch
 from .config import ConfigError, RLHFConfig, load_config
 from .config.engines import ENGINES, installed_engines
 from .config.stages import OFFLINE
-from .data import DataError, Encoded, Message, encode_conversation, encode_prompt, encode_prompt_response, read_dataset
+from .data.encode import Encoded, encode_conversation, encode_prompt, encode_prompt_response
+from .data.read import read_dataset
+from .data.rows import DataError, Message
 from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
 from .io.eval_results import eval_settings, format_table, metrics_row, write_results
 from .io.sources import check_model_paths, policy_start, reference_model
@@ -121,14 +123,18 @@ def resolve_eval_data(cfg: RLHFConfig, data_path: str | None) -> Path:
     raise DataError("no eval data: sft_data_path is not set, so there is no sibling eval.jsonl; pass --data PATH")
 
 
-def load_fn(spec: str) -> Callable:
+def load_fn(spec: str, field: str = "--gold") -> Callable:
+    """The function `module:function` names; an error is one line naming `field` (the option or config field)."""
     mod, sep, name = spec.partition(":")
     if not sep or not mod or not name:
-        raise ConfigError(f"--gold {spec!r}: expected module:function")
+        raise ConfigError(f"{field} {spec!r}: expected module:function")
     try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--gold {spec!r}: {e}") from None
+        fn = getattr(importlib.import_module(mod), name)
+    except Exception as e:  # ImportError, AttributeError, or whatever the module raises as it is imported
+        raise ConfigError(f"{field} {spec!r}: {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"{field} {spec!r}: {name} is not a function")
+    return fn
 
 
 @dataclass
@@ -178,7 +184,7 @@ def _batches(n: int, size: int):
 def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size: int) -> float:
     """exp(token-weighted mean NLL) of the assistant tokens, teacher-forced."""
     from .algo import logprobs_from_logits
-    from .data import pad_right
+    from .data.encode import pad_right
     from .packing import position_ids_from_mask
 
     nll, count = 0.0, 0
@@ -252,7 +258,7 @@ class RewardScorer:
 
     @torch.inference_mode()
     def __call__(self, batches: list, prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
-        from .data import pad_right
+        from .data.encode import pad_right
         from .models import sequence_scores
 
         out = []

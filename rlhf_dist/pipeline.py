@@ -10,9 +10,12 @@ from pathlib import Path
 
 from .config import RLHFConfig, load_config, redact
 from .config.stages import STAGES
-from .data import DataError, read_dataset
+from .data.encode import tokenize_rows
+from .data.read import scan
+from .data.rows import DataError, ReadStats
+from .data.sources import DataSpec, data_spec
 from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
-from .io.sources import check_model_paths
+from .io.sources import check_model_paths, policy_start
 from .io.tracking import setup_logging
 
 log = logging.getLogger(__name__)
@@ -99,18 +102,49 @@ class RLHFPipeline:
         check_cluster(self.config, stages, device)
         return device
 
-    def validate_data(self, stages: tuple[str, ...]) -> None:
-        """Read every data file the stages need, before any model or Ray worker starts."""
-        cfg = self.config
+    def data_sources(self, stages: tuple[str, ...]) -> list[tuple[DataSpec, str]]:
+        """(source, row kind) of every data field the stages read; a stage whose own field is unset reads its
+        fallback's (DPO reads reward_data_path unless dpo_data_path is set)."""
+        cfg, out = self.config, []
         for stage in map(STAGES.get, stages):
-            field, path = stage.data_field, getattr(cfg, stage.data_field)
-            if stage.data_fallback and not path:  # e.g. DPO reads the reward stage's pairs unless told otherwise
-                field, path = f"{field} (or {stage.data_fallback})", getattr(cfg, stage.data_fallback)
-            if not path:
-                raise DataError(f"{field}: required by the {stage.name} stage")
-            t = time.time()
-            _, stats = read_dataset(path, stage.data_kind, cfg.bad_rows, cfg.max_bad_fraction)
-            log.info("data %s ok: %s (%.2fs)", path, stats.summary(), time.time() - t)
+            field = stage.data_field
+            if stage.data_fallback and not getattr(cfg, field):
+                field = stage.data_fallback
+            if not getattr(cfg, field):
+                named = f"{stage.data_field} (or {field})" if field != stage.data_field else field
+                raise DataError(f"{named}: required by the {stage.name} stage")
+            out.append((data_spec(cfg, field, stage.data_kind), stage.data_kind))
+        return out
+
+    def validate_data(self, stages: tuple[str, ...], tok=None) -> list[str]:
+        """Read every data source the stages need, one row at a time, before any model or Ray worker starts;
+        with `tok`, tokenise each row as its stage will (a row over max_length fails unless truncate). Returns
+        one line per source (field, path, layout, counts) and one per bad row shown."""
+        cfg, lines = self.config, []
+        for spec, kind in self.data_sources(stages):
+            t, stats = time.time(), ReadStats()
+            limit = cfg.max_length - cfg.gen_max_new_tokens if kind == "prompt" else cfg.max_length
+            keep = None if tok is None else lambda key, ex: tokenize_rows(tok, kind, [ex], limit, cfg.truncate, stats)
+            scan(spec, kind, cfg.bad_rows, cfg.max_bad_fraction, keep, stats)
+            lines.append(f"{spec.field}: {spec.path}: {stats.layout} layout, {stats.summary()}")
+            lines += [f"  bad row skipped: {e}" for e in stats.skipped_examples]
+            log.info("data %s (%.2fs)", lines[-1 - len(stats.skipped_examples)], time.time() - t)
+        return lines
+
+    def check(self) -> list[str]:
+        """`rlhf-dist check`: the models and the tokenizer can be found and loaded, reward_fn imports, and every
+        data source the run reads parses and tokenises within max_length. Returns the lines to print; raises
+        ConfigError, ModelError or DataError in one line naming the field."""
+        cfg = self.config
+        check_model_paths(cfg)
+        if cfg.reward_fn:
+            from .evaluate import load_fn  # here, not at the top: evaluate imports torch
+
+            load_fn(cfg.reward_fn, "reward_fn")
+        tok = check_tokenizer(cfg)
+        # The stages `run` runs, and a stage's own file where one is set for a stage that falls back on another's.
+        own = tuple(s.name for s in STAGES.values() if s.data_fallback and getattr(cfg, s.data_field))
+        return self.validate_data(tuple(dict.fromkeys(cfg.run_stages() + own)), tok)
 
     # ------------------------------------------------------------------------------
     def run_stage(self, stage: str) -> Path:
@@ -200,6 +234,22 @@ class RLHFPipeline:
         if self.tracker is not None:
             self.tracker.finish()
             self.tracker = None
+
+
+def check_tokenizer(cfg: RLHFConfig):
+    """The policy's tokenizer, loaded as the stages load it, with its special tokens checked; a failure is one
+    line naming the field it came from."""
+    from .data.encode import check_special_tokens
+    from .models import ModelError, load_tokenizer  # here, not at the top: models imports torch
+
+    path, field = (cfg.tokenizer_path, "tokenizer_path") if cfg.tokenizer_path else policy_start(cfg, "check")
+    try:
+        tok = load_tokenizer(path)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for one unreadable tokenizer
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelError(f"{field}: cannot load a tokenizer from {path}: {type(e).__name__}: {first}") from None
+    check_special_tokens(tok)
+    return tok
 
 
 def create_rlhf_pipeline(config: "dict | str | os.PathLike | RLHFConfig", overrides: list[str] | None = None) -> RLHFPipeline:

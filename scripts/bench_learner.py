@@ -147,7 +147,7 @@ def micro_batches(seqs: list[tuple[list[int], int]], micro: int, pack: int) -> l
 
 def sft_micro(group) -> tuple[dict, int, int]:
     """(sft_batch over the group, real tokens, padded positions); the loss is on the response tokens."""
-    from rlhf_dist.data import Encoded
+    from rlhf_dist.data.encode import Encoded
     from rlhf_dist.steps.sft import sft_batch
 
     items = [Encoded(input_ids=ids, loss_mask=[0] * p + [1] * (len(ids) - p), prompt_len=p) for ids, p in group]

@@ -63,7 +63,7 @@ def build_assets(work: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
 
-    from rlhf_dist.data import encode_prompt
+    from rlhf_dist.data.encode import encode_prompt
     from rlhf_dist.tiny import build_tiny
 
     # The demo text alone gives ~600 BPE tokens; the stdlib's `email` package brings the vocab to 2048.

@@ -2,15 +2,15 @@ import json
 
 import pytest
 
-from rlhf_dist.data import (
-    DataError,
+from rlhf_dist.data.encode import (
     check_special_tokens,
     encode_conversation,
     encode_prompt,
     encode_prompt_response,
-    read_dataset,
     tokenize_sft,
 )
+from rlhf_dist.data.read import read_dataset
+from rlhf_dist.data.rows import DataError
 from rlhf_dist.models import load_tokenizer
 
 

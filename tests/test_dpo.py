@@ -57,7 +57,8 @@ def test_dpo_loss_at_the_reference_and_unknown_kind():
 
 
 def _pairs(tiny, n):
-    from rlhf_dist.data import read_dataset, tokenize_preferences
+    from rlhf_dist.data.encode import tokenize_preferences
+    from rlhf_dist.data.read import read_dataset
     from rlhf_dist.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny["model"]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf_dist.config import load_config
-from rlhf_dist.data import DataError
+from rlhf_dist.data.rows import DataError
 from rlhf_dist.evaluate import evaluate_model, load_eval_set, perplexity
 from rlhf_dist.io.checkpoint import atomic_dir
 from rlhf_dist.io.eval_results import COLUMNS

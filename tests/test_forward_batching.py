@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_dist.config import field_docs, load_config
-from rlhf_dist.data import encode_prompt, encode_prompt_response, pad_right
+from rlhf_dist.data.encode import encode_prompt, encode_prompt_response, pad_right
 from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_dist.roles.actors import ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
 from rlhf_dist.roles.learner import Learner

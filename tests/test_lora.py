@@ -130,7 +130,8 @@ def test_saved_merged_models_load_as_plain_hf(tiny, tmp_path):
 
 def test_dpo_reference_is_the_base_model(tiny):
     """DPO's one-off reference pass over a LoRA model runs with the adapters off: the base's log-probs."""
-    from rlhf_dist.data import read_dataset, tokenize_preferences
+    from rlhf_dist.data.encode import tokenize_preferences
+    from rlhf_dist.data.read import read_dataset
     from rlhf_dist.models import load_tokenizer
     from rlhf_dist.steps.dpo import attach_reference
 

@@ -14,7 +14,7 @@ import torch
 from conftest import base_config
 
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.data import encode_prompt, encode_prompt_response
+from rlhf_dist.data.encode import encode_prompt, encode_prompt_response
 from rlhf_dist.io.checkpoint import (
     CheckpointError,
     atomic_dir,

@@ -94,7 +94,7 @@ def _same(a, b, ga, gb):
 
 
 def _encoded(n: int, seed: int):
-    from rlhf_dist.data import Encoded
+    from rlhf_dist.data.encode import Encoded
 
     g = torch.Generator().manual_seed(seed)
     out = []

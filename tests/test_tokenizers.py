@@ -8,15 +8,8 @@ import shutil
 import pytest
 import torch
 
-from rlhf_dist.data import (
-    ReadStats,
-    SFTExample,
-    check_special_tokens,
-    encode_conversation,
-    encode_prompt,
-    render,
-    tokenize_sft,
-)
+from rlhf_dist.data.encode import check_special_tokens, encode_conversation, encode_prompt, render, tokenize_sft
+from rlhf_dist.data.rows import ReadStats, SFTExample
 from rlhf_dist.models import ModelError, last_token_index, load_tokenizer, sequence_scores, token_scalars
 
 CHAT = [{"role": "user", "content": "Describe the cat."}, {"role": "assistant", "content": "It is kind."},
@@ -97,7 +90,7 @@ def test_pad_eos_sft_labels_keep_eos(pad_eos_tok):
 
 
 def test_pad_eos_reward_read_at_the_last_real_token(tiny, pad_eos_tok):
-    from rlhf_dist.data import encode_prompt_response, pad_right
+    from rlhf_dist.data.encode import encode_prompt_response, pad_right
     from rlhf_dist.models import load_scalar_model
 
     tok, eos = pad_eos_tok, pad_eos_tok.eos_token_id

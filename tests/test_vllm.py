@@ -9,7 +9,7 @@ import torch
 from conftest import assert_in_nucleus
 
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.data import encode_prompt
+from rlhf_dist.data.encode import encode_prompt
 from rlhf_dist.models import load_causal_lm, load_tokenizer
 from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
 from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams

@@ -101,19 +101,30 @@ def _allowed_values(field: str) -> list[str]:
     return out
 
 
+def _nearest(group: str, name: str) -> str:
+    """"; did you mean `x`?" for the closest field of `group` (a dotted struct path, or the top level)."""
+    import difflib
+
+    cls: Any = RLHFConfig
+    for part in group.split(".") if group else ():
+        cls = typing.get_type_hints(cls).get(part, cls)
+    close = difflib.get_close_matches(name, getattr(cls, "__struct_fields__", ()), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 def _convert_error(e: msgspec.ValidationError) -> ConfigError:
     # msgspec says "... - at `$.roles.policy.num_gpus`"; turn the path into the field name first.
-    msg = str(e)
+    msg, group = str(e), ""
     m = re.search(r" - at `\$\.?(.*)`$", msg)
     if m:
         field = re.sub(r"\[(\d+)\]", r".\1", m.group(1)) or "(top level)"
-        msg = f"{field}: {msg[: m.start()]}"
+        msg, group = f"{field}: {msg[: m.start()]}", field
         allowed = _allowed_values(field) if msg.startswith(f"{field}: Invalid enum value") else []
         if allowed:  # e.g. bf16: "true" quoted in YAML is a string, not the bool
             msg += f", expected one of: {', '.join(allowed)}"
-    m = re.match(r"Object contains unknown field `(\w+)`", msg)
+    m = re.search(r"Object contains unknown field `(\w+)`", msg)
     if m:
-        msg = msg.replace(m.group(0), f"unknown field `{m.group(1)}`")
+        msg = msg.replace(m.group(0), f"unknown field `{m.group(1)}`{_nearest(group, m.group(1))}")
     m = re.match(r"Object missing required field `(\w+)`", msg)
     if m:
         msg = f"{m.group(1)}: required field is missing"

@@ -191,8 +191,20 @@ class RLHFConfig(_Strict):
 
     # --- SFT ------------------------------------------------------------------------
     sft_data_path: str | None = None
-    """SFT rows (JSONL): {"messages": [...]} ending with an assistant turn, or {"prompt", "response"}.
-    Required when the sft stage runs; checked row by row (errors name file:line) before anything starts."""
+    """SFT conversations: a JSONL, Parquet, JSON, CSV or Arrow file, a glob of shards, a `save_to_disk`
+    directory or a hub id, in any layout of docs/data.md (`messages`, `prompt`+`response`, `prompt`+`completion`)."""
+    sft_data_split: str = "train"
+    """Split of a hub dataset or a `save_to_disk` DatasetDict at sft_data_path (files have only "train")."""
+    sft_data_subset: str | None = None
+    """Subset (configuration) of a hub dataset at sft_data_path; unset = its default."""
+    sft_messages_field: str | None = None
+    """Column of sft_data_path that holds the conversation (a list of role/content messages); unset = `messages`."""
+    sft_prompt_field: str | None = None
+    """Column of sft_data_path that holds the prompt (a string or messages); unset = `prompt`."""
+    sft_response_field: str | None = None
+    """Column of sft_data_path that holds the response (a string); unset = `response`."""
+    sft_completion_field: str | None = None
+    """Column of sft_data_path that holds TRL's completion (a string or messages); unset = `completion`."""
     sft_epochs: PositiveInt = 1
     """Passes over the SFT training split (>= 1); the best model is picked by held-out loss."""
     sft_batch_size: PositiveInt = 16
@@ -219,8 +231,19 @@ class RLHFConfig(_Strict):
 
     # --- reward model ---------------------------------------------------------------
     reward_data_path: str | None = None
-    """Preference pairs (JSONL): {"prompt", "chosen", "rejected", "margin"?}; chosen and rejected are
-    strings or message lists. Required when the reward stage runs (and DPO's default, see dpo_data_path)."""
+    """Preference pairs: a file, glob, `save_to_disk` directory or hub id (as sft_data_path), with `prompt`,
+    `chosen`, `rejected` (UltraFeedback, TRL) or only `chosen` and `rejected` (HH-RLHF transcripts, TRL implicit
+    prompt), and an optional numeric `margin`. See docs/data.md."""
+    reward_data_split: str = "train"
+    """Split of a hub dataset or a `save_to_disk` DatasetDict at reward_data_path (files have only "train")."""
+    reward_data_subset: str | None = None
+    """Subset (configuration) of a hub dataset at reward_data_path; unset = its default."""
+    reward_prompt_field: str | None = None
+    """Column of reward_data_path that holds the prompt (a string or messages); unset = `prompt`."""
+    reward_chosen_field: str | None = None
+    """Column of reward_data_path that holds the preferred response or conversation; unset = `chosen`."""
+    reward_rejected_field: str | None = None
+    """Column of reward_data_path that holds the other response or conversation; unset = `rejected`."""
     reward_epochs: PositiveInt = 1
     """Passes over the preference pairs' training split (>= 1); one is usual, more over-fits."""
     reward_batch_size: PositiveInt = 16
@@ -244,7 +267,18 @@ class RLHFConfig(_Strict):
 
     # --- DPO ------------------------------------------------------------------------
     dpo_data_path: str | None = None
-    """Preference pairs, in the reward stage's format (their margin is not used); unset = reward_data_path."""
+    """Preference pairs, in the reward stage's sources and layouts (their margin is not used); unset =
+    reward_data_path, read with the reward_* split, subset and column fields."""
+    dpo_data_split: str = "train"
+    """Split of a hub dataset or a `save_to_disk` DatasetDict at dpo_data_path (files have only "train")."""
+    dpo_data_subset: str | None = None
+    """Subset (configuration) of a hub dataset at dpo_data_path; unset = its default."""
+    dpo_prompt_field: str | None = None
+    """Column of dpo_data_path that holds the prompt (a string or messages); unset = `prompt`."""
+    dpo_chosen_field: str | None = None
+    """Column of dpo_data_path that holds the preferred response or conversation; unset = `chosen`."""
+    dpo_rejected_field: str | None = None
+    """Column of dpo_data_path that holds the other response or conversation; unset = `rejected`."""
     dpo_epochs: PositiveInt = 1
     """Passes over the preference pairs' training split (>= 1); DPO over-fits quickly, one or two is usual."""
     dpo_batch_size: PositiveInt = 16
@@ -281,8 +315,15 @@ class RLHFConfig(_Strict):
     the same), over sequences of per-sequence token means (each sequence weighs the same, GRPO's original),
     or over sequences of per-sequence token sums (no length normalisation, Dr. GRPO)."""
     ppo_data_path: str | None = None
-    """Prompts (JSONL) of the online stage: {"prompt": ...} (a string or a message list) or a bare JSON
-    string. Required when the ppo stage runs; prompts are drawn in a seeded order, epoch after epoch."""
+    """Prompts: a file, glob, `save_to_disk` directory or hub id (as sft_data_path) with a `prompt` column (a
+    string or messages) or OpenAI `messages` (the turns before the last assistant reply), or JSONL strings. Read
+    on demand: memory holds 8 bytes a prompt, not the prompts. The row's other columns (e.g. `answer`) go with it."""
+    ppo_data_split: str = "train"
+    """Split of a hub dataset or a `save_to_disk` DatasetDict at ppo_data_path (files have only "train")."""
+    ppo_data_subset: str | None = None
+    """Subset (configuration) of a hub dataset at ppo_data_path; unset = its default."""
+    ppo_prompt_field: str | None = None
+    """Column of ppo_data_path that holds the prompt (a string or messages); unset = `prompt`."""
     ppo_iterations: PositiveInt = 10
     """Online iterations (>= 1): each generates from ppo_batch_size prompts, scores the samples, runs
     ppo_epochs of updates over them and syncs the weights to the rollout."""
@@ -473,8 +514,14 @@ class RLHFConfig(_Strict):
     and log their reward (and rm_score / fn_score), KL to the reference and length as `eval/*` in the
     metrics, W&B and the report; no update. 0 = off."""
     eval_data_path: str | None = None
-    """Held-out prompts for eval_every (prompt rows; a response field is ignored). Default: the eval.jsonl
-    beside sft_data_path, as `rlhf-dist eval` uses."""
+    """Held-out prompts for eval_every (prompt rows; a response field is ignored), from any source of
+    ppo_data_path. Default: the eval.jsonl beside sft_data_path, as `rlhf-dist eval` uses."""
+    eval_data_split: str = "train"
+    """Split of a hub dataset or a `save_to_disk` DatasetDict at eval_data_path (files have only "train")."""
+    eval_data_subset: str | None = None
+    """Subset (configuration) of a hub dataset at eval_data_path; unset = its default."""
+    eval_prompt_field: str | None = None
+    """Column of eval_data_path that holds the prompt (a string or messages); unset = `prompt`."""
     eval_num_prompts: PositiveInt = 64
     """The first N rows of the held-out prompts are used."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

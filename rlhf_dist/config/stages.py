@@ -44,7 +44,7 @@ class Stage:
     name: str  # the CLI command, the `stages` entry, the W&B prefix, the Ray Train run name
     out_dir: str  # under save_dir: <output>/, metrics.jsonl, stage_complete.json
     output: str  # best_model (rewritten at each better eval) or final_model (written once, at the end)
-    data_kind: str  # the row format (data.PARSERS)
+    data_kind: str  # the row format (data.layouts.PARSERS)
     data_field: str
     fields: StageFields
     help: str  # the CLI command's help

@@ -20,31 +20,45 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def model_path_errors(cfg) -> list[str]:
-    """The *_model_path fields that cannot be read, one line each naming the field: a missing local
-    directory, a file, a directory without config.json, or a hub id with the hub switched off."""
-    from huggingface_hub import constants
-
+    """The model fields that cannot be read, one line each naming the field: a missing local directory, a
+    file, a directory without config.json, or a hub id with the hub switched off. model_name counts where the
+    policy starts from it (no policy_model_path); tokenizer_path may also be a tokenizer.json file."""
     errors = []
-    for name in MODEL_PATH_FIELDS:
+    for name in ("model_name", *MODEL_PATH_FIELDS) if cfg.policy_model_path is None else MODEL_PATH_FIELDS:
         value = getattr(cfg, name)
         if value is None:
             continue
         p = Path(value).expanduser()
         if p.is_dir():
             if not (p / "config.json").is_file():
-                errors.append(f"{name}: {value} is not a Hugging Face model directory (no config.json)")
+                errors.append(f"{name}: {p.absolute()} is not a Hugging Face model directory (no config.json)")
         elif p.exists():
-            errors.append(f"{name}: {value} is a file, not a model directory")
-        elif not _HUB_ID.fullmatch(value) or ".." in value:
-            errors.append(f"{name}: directory {value} does not exist")
-        elif constants.HF_HUB_OFFLINE:
-            errors.append(f"{name}: {value} is not a local directory, and the hub is off (HF_HUB_OFFLINE)")
+            errors.append(f"{name}: {p.absolute()} is a file, not a model directory")
+        else:
+            errors += _not_local(name, value, "directory")
+    if cfg.tokenizer_path is not None and not Path(cfg.tokenizer_path).expanduser().exists():
+        errors += _not_local("tokenizer_path", cfg.tokenizer_path, "directory or file")
     return errors
 
 
+def _not_local(name: str, value: str, what: str) -> list[str]:
+    """A path that does not exist: fine if it can be a hub id and the hub is on."""
+    from huggingface_hub import constants
+
+    p = Path(value).expanduser()
+    # "models/tiny" where ./models exists is a local path with a typo, not the hub's org "models".
+    if not _HUB_ID.fullmatch(value) or ".." in value or (p.parent != Path(".") and p.parent.is_dir()):
+        return [f"{name}: {what} {p.absolute()} does not exist"]
+    if constants.HF_HUB_OFFLINE:
+        return [f"{name}: {value} is not a local directory, and the hub is off (HF_HUB_OFFLINE)"]
+    return []
+
+
 def check_model_paths(cfg) -> None:
-    """Raise ConfigError naming every unreadable *_model_path; call before anything starts."""
+    """Raise ConfigError naming every unreadable model field (one line when one); call before anything starts."""
     errors = model_path_errors(cfg)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
     if errors:
         raise ConfigError("model paths:\n  " + "\n  ".join(errors))
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..data import ReadStats, read_dataset, tokenize_preferences
+from ..data.encode import tokenize_preferences
+from ..data.read import read_dataset
+from ..data.rows import ReadStats
+from ..data.sources import data_spec
 from ..models import load_causal_lm
 from ..packing import one_row
 from ..steps.dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
@@ -11,8 +14,8 @@ from ..steps.dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
 def task_parts(cfg, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
     """The DPO stage's data (preference pairs, dpo_data_path else reward_data_path) and Task fields: the policy,
     with the reference's log-probs attached to each pair once before training."""
-    rows, stats = read_dataset(cfg.dpo_data_path or cfg.reward_data_path, "preference", cfg.bad_rows,
-                               cfg.max_bad_fraction)
+    field = "dpo_data_path" if cfg.dpo_data_path else "reward_data_path"
+    rows, stats = read_dataset(data_spec(cfg, field, "preference"), "preference", cfg.bad_rows, cfg.max_bad_fraction)
     items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
     return items, stats, dict(
         model=lambda: load_causal_lm(model_dir, bf16, cfg.attn_implementation),

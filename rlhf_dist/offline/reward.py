@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from ..data import ReadStats, read_dataset, tokenize_preferences
+from ..data.encode import tokenize_preferences
+from ..data.read import read_dataset
+from ..data.rows import ReadStats
+from ..data.sources import data_spec
 from ..models import load_scalar_model
 from ..steps.reward import reward_batch, reward_count, reward_loss
 
 
 def task_parts(cfg, tok, model_dir: str, bf16: bool) -> tuple[list, ReadStats, dict]:
     """The reward stage's data (preference pairs) and Task fields: a scalar-head model ranking the pairs."""
-    rows, stats = read_dataset(cfg.reward_data_path, "preference", cfg.bad_rows, cfg.max_bad_fraction)
+    rows, stats = read_dataset(data_spec(cfg, "reward_data_path", "preference"), "preference", cfg.bad_rows, cfg.max_bad_fraction)
     items = tokenize_preferences(tok, rows, cfg.max_length, cfg.truncate, stats)
 
     def model():

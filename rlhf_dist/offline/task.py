@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..config import RLHFConfig
 from ..config.stages import STAGES, micro_batch_size
-from ..data import Encoded, check_special_tokens, split_eval
+from ..data.encode import Encoded, check_special_tokens, split_eval
 from ..io.checkpoint import safe_join
 from ..io.sources import check_model_paths, policy_start
 from ..io.tracking import Timers

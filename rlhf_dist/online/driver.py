@@ -16,7 +16,8 @@ import torch
 
 from ..algo import AdaptiveKLController, FixedKLController, RunningMoments
 from ..config import RLHFConfig
-from ..data import read_dataset, tokenize_prompts
+from ..data.prompts import open_prompts
+from ..data.sources import data_spec
 from ..errors import RoleFailure
 from ..health import BadStepCounter, DriftGuard, HealthError, SpikeDetector, logprob_tolerance, nonfinite_rows
 from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps, safe_join, verify
@@ -92,9 +93,9 @@ class PPORun:
             truncate_metrics(ppo_dir / name, "iteration", self.start_it)
         self.inputs = resolve_inputs(cfg, self.resume_from)
         self.tok = load_tokenizer(self.inputs.tokenizer)
-        rows, stats = read_dataset(cfg.ppo_data_path, "prompt", cfg.bad_rows, cfg.max_bad_fraction)
-        self.prompt_ids = tokenize_prompts(self.tok, rows, cfg.max_length - cfg.gen_max_new_tokens, cfg.truncate, stats)
-        self.prompts = [r.prompt for r in rows]
+        self.prompts, stats = open_prompts(data_spec(cfg, "ppo_data_path", "prompt"), self.tok,
+                                           cfg.max_length - cfg.gen_max_new_tokens, cfg.truncate, cfg.bad_rows,
+                                           cfg.max_bad_fraction)
         log.info("ppo: %d prompts (%s)", len(self.prompts), stats.summary())
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                        else FixedKLController(cfg.kl_coef))
@@ -268,7 +269,7 @@ class PPORun:
         n = self.cfg.n_samples_per_prompt
         kl_seq = (exp.kl * exp.action_mask).sum(1)
         return [{"iteration": it + 1, "sample_id": sid, "group": sid // n,
-                 "prompt": self.prompts[sid // n][-1]["content"], "response": responses[j],
+                 "prompt": self.prompts[sid // n].prompt[-1]["content"], "response": responses[j],
                  "reward": float(exp.scores[j]), "kl": float(kl_seq[j])}
                 for j, sid in enumerate(exp.sample_ids[:max(4, n)])]
 
@@ -294,7 +295,8 @@ class PPORun:
             # LoRA: the policy learners give the reference's logprobs (their base weights), no reference actor.
             ref_role = "policy" if cfg.lora_rank else "reference"
             r_ref = fan(roles.policy, "reference_logprobs") if cfg.lora_rank else fan(roles.reference, "logprobs")
-            r_rew = [a.score.remote(slice_samples(samples, s, e), [self.prompts[i // n] for i in samples.sample_ids[s:e]])
+            r_rew = [a.score.remote(slice_samples(samples, s, e),
+                                    [self.prompts[i // n].prompt for i in samples.sample_ids[s:e]])
                      for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
             old_logp = (torch.cat(self._wait(r_old, "policy", "experience")) if r_old is not None
                         else samples.rollout_logprobs)  # (B, R)
@@ -307,7 +309,7 @@ class PPORun:
         """Start the rollout of iteration `it`: the prompts split across the rollout workers."""
         tok, n = self.tok, self.cfg.n_samples_per_prompt
         sids = sample_ids_for(ids, n)  # each prompt n times, consecutive
-        return [a.generate.remote([self.prompt_ids[i // n] for i in sids[s:e]], sids[s:e],
+        return [a.generate.remote([self.prompts.token_ids(i // n) for i in sids[s:e]], sids[s:e],
                                   self.cfg.seed * 100003 + it * 101 + k, tok.pad_token_id, tok.eos_token_id)
                 for k, (a, (s, e)) in enumerate(zip(self.roles.rollout, split(len(sids), len(self.roles.rollout))))]
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..data import read_dataset, tokenize_prompts
+from ..data.encode import tokenize_prompts
+from ..data.read import read_dataset
+from ..data.sources import data_spec
 from ..roles.calls import wait
 from ..rollout.samples import merge_samples, slice_samples
 from .setup import split
@@ -17,7 +19,8 @@ def load_eval_prompts(cfg, tok) -> tuple[list[list[dict]], list[list[int]]]:
     from ..evaluate import resolve_eval_data
 
     path = resolve_eval_data(cfg, cfg.eval_data_path)
-    rows, stats = read_dataset(path, "prompt", cfg.bad_rows, cfg.max_bad_fraction)
+    rows, stats = read_dataset(data_spec(cfg, "eval_data_path", "prompt", path), "prompt", cfg.bad_rows,
+                               cfg.max_bad_fraction)
     rows = rows[:cfg.eval_num_prompts]
     return [r.prompt for r in rows], tokenize_prompts(tok, rows, cfg.max_length - cfg.gen_max_new_tokens, True, stats)
 

@@ -16,13 +16,20 @@ class PromptSampler:
 
     def __init__(self, n: int, seed: int, cursor: int = 0):
         self.n, self.seed, self.cursor = n, seed, cursor
+        self._epoch, self._order = -1, []  # one pass's order, made once (a million prompts take ~1 s to shuffle)
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._order = list(range(self.n))
+            random.Random(self.seed + epoch).shuffle(self._order)
+            self._epoch = epoch
+        return self._order
 
     def next(self, k: int) -> list[int]:
         out = []
         while len(out) < k:
             epoch, pos = divmod(self.cursor, self.n)
-            order = list(range(self.n))
-            random.Random(self.seed + epoch).shuffle(order)
+            order = self.order(epoch)
             take = min(k - len(out), self.n - pos)
             out.extend(order[pos:pos + take])
             self.cursor += take

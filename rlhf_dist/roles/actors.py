@@ -19,7 +19,7 @@ import torch
 from ..config import load_config
 from ..config.engines import installed_engines
 from ..config.stages import ONLINE, micro_batch_size
-from ..data import encode_prompt_response, pad_right
+from ..data.encode import encode_prompt_response, pad_right
 from ..distributed import enter_workdir, set_threads
 from ..io.tracking import setup_logging
 from ..models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..algo import dpo_loss
-from ..data import Encoded, pad_right
+from ..data.encode import Encoded, pad_right
 from ..models import adapters_off
 from ..packing import micro_batch_indices, pack
 from .sft import next_token_logprobs

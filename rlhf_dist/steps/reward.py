@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..algo import pairwise_ranking_loss
-from ..data import Encoded, pad_right
+from ..data.encode import Encoded, pad_right
 from ..models import sequence_scores
 
 

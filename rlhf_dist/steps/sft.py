@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..algo import chunked_logprobs, logprobs_from_logits
-from ..data import Encoded, pad_right
+from ..data.encode import Encoded, pad_right
 from ..packing import Packed, forward, padded
 from .forwards import plain_lm_head
 

@@ -1,208 +1,15 @@
-"""JSONL datasets (SFT conversations, preference pairs, PPO prompts) and the one formatting function.
-
-Every row is decoded with msgspec one line at a time; a bad row is an error naming `file:line` and
-the field, or, with `bad_rows: skip`, is counted and reported. Handling of the byte level, documented
-in docs/data.md: a UTF-8 BOM at the start of a file and CRLF line endings are accepted; blank lines are
-skipped and counted; invalid UTF-8 is a bad row.
-
-`encode_conversation` is the single place where text becomes tokens: SFT rows, both sides of a
-preference pair and PPO prompts all pass through it, so what the reward model scores during PPO looks
-exactly like what it was trained on.
-"""
+"""Formatting: messages -> tokens. `encode_conversation` is the single place where text becomes tokens: SFT
+rows, both sides of a preference pair and PPO prompts all pass through it, so what the reward model scores during
+PPO looks exactly like what it was trained on. Also the length checks, padding and the train/eval split."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
 
-import msgspec
+from .rows import DataError, Message, PreferenceExample, PromptExample, ReadStats, RowError, SFTExample
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]  # {"role": ..., "content": ...}
-ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data problem; the message starts with `file:line:`."""
-
-
-class RowError(Exception):
-    """Raised by row parsers; the reader adds `file:line`."""
-
-
-@dataclass
-class ReadStats:
-    rows: int = 0
-    blank: int = 0
-    skipped: int = 0
-    truncated: int = 0
-    skipped_examples: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        return (f"{self.rows} rows, {self.blank} blank lines skipped, {self.skipped} bad rows skipped, "
-                f"{self.truncated} rows truncated")
-
-
-def iter_jsonl(path: str | Path, stats: ReadStats) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line`, decoded JSON value) for each non-blank line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: data file not found")
-    decoder = msgspec.json.Decoder()
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{p.name}:{lineno}"
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                stats.blank += 1
-                continue
-            try:
-                raw.decode("utf-8")
-                value = decoder.decode(raw)
-            except UnicodeDecodeError as e:
-                yield where, RowError(f"invalid UTF-8 at byte {e.start}")
-                continue
-            except msgspec.DecodeError as e:
-                yield where, RowError(f"malformed JSON: {e}")
-                continue
-            yield where, value
-
-
-def _text(row: dict, key: str) -> str:
-    if key not in row:
-        raise RowError(f"missing field '{key}'")
-    v = row[key]
-    if not isinstance(v, str):
-        raise RowError(f"field '{key}' must be a string, got {type(v).__name__}")
-    if not v.strip():
-        raise RowError(f"field '{key}' is empty")
-    return v
-
-
-def _messages(v: Any, key: str) -> list[Message]:
-    if not isinstance(v, list) or not v:
-        raise RowError(f"field '{key}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(f"field '{key}[{i}]' must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise RowError(f"field '{key}[{i}].role' must be one of {ROLES}, got {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise RowError(f"field '{key}[{i}].content' must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _as_messages(row: dict, key: str, role: str) -> list[Message]:
-    v = row.get(key)
-    if isinstance(v, list):
-        return _messages(v, key)
-    return [{"role": role, "content": _text(row, key)}]
-
-
-@dataclass
-class SFTExample:
-    messages: list[Message]
-    where: str
-
-
-@dataclass
-class PreferenceExample:
-    prompt: list[Message]
-    chosen: list[Message]
-    rejected: list[Message]
-    margin: float
-    where: str
-
-
-@dataclass
-class PromptExample:
-    prompt: list[Message]
-    where: str
-
-
-def parse_sft_row(row: Any, where: str) -> SFTExample:
-    if not isinstance(row, dict):
-        raise RowError(f"expected an object, got {type(row).__name__}")
-    if "messages" in row:
-        msgs = _messages(row["messages"], "messages")
-        if not any(m["role"] == "assistant" for m in msgs) or not any(m["role"] == "user" for m in msgs):
-            raise RowError("field 'messages' needs at least one user -> assistant turn")
-        if msgs[-1]["role"] != "assistant":
-            raise RowError("field 'messages' must end with an assistant message")
-        for m in msgs:
-            if m["role"] == "assistant" and not m["content"].strip():
-                raise RowError("field 'messages' has an empty assistant message")
-        return SFTExample(msgs, where)
-    if "prompt" in row or "response" in row:
-        return SFTExample(_as_messages(row, "prompt", "user") + [{"role": "assistant", "content": _text(row, "response")}], where)
-    raise RowError("missing field 'messages' (or 'prompt' and 'response')")
-
-
-def parse_preference_row(row: Any, where: str) -> PreferenceExample:
-    if not isinstance(row, dict):
-        raise RowError(f"expected an object, got {type(row).__name__}")
-    prompt = _as_messages(row, "prompt", "user")
-    chosen = _as_messages(row, "chosen", "assistant")
-    rejected = _as_messages(row, "rejected", "assistant")
-    if chosen == rejected:
-        raise RowError("'chosen' and 'rejected' are identical")
-    margin = row.get("margin", 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise RowError(f"field 'margin' must be a number, got {type(margin).__name__}")
-    return PreferenceExample(prompt, chosen, rejected, float(margin), where)
-
-
-def parse_prompt_row(row: Any, where: str) -> PromptExample:
-    if isinstance(row, str):
-        if not row.strip():
-            raise RowError("empty prompt")
-        return PromptExample([{"role": "user", "content": row}], where)
-    if not isinstance(row, dict):
-        raise RowError(f"expected an object with 'prompt' or a string, got {type(row).__name__}")
-    return PromptExample(_as_messages(row, "prompt", "user"), where)
-
-
-PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "prompt": parse_prompt_row}
-
-
-def read_dataset(path: str | Path, kind: str, bad_rows: str = "error", max_bad_fraction: float = 0.01) -> tuple[list, ReadStats]:
-    """Read and validate a whole JSONL file of `kind` (sft | preference | prompt)."""
-    parse = PARSERS[kind]
-    stats = ReadStats()
-    rows = []
-    for where, value in iter_jsonl(path, stats):
-        try:
-            if isinstance(value, RowError):
-                raise value
-            rows.append(parse(value, where))
-            stats.rows += 1
-        except RowError as e:
-            if bad_rows == "error":
-                raise DataError(f"{where}: {e}") from None
-            stats.skipped += 1
-            if len(stats.skipped_examples) < 5:
-                stats.skipped_examples.append(f"{where}: {e}")
-    total = stats.rows + stats.skipped
-    if total == 0:
-        raise DataError(f"{Path(path).name}: no rows")
-    if stats.skipped:
-        log.warning("%s: skipped %d bad rows of %d, e.g. %s", Path(path).name, stats.skipped, total,
-                    "; ".join(stats.skipped_examples))
-        if stats.skipped / total > max_bad_fraction:
-            raise DataError(f"{Path(path).name}: {stats.skipped} of {total} rows are bad, over max_bad_fraction "
-                            f"{max_bad_fraction}; e.g. {stats.skipped_examples[0]}")
-    return rows, stats
-
-
-# ---------------------------------------------------------------------------------------
-# Formatting: messages -> tokens
-# ---------------------------------------------------------------------------------------
 
 _DEFAULT_MARKERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 
@@ -334,6 +141,13 @@ def tokenize_prompts(tokenizer, rows: list[PromptExample], max_prompt_len: int, 
             ids = ids[-max_prompt_len:]  # keep the end: the generation prompt must stay
         out.append(ids)
     return out
+
+
+def tokenize_rows(tokenizer, kind: str, rows: list, max_length: int, truncate: bool, stats: ReadStats) -> list:
+    """Rows of `kind` (sft | preference | prompt) tokenised as their stage does; for prompts, max_length is the
+    prompt budget (max_length - gen_max_new_tokens)."""
+    return {"sft": tokenize_sft, "preference": tokenize_preferences, "prompt": tokenize_prompts}[kind](
+        tokenizer, rows, max_length, truncate, stats)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int):
