@@ -6,6 +6,7 @@ every node mounts) holding the same demo data. One process, no Ray, no model loa
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf_dist.cli import main
 
@@ -27,6 +28,11 @@ def test_example_passes_check(example, tiny, tmp_path, monkeypatch, capsys, drop
     (shared / "data").symlink_to(demo / "data")
     config = tmp_path / example.name
     config.write_text(example.read_text().replace(SHARED, str(shared)))
+    for key in ("model_name", "tokenizer_path"):  # check opens them: the shared model is the tiny one here
+        path = yaml.safe_load(config.read_text()).get(key)
+        if path and path.startswith(str(shared)) and not Path(path).exists():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).symlink_to(Path(tiny["model"]))
     monkeypatch.chdir(tmp_path)
     code = main(["check", str(config)])
     out, err = capsys.readouterr()
