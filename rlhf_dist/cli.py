@@ -110,9 +110,13 @@ def _dispatch(args, loaded: dict) -> int:
         own = tuple(s.name for s in STAGES.values() if s.data_fallback and getattr(cfg, s.data_field))
         stages = cfg.run_stages() + own
         pipe.validate_data(tuple(dict.fromkeys(stages)))
+        from .config.rewards import environment_errors
         from .io.sources import check_model_paths
 
         check_model_paths(pipe.config)
+        errors = environment_errors(pipe.config)  # e.g. reward_url: env:NAME with NAME unset
+        if errors:
+            raise ConfigError("; ".join(errors))
         print("config and data ok")
         return 0
     run = pipe.run_full_pipeline if args.command == "run" else lambda: pipe.run_stage(args.command)

@@ -109,6 +109,7 @@ def _as_messages(row: dict, key: str, role: str) -> list[Message]:
 class SFTExample:
     messages: list[Message]
     where: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the row's other fields (eval's gold function gets them)
 
 
 @dataclass
@@ -124,6 +125,11 @@ class PreferenceExample:
 class PromptExample:
     prompt: list[Message]
     where: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the row's other fields (`answer`...): to the rewards
+
+
+def _other_fields(row: dict, used: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in used}
 
 
 def parse_sft_row(row: Any, where: str) -> SFTExample:
@@ -138,9 +144,10 @@ def parse_sft_row(row: Any, where: str) -> SFTExample:
         for m in msgs:
             if m["role"] == "assistant" and not m["content"].strip():
                 raise RowError("field 'messages' has an empty assistant message")
-        return SFTExample(msgs, where)
+        return SFTExample(msgs, where, _other_fields(row, ("messages",)))
     if "prompt" in row or "response" in row:
-        return SFTExample(_as_messages(row, "prompt", "user") + [{"role": "assistant", "content": _text(row, "response")}], where)
+        return SFTExample(_as_messages(row, "prompt", "user") + [{"role": "assistant", "content": _text(row, "response")}], where,
+                          _other_fields(row, ("prompt", "response")))
     raise RowError("missing field 'messages' (or 'prompt' and 'response')")
 
 
@@ -165,7 +172,7 @@ def parse_prompt_row(row: Any, where: str) -> PromptExample:
         return PromptExample([{"role": "user", "content": row}], where)
     if not isinstance(row, dict):
         raise RowError(f"expected an object with 'prompt' or a string, got {type(row).__name__}")
-    return PromptExample(_as_messages(row, "prompt", "user"), where)
+    return PromptExample(_as_messages(row, "prompt", "user"), where, _other_fields(row, ("prompt",)))
 
 
 PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "prompt": parse_prompt_row}
