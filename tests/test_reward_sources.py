@@ -389,3 +389,57 @@ def test_grpo_answer_example_passes_check(tiny, tmp_path, monkeypatch, capsys):
     m = rows[0].metadata
     assert set(m) == {"answer"} and m["answer"] in rows[0].prompt[0]["content"]
     assert demo.answer_reward(["q", "q"], [f"{m['answer']} is lovely.", "Nothing."], [m, {}]) == [2.0, None]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: a GRPO run scored by a function and a server (Ray; slow)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_grpo_run_with_a_reward_server(tiny, tmp_path, monkeypatch, capsys):
+    """`rlhf-dist ppo` (GRPO, 4 prompts x 2) with the positivity function and a server on 127.0.0.1 given as
+    env:NAME. Iteration 1: the server gives null for sample 0 -> counted, its group masked, the update goes
+    on; iteration 2: 500s -> over reward_max_failed_fraction, the run stops with one line naming the source.
+    The row fields reached the server, and its URL (with a token) is nowhere in the run's files."""
+    from conftest import base_config, iteration_rows
+
+    from rlhf_dist.cli import main
+    from rlhf_dist.io.tracking import read_metrics
+
+    save = tmp_path / "run"
+    with reward_server("null_first", "500") as srv:
+        monkeypatch.setenv("RM_URL_E2E", srv.url)  # before the local Ray starts: its workers inherit it
+        cfg = base_config(tiny, save, algorithm="grpo", n_samples_per_prompt=2, ppo_batch_size=4,
+                          ppo_mini_batch_size=8, ppo_iterations=3, save_interval=1, gen_max_new_tokens=8,
+                          ppo_data_path=str(tiny["answers"]), reward_model_weight=0,
+                          reward_fn="rlhf_dist.demo:positivity_reward", reward_url="env:RM_URL_E2E",
+                          reward_url_weight=0.5, reward_url_retries=0, reward_max_failed_fraction=0.2,
+                          roles={r: {"num_cpus": 0.4} for r in ("rollout", "policy", "reference", "reward")})
+        del cfg["ppo_lr_value"]  # no critic
+        path = tmp_path / "cfg.json"
+        path.write_text(json.dumps(cfg))
+        code = main(["ppo", str(path)])
+        requests = list(srv.requests)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    stop = [line for line in err.splitlines() if line.startswith("rlhf-dist: stopped:")]
+    assert len(stop) == 1 and "8 of 8 samples got no reward at iteration 2" in stop[0]
+    assert "reward source url: 8 failed (8 error, HTTP 500 (1 tries))" in stop[0]
+    rows = iteration_rows(save)
+    assert len(rows) == 1  # iteration 1 only: iteration 2 stopped before its update
+    r = rows[0]
+    assert (r["reward_failed"], r["reward_failed_error"], r["reward_masked"], r["reward_failed/url"]) == (1, 1, 2, 1)
+    assert r["reward_failed/function"] == 0 and r["fn_score"] is not None and r["url_score"] == 1.0
+    assert r.get("skipped") is None and r["policy_loss"] is not None
+    first = requests[0][1]
+    assert len(first["sample_ids"]) == 8 and all(set(m) == {"answer"} for m in first["metadata"])
+    assert all(m["answer"] in p for m, p in zip(first["metadata"], first["prompts"]))  # each row's own answer
+    samples = read_metrics(save / "ppo" / "samples.jsonl")
+    assert [s["reward"] is None for s in samples if s["iteration"] == 1][:2] == [True, True]  # group 0
+    files = [p for p in save.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".log", ".md", ".txt")]
+    assert any(p.name == "config.json" for p in files)
+    assert '"reward_url": "env:RM_URL_E2E"' in (save / "config.json").read_text()
+    assert not [p for p in files if "SECRET-TOKEN" in p.read_text(errors="replace")]
+    print(f"\ne2e stop line: {stop[0]}\niteration 1: " + json.dumps({k: r[k] for k in (
+        "reward_failed", "reward_masked", "reward_failed/url", "fn_score", "url_score", "reward_mean")}))

@@ -426,7 +426,7 @@ class RLHFConfig(_Strict):
     successful save. Unset = keep all."""
     eval_every: NonNegInt = 0
     """Every N online iterations (and after the last), generate on held-out prompts with the current weights
-    and log their reward (and rm_score / fn_score), KL to the reference and length as `eval/*` in the
+    and log their reward (and each reward source's mean: rm_score, fn_score, url_score), KL to the reference and length as `eval/*` in the
     metrics, W&B and the report; no update. 0 = off."""
     eval_data_path: str | None = None
     """Held-out prompts for eval_every (prompt rows; a response field is ignored). Default: the eval.jsonl
