@@ -29,6 +29,7 @@ from rlhf_dist.algo import (
 )
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.config.algorithms import ALGORITHMS
+from rlhf_dist.config.rewards import environment_errors
 from rlhf_dist.data import read_dataset
 from rlhf_dist.health import HealthError
 from rlhf_dist.online.experience import make_experience, process_scores
@@ -176,6 +177,8 @@ def test_function_source_signatures_and_none():
     assert "None for 1 of 3" in out.detail
     with pytest.raises(ConfigError, match="reward_fn: 'nope.nothing:f'"):
         FunctionSource("nope.nothing:f")
+    errors = environment_errors(load_config({"model_name": "x", "reward_fn": "nope.nothing:f"}))
+    assert len(errors) == 1 and errors[0].startswith("reward_fn: 'nope.nothing:f': No module named 'nope'")
 
 
 def test_reward_function_receives_the_prompt_rows_answer(tmp_path, tiny, monkeypatch):
@@ -319,7 +322,6 @@ def test_parse_scores_rejects_what_is_not_one_number_per_sample():
 
 def test_env_url_stays_out_of_the_config_and_the_logs(monkeypatch, caplog, tmp_path):
     from rlhf_dist.config import redact
-    from rlhf_dist.config.rewards import environment_errors
 
     cfg = load_config({"model_name": "x", "reward_model_weight": 0, "reward_url": "env:RM_URL_TEST"})
     assert environment_errors(cfg) == ["reward_url: env:RM_URL_TEST but the environment variable RM_URL_TEST "
