@@ -44,7 +44,7 @@ def experience_stats(exp: Experience, kept: torch.Tensor | None = None) -> dict[
     return {
         "reward_mean": exp.scores.mean().item() if len(exp) else 0.0,
         "reward_std": exp.scores.std().item() if len(exp) > 1 else 0.0,
-        "kl": (exp.kl * mask).sum(1).mean().item(),  # per-sequence KL, averaged
+        "kl": (exp.kl * mask).sum(1).mean().item() if len(exp) else 0.0,  # per-sequence KL, averaged
         "response_length": lengths.mean().item() if len(exp) else 0.0,
         "advantage_mean": masked_mean(exp.advantages, mask).item(),
         "return_mean": masked_mean(exp.returns, mask).item(),
