@@ -32,7 +32,7 @@ from rlhf_dist.config.algorithms import ALGORITHMS
 from rlhf_dist.config.rewards import environment_errors
 from rlhf_dist.data import read_dataset
 from rlhf_dist.health import HealthError
-from rlhf_dist.online.experience import make_experience, process_scores
+from rlhf_dist.online.experience import experience_stats, make_experience, process_scores
 from rlhf_dist.online.rewards import check_failures, kept_for, reward_metrics
 from rlhf_dist.rewards.base import RewardBatch, SourceContext
 from rlhf_dist.rewards.function import FunctionSource
@@ -112,6 +112,10 @@ def test_failed_samples_leave_the_advantages(algorithm, n):
                             0.05)
     torch.testing.assert_close(exp.advantages[keep], alone.advantages, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(exp.action_mask[keep], alone.action_mask)
+    assert experience_stats(exp, kept) == pytest.approx(experience_stats(alone))  # the stats: kept samples only
+    none = torch.zeros(B, dtype=torch.bool)  # nothing scored: no NaN in the stats (the update is skipped)
+    assert all(math.isfinite(v) for v in experience_stats(make_experience(samples, old, ref, values, scores, cfg,
+                                                                          0.05, none), none).values())
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
