@@ -255,11 +255,11 @@ def reward_server(*modes: str, slow_s: float = 1.0):
     """A reward server on 127.0.0.1 (a free port) answering in `modes` in turn (the last one repeats);
     yields it (its .url, .requests) and stops it after."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
+    srv.daemon_threads, srv.block_on_close = True, False  # stop without waiting for a slow answer
     srv.handle_error = lambda request, address: None  # a client gone after its timeout: a broken pipe here
     srv.modes, srv.requests, srv.lock, srv.slow_s = list(modes), [], threading.Lock(), slow_s
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/score?token=SECRET-TOKEN-123"
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)  # a quick shutdown
     t.start()
     try:
         yield srv
