@@ -52,6 +52,14 @@ def positivity_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(gold_score(r)) for r in responses]
 
 
+def answer_reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float | None]:
+    """Scores each response against its prompt row's `answer` field (answers.jsonl: the topic asked about),
+    usable as `rlhf_dist.demo:answer_reward`: 1 if the response names the answer, else 0, plus its positivity
+    (`gold_score`, in [-1, 1]). None (no score: masked out of the update) for a row without an answer."""
+    return [None if "answer" not in m else float(str(m["answer"]).lower() in r.lower()) + gold_score(r)
+            for r, m in zip(responses, metadata)]
+
+
 def make_prompt(rng: random.Random, topic: str) -> str:
     return rng.choice(PROMPT_TEMPLATES).format(t=topic)
 
@@ -69,7 +77,8 @@ def _write_jsonl(path: Path, rows: list) -> None:
 
 
 def generate_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl under `out_dir` (seeded, deterministic)."""
+    """Write sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl and answers.jsonl under `out_dir` (seeded,
+    deterministic)."""
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,12 @@ def generate_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         topic = rng.choice(EVAL_TOPICS)
         evals.append({"prompt": make_prompt(rng, topic), "response": make_response(rng, topic, True)})
 
-    paths = {name: out / f"{name}.jsonl" for name in ("sft", "prefs", "prompts", "eval")}
-    for name, rows in (("sft", sft), ("prefs", prefs), ("prompts", prompts), ("eval", evals)):
+    # Prompts with a reference `answer` (the topic), for answer_reward: a generator of their own, so the
+    # files above (and the tokenizer trained on them) do not change.
+    arng = random.Random(seed + 1)
+    answers = [{"prompt": make_prompt(arng, t), "answer": t} for t in (arng.choice(ppo_topics) for _ in range(200))]
+
+    paths = {name: out / f"{name}.jsonl" for name in ("sft", "prefs", "prompts", "eval", "answers")}
+    for name, rows in (("sft", sft), ("prefs", prefs), ("prompts", prompts), ("eval", evals), ("answers", answers)):
         _write_jsonl(paths[name], rows)
     return paths

@@ -6,18 +6,19 @@ For each checkpoint (default: SFT, every complete PPO iteration, the final polic
 - one sampled response per prompt, through PPO's rollout engine, with the config's gen_* settings and the
   same seed for every checkpoint, so differences come from the weights, not from the dice;
 - bleu (sacrebleu corpus BLEU, 0-100) and rougeL (mean ROUGE-L F1) against the references;
-- rm_score: mean reward-model score of the responses;
+- rm_score: mean reward-model score of the responses (the run's reward-model source, `rewards.model`);
 - kl_ref: mean over prompts of sum_t (log pi(y_t) - log pi_ref(y_t)) on the policy's own samples (k1);
 - win_rate_vs_sft: share of prompts where the RM prefers the checkpoint's response to the SFT
   policy's (ties count 1/2);
-- gold: mean of a rule-based `module:function(prompts, responses)` when one is given.
+- gold: mean of a rule-based `module:function(prompts, responses[, metadata])` when one is given (a
+  function reward source, `rewards.function`: metadata holds each eval row's other fields), over the
+  responses it scored.
 
 Results go to save_dir/eval/results.json (metrics and settings) and save_dir/eval/results.md.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -25,14 +26,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .config import ConfigError, RLHFConfig, load_config
 from .config.engines import ENGINES, installed_engines
 from .config.stages import OFFLINE
-from .data.encode import Encoded, encode_conversation, encode_prompt, encode_prompt_response
+from .data.encode import Encoded, encode_conversation, encode_prompt
 from .data.read import read_dataset
 from .data.rows import DataError, Message
 from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
@@ -40,6 +41,9 @@ from .io.eval_results import eval_settings, format_table, metrics_row, write_res
 from .io.sources import check_model_paths, policy_start, reference_model
 from .io.sources import reward_model as find_reward_model
 from .precision import use_bf16
+from .rewards.base import RewardBatch, Scored, SourceContext
+from .rewards.function import FunctionSource
+from .rewards.model import RewardModelSource
 from .steps.forwards import response_logprobs
 
 log = logging.getLogger(__name__)
@@ -123,26 +127,13 @@ def resolve_eval_data(cfg: RLHFConfig, data_path: str | None) -> Path:
     raise DataError("no eval data: sft_data_path is not set, so there is no sibling eval.jsonl; pass --data PATH")
 
 
-def load_fn(spec: str, field: str = "--gold") -> Callable:
-    """The function `module:function` names; an error is one line naming `field` (the option or config field)."""
-    mod, sep, name = spec.partition(":")
-    if not sep or not mod or not name:
-        raise ConfigError(f"{field} {spec!r}: expected module:function")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except Exception as e:  # ImportError, AttributeError, or whatever the module raises as it is imported
-        raise ConfigError(f"{field} {spec!r}: {type(e).__name__}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"{field} {spec!r}: {name} is not a function")
-    return fn
-
-
 @dataclass
 class EvalSet:
     prompts: list[list[Message]]  # conversation up to the reference response
     prompt_ids: list[list[int]]  # prompts with the generation prompt, tokenized
     references: list[str]  # the reference (last assistant) response
     conversations: list[Encoded]  # whole rows, with assistant loss masks, for perplexity
+    metadata: list[dict]  # each row's other fields (e.g. answer), for the gold function
 
     @property
     def prompt_texts(self) -> list[str]:
@@ -157,7 +148,7 @@ def load_eval_set(tok, path: Path, num_prompts: int | None, max_length: int) -> 
     rows, stats = read_dataset(path, "sft")
     if num_prompts is not None:
         rows = rows[:num_prompts]
-    prompts, prompt_ids, refs, convs = [], [], [], []
+    prompts, prompt_ids, refs, convs, meta = [], [], [], [], []
     for r in rows:
         prompts.append(r.messages[:-1])
         prompt_ids.append(encode_prompt(tok, r.messages[:-1]))
@@ -167,8 +158,9 @@ def load_eval_set(tok, path: Path, num_prompts: int | None, max_length: int) -> 
             # Same limit as training; the rest of the row still counts if it has assistant tokens.
             e = Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
         convs.append(e)
+        meta.append(r.fields)
     log.info("eval data %s: %d prompts (%s)", path, len(rows), stats.summary())
-    return EvalSet(prompts, prompt_ids, refs, convs)
+    return EvalSet(prompts, prompt_ids, refs, convs, meta)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,33 +235,18 @@ def seq_logprobs(model, batches: list, device: str, temperature: float) -> torch
     return torch.cat(out)
 
 
-class RewardScorer:
-    """The run's reward model, scoring the policy's tokens directly when the tokenizers agree."""
+def reward_batches(es: EvalSet, batches: list, responses: list[str]):
+    """The sampled batches as reward-source batches (`rewards.base.RewardBatch`), sample_ids indexing `es`."""
+    for s in batches:
+        ids = list(s.sample_ids)
+        yield RewardBatch([es.prompts[i] for i in ids], [responses[i] for i in ids], ids, [es.metadata[i] for i in ids],
+                          s.sequences, s.attention_mask)
 
-    def __init__(self, path: str, policy_tok, bf16: bool, device: str, attn_implementation: str = "sdpa"):
-        from .models import load_scalar_model, load_tokenizer
 
-        self.tok = load_tokenizer(path)
-        self.model = load_scalar_model(path, bf16, self.tok.pad_token_id, attn_implementation).to(device).eval()
-        self.device = device
-        # As in PPO's reward role: re-tokenising is only needed when vocabulary or template differ.
-        self.same_tokens = (self.tok.get_vocab() == policy_tok.get_vocab()
-                            and self.tok.chat_template == policy_tok.chat_template)
-
-    @torch.inference_mode()
-    def __call__(self, batches: list, prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
-        from .data.encode import pad_right
-        from .models import sequence_scores
-
-        out = []
-        for s in batches:
-            if self.same_tokens:
-                ids, attn = s.sequences, s.attention_mask  # (B, P+R)
-            else:
-                enc = [encode_prompt_response(self.tok, prompts[i], responses[i]).input_ids for i in s.sample_ids]
-                ids, attn = pad_right(enc, self.tok.pad_token_id)  # (B, T)
-            out.append(sequence_scores(self.model, ids.to(self.device), attn.to(self.device)).float().cpu())  # (B,)
-        return torch.cat(out)
+def score_with(source, es: EvalSet, batches: list, responses: list[str]) -> Scored:
+    """A reward source's verdict on every sampled response: scores (N,), outcomes (N,)."""
+    parts = [source.score(b) for b in reward_batches(es, batches, responses)]
+    return Scored(torch.cat([p.scores for p in parts]), torch.cat([p.outcomes for p in parts]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,12 +265,12 @@ class EvalRun:
     reference: str  # the KL reference, and the policy whose responses win rates compare against
     reward_model: str | None
     gold: str | None  # module:function
-    gold_fn: Callable | None
+    gold_fn: FunctionSource | None
     data: Path
     tok: Any
     es: EvalSet
     ref_model: Any
-    rm: RewardScorer | None
+    rm: RewardModelSource | None
     notes: list[str]
     engine: Any = None  # a vLLM engine shared by every checkpoint (rollout_engine), else None: the HF engine
 
@@ -319,13 +296,14 @@ def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gol
     notes: list[str] = []
     start, reference, reward_model = eval_models(cfg, notes)
     gold = gold or cfg.reward_fn
-    gold_fn = load_fn(gold) if gold else None
+    gold_fn = FunctionSource(gold, "--gold") if gold else None
     tok = load_tokenizer(cfg.tokenizer_path or start)
     data = resolve_eval_data(cfg, data_path)
     es = load_eval_set(tok, data, num_prompts, cfg.max_length)
     attn = cfg.attn_implementation
     ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
-    rm = RewardScorer(reward_model, tok, bf16, device, attn) if reward_model else None
+    rm = (RewardModelSource(cfg, reward_model, SourceContext(torch.device(device), bf16, tok, reward_model))
+          if reward_model else None)
     return EvalRun(cfg, device, bf16, batch_size, start, reference, reward_model, gold, gold_fn, data, tok, es,
                    ref_model, rm, notes, eval_engine(cfg, reference, device, bf16))
 
@@ -358,7 +336,8 @@ def raw_pass(run: EvalRun, path: str) -> dict[str, Any]:
         "ppl": perplexity(model, es.conversations, tok.pad_token_id, device, run.batch_size),
         "kl": lp - lp_ref,  # (N,) per-prompt k1 estimate
         "lengths": torch.cat([s.action_mask.sum(1) for s in batches]).float(),  # (N,)
-        "rm": run.rm(batches, es.prompts, responses) if run.rm else None,  # (N,)
+        "rm": score_with(run.rm, es, batches, responses).scores if run.rm else None,  # (N,)
+        "gold": score_with(run.gold_fn, es, batches, responses) if run.gold_fn else None,
         "seconds": time.time() - t0,
     }
 

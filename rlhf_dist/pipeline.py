@@ -8,7 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from .config import RLHFConfig, load_config, redact
+from .config import ConfigError, RLHFConfig, load_config, redact
+from .config.rewards import environment_errors
 from .config.stages import STAGES
 from .data.encode import tokenize_rows
 from .data.read import scan
@@ -138,9 +139,12 @@ class RLHFPipeline:
         cfg = self.config
         check_model_paths(cfg)
         if cfg.reward_fn:
-            from .evaluate import load_fn  # here, not at the top: evaluate imports torch
+            from .rewards.function import load_function  # deferred: loading torch takes seconds
 
-            load_fn(cfg.reward_fn, "reward_fn")
+            load_function(cfg.reward_fn, "reward_fn")
+        errors = environment_errors(cfg)  # e.g. reward_url: env:NAME with NAME unset
+        if errors:
+            raise ConfigError("; ".join(errors))
         tok = check_tokenizer(cfg)
         # The stages `run` runs, and a stage's own file where one is set for a stage that falls back on another's.
         own = tuple(s.name for s in STAGES.values() if s.data_fallback and getattr(cfg, s.data_field))

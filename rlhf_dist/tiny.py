@@ -65,7 +65,7 @@ def build_tiny(out_dir, seed: int = 0, vocab_size: int = 512, hidden_size: int =
     """Write demo data to out_dir/data and a tokenizer + random Llama to out_dir/model (deterministic).
     `extra_texts` join the demo text for the tokenizer: a larger vocab_size needs more text to reach.
 
-    Returns {"model", "data", "sft", "prefs", "prompts", "eval"} paths.
+    Returns {"model", "data", "sft", "prefs", "prompts", "eval", "answers"} paths.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

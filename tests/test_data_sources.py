@@ -237,7 +237,7 @@ def test_check_prints_each_source_its_layout_and_counts(tiny, tmp_path, capsys, 
 @pytest.mark.parametrize("mistake, needle", [
     (lambda t, tiny: {"model_name": str(t / "no-such-model")}, r"model_name: directory .*no-such-model does not exist"),
     (lambda t, tiny: {"tokenizer_path": str(t / "no-such-tok")}, r"tokenizer_path: directory or file .*no-such-tok does not exist"),
-    (lambda t, tiny: {"reward_fn": "no_such_module:score"}, r"reward_fn 'no_such_module:score': ModuleNotFoundError"),
+    (lambda t, tiny: {"reward_fn": "no_such_module:score"}, r"reward_fn: 'no_such_module:score': No module named 'no_such_module'"),
     (lambda t, tiny: {"sft_data_path": str(write_jsonl(t / "long.jsonl", SFT[:1] + [{"prompt": "tea " * 300,
                                                                                    "response": "ok"}]))},
      r"sft_data_path: .*long\.jsonl:2: \d+ tokens, over max_length 64"),
@@ -274,5 +274,5 @@ def test_the_online_driver_takes_its_prompts_from_the_prompt_set(tiny, tok, tmp_
     assert calls == [([prompts.token_ids(4)] * 2, [8, 9]), ([prompts.token_ids(1)] * 2, [2, 3])]
     exp = SimpleNamespace(sample_ids=[8, 9, 2, 3], kl=torch.zeros(4, 2), action_mask=torch.ones(4, 2),
                           scores=torch.zeros(4))
-    rows = run._sample_rows(0, exp, ["a", "b", "c", "d"])
+    rows = run._sample_rows(0, exp, ["a", "b", "c", "d"], torch.ones(4, dtype=torch.bool))
     assert [r["prompt"] for r in rows] == [PROMPTS[4]["prompt"]] * 2 + [PROMPTS[1]["prompt"]] * 2

@@ -6,11 +6,13 @@ import torch
 from rlhf_dist.config import field_docs, load_config
 from rlhf_dist.data.encode import encode_prompt, encode_prompt_response, pad_right
 from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-from rlhf_dist.roles.actors import ReferenceWorker, RewardWorker, RolloutWorker, forward_micro_batch, in_chunks
+from rlhf_dist.rewards.base import RewardBatch
+from rlhf_dist.rewards.model import RewardModelSource
+from rlhf_dist.roles.actors import ReferenceWorker, RolloutWorker
 from rlhf_dist.roles.learner import Learner
 from rlhf_dist.rollout.decode import generate, generate_chunked
 from rlhf_dist.rollout.engine import HFDecodeEngine, SamplingParams
-from rlhf_dist.steps.forwards import response_logprobs, response_values
+from rlhf_dist.steps.forwards import forward_micro_batch, in_chunks, response_logprobs, response_values
 
 TEXTS = ["Hi", "Describe the cat.", "What do you think of this movie? Tell me more.", "Park?", "Tell me about rain.",
          "Good", "How was the city at night, and the food?"]
@@ -100,15 +102,17 @@ def test_reference_worker_forwards_in_micro_batches(models, samples):
 
 
 @pytest.mark.parametrize("same_tokens", [True, False])
-def test_reward_worker_scores_in_micro_batches(models, samples, same_tokens):
+def test_reward_model_source_scores_in_micro_batches(models, samples, same_tokens):
     """Also the re-tokenising path (a reward model with another tokenizer): chunked after re-tokenising."""
     _, scalar, tok = models
     prompts = [[{"role": "user", "content": t}] for t in (TEXTS + TEXTS)[:10]]
-    w = bare(RewardWorker, cfg(ppo_forward_micro_batch_size=4), model=scalar, tok=tok, policy_tok=tok,
-             same_tokens=same_tokens, fn=None)
+    src = bare(RewardModelSource, cfg(ppo_forward_micro_batch_size=4), model=scalar, tok=tok, same_tokens=same_tokens)
+    responses = [tok.decode(r[m.bool()], skip_special_tokens=True)
+                 for r, m in zip(samples.responses, samples.action_mask)]
     seen = batch_sizes(scalar)
     try:
-        out = w.score(samples, prompts)
+        out = src.score(RewardBatch(prompts, responses, list(samples.sample_ids), [{}] * len(prompts),
+                                    samples.sequences, samples.attention_mask))
     finally:
         clear_hooks(scalar)
     assert seen == [4, 4, 2]
@@ -116,10 +120,10 @@ def test_reward_worker_scores_in_micro_batches(models, samples, same_tokens):
         ids, attn = samples.sequences, samples.attention_mask
     else:
         ids, attn = pad_right([encode_prompt_response(tok, p, r).input_ids
-                               for p, r in zip(prompts, out["responses"])], tok.pad_token_id)
+                               for p, r in zip(prompts, responses)], tok.pad_token_id)
     with torch.no_grad():
-        torch.testing.assert_close(out["rm_score"], sequence_scores(scalar, ids, attn), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["score"], out["rm_score"])
+        torch.testing.assert_close(out.scores, sequence_scores(scalar, ids, attn), atol=1e-5, rtol=1e-5)
+    assert (out.outcomes == 0).all()
 
 
 class _Engine:

@@ -221,23 +221,24 @@ def test_reward_model_with_its_own_tokenizer_scores_the_text(kind, tiny, rms, mo
     monkeypatch.setattr(RoleWorker, "__init__", _plain_init)
     config = {"model_name": "x", "device": "cpu", "gen_max_new_tokens": 10, "ppo_forward_micro_batch_size": 2}
     w = RewardWorker(0, config, 1.0, "cpu", rms[kind], str(tiny["model"]))
-    assert not w.same_tokens
+    assert not w.sources.sources["model"].same_tokens
     ptok, lm = load_tokenizer(str(tiny["model"])), load_causal_lm(str(tiny["model"])).eval()
     prompts = [[{"role": "user", "content": t}] for t in TEXTS]
     samples = generate(lm, [encode_prompt(ptok, p) for p in prompts], pad_id=ptok.pad_token_id,
                        eos_id=ptok.eos_token_id, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
-    out = w.score(samples, prompts)
-    assert out["responses"] == [ptok.decode(r[m.bool()], skip_special_tokens=True)
+    out = w.score(samples, prompts, [{}] * len(prompts))
+    assert out.responses == [ptok.decode(r[m.bool()], skip_special_tokens=True)
                                 for r, m in zip(samples.responses, samples.action_mask)]
     rtok = load_tokenizer(rms[kind])
     rm = load_scalar_model(rms[kind], pad_token_id=rtok.pad_token_id).eval()
     want = []
-    for p, r in zip(prompts, out["responses"]):
+    for p, r in zip(prompts, out.responses):
         ids = encode_prompt_response(rtok, p, r).input_ids
         assert ids != encode_prompt_response(ptok, p, r).input_ids  # other tokens for the same text
         with torch.no_grad():
             want.append(sequence_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)))
-    torch.testing.assert_close(out["rm_score"], torch.cat(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.sources["model"].scores, torch.cat(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.score, torch.cat(want), atol=1e-5, rtol=1e-5)  # reward_model_weight 1
 
 
 # ---------------------------------------------------------------------------------------

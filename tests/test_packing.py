@@ -225,8 +225,7 @@ def test_no_grad_forwards_packed_by_tokens_equal_padded(lm, critic, impl):
 
     from rlhf_dist.config import RLHFConfig
     from rlhf_dist.models import sequence_scores
-    from rlhf_dist.roles.actors import forward_chunks
-    from rlhf_dist.steps.forwards import response_logprobs, response_values
+    from rlhf_dist.steps.forwards import forward_chunks, response_logprobs, response_values
 
     mb = _experience()
     seq, attn, P = mb.sequences, mb.attention_mask, mb.prompt_len

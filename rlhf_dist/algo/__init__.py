@@ -4,7 +4,8 @@ knows about configs, Ray or DeepSpeed, so every formula is unit-tested on a CPU 
 - `stats`: masked statistics, log-probs and entropy from logits, running moments;
 - `kl`: KL estimators (k1, k2, k3) and the fixed / adaptive coefficients;
 - `advantages`: reward shaping, GAE, GRPO, RLOO, REINFORCE++;
-- `losses`: PPO's policy and value losses, loss aggregation, the ranking and DPO losses.
+- `losses`: PPO's policy and value losses, loss aggregation, the ranking and DPO losses;
+- `rewards`: reward outcomes (ok, timeout, error), combining weighted sources, the samples a failure drops.
 """
 
 from .advantages import (  # noqa: F401
@@ -35,6 +36,12 @@ from .losses import (  # noqa: F401
                          pairwise_ranking_loss,
                          ppo_policy_loss,
                          ppo_value_loss,
+)
+from .rewards import (  # noqa: F401
+                         Outcome,
+                         combine_scores,
+                         kept_samples,
+                         outcome_counts,
 )
 from .stats import (  # noqa: F401
                          RunningMoments,

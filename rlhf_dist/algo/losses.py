@@ -120,7 +120,10 @@ def loss_units(
     mask: torch.Tensor,  # (B, T)
     mode: str,
 ) -> torch.Tensor:  # () what `mode` averages over: valid tokens (token_mean) or sequences
-    return _valid(mask).sum() if mode == "token_mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
+    """Sequences count only with a valid token: a sample masked out of the update (its reward failed,
+    `algo.rewards.kept_samples`) is not a sequence of the mean."""
+    valid = _valid(mask)
+    return valid.sum() if mode == "token_mean" else valid.any(dim=-1).sum().float()
 
 
 def aggregate_loss(

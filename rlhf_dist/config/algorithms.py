@@ -19,12 +19,13 @@ class Algorithm:
     critic: bool  # starts a critic (its role, learner and the fields of checks.CRITIC_FIELDS)
     kl_in: tuple[str, ...] = KL_PLACEMENTS  # the KL placements (kl_in) it allows
     min_samples: int = 1  # n_samples_per_prompt it needs: 2 for a baseline from the prompt's other samples
+    groups: bool = False  # its advantages compare a prompt's samples: a failed reward drops the whole group
     own_fields: tuple[str, ...] = ()  # fields only it reads: another algorithm must leave them at their default
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("ppo", "gae", critic=True),
-    Algorithm("grpo", "grpo", critic=False, min_samples=2, own_fields=("grpo_norm_std",)),
-    Algorithm("rloo", "rloo", critic=False, min_samples=2),
-    Algorithm("reinforce_pp", "reinforce_pp", critic=False),
+    Algorithm("grpo", "grpo", critic=False, min_samples=2, groups=True, own_fields=("grpo_norm_std",)),
+    Algorithm("rloo", "rloo", critic=False, min_samples=2, groups=True),
+    Algorithm("reinforce_pp", "reinforce_pp", critic=False, groups=True),  # the group-mean baseline
 )}

@@ -9,6 +9,7 @@ from typing import Any
 
 from .algorithms import ALGORITHMS
 from .engines import ENGINES, installed_engines
+from .rewards import REWARD_SOURCES, active_sources
 from .stages import OFFLINE, ONLINE, STAGES, micro_batch_size
 
 # Fields of the critic; setting one with a critic-free algorithm is an error.
@@ -57,10 +58,7 @@ def config_errors(cfg) -> list[str]:
                       f"({cfg.gen_max_new_tokens})")
     if cfg.gen_max_new_tokens >= cfg.max_length:
         errors.append(f"gen_max_new_tokens: {cfg.gen_max_new_tokens} must be < max_length ({cfg.max_length})")
-    if cfg.reward_model_weight == 0 and not cfg.reward_fn:
-        errors.append("reward_model_weight: 0 needs a reward_fn, or PPO has no reward")
-    if cfg.reward_fn and not re.fullmatch(r"[\w.]+:\w+", cfg.reward_fn):
-        errors.append(f"reward_fn: {cfg.reward_fn!r} is not of the form module:function")
+    errors += reward_source_errors(cfg)
     if ".." in Path(cfg.save_dir).parts:
         errors.append(f"save_dir: {cfg.save_dir!r} must not contain '..'")
     for name in ("name", "group"):
@@ -175,4 +173,19 @@ def stage_errors(cfg) -> list[str]:
         errors.append(f"stages: ppo scores with the reward model (reward_model_weight "
                       f"{cfg.reward_model_weight:g}), so reward must come before ppo; got {st} "
                       "(or set reward_model_path, or reward_model_weight: 0)")
+    return errors
+
+
+def reward_source_errors(cfg) -> list[str]:
+    """At least one reward source on; reward_fn and reward_url well-formed (`config/rewards.py`)."""
+    errors = []
+    if not active_sources(cfg):
+        off = ", ".join(f"{s.weight} {s.weight_of(cfg):g}" if s.switch is None or getattr(cfg, s.switch)
+                        else f"{s.switch} unset" for s in REWARD_SOURCES.values())
+        errors.append(f"reward_model_weight: no reward source is on ({off}), so PPO has no reward")
+    if cfg.reward_fn and not re.fullmatch(r"[\w.]+:\w+", cfg.reward_fn):
+        errors.append(f"reward_fn: {cfg.reward_fn!r} is not of the form module:function")
+    if cfg.reward_url and not re.fullmatch(r"env:[A-Za-z_]\w*|https?://\S+", cfg.reward_url):
+        # Not quoted: a URL given in the config may hold a token.
+        errors.append("reward_url: expected an http:// or https:// URL, or env:NAME (an environment variable)")
     return errors

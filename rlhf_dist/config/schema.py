@@ -403,13 +403,35 @@ class RLHFConfig(_Strict):
     """The adaptive controller's horizon, in prompts (>= 1): per iteration the coefficient moves by at most
     20% x ppo_batch_size / kl_horizon (Ziegler et al. 2019). Used only with kl_target."""
 
+    # --- reward sources (their table: config/rewards.py; docs/rewards.md) -------------
     reward_fn: str | None = None
-    """Python reward `module:function(prompts, responses) -> list[float]`, e.g. rlhf_dist.demo:positivity_reward."""
+    """Python reward `module:function(prompts, responses, metadata) -> list[float | None]`, e.g.
+    rlhf_dist.demo:positivity_reward. prompts: the last message before each response; metadata (optional
+    parameter): each prompt row's other fields, e.g. {"answer": ...}; None: this response has no score
+    (masked out of the update). docs/rewards.md."""
     reward_fn_weight: float = 1.0
-    """Weight of reward_fn's value in the score: score = reward_model_weight x RM score +
-    reward_fn_weight x reward_fn. Any float; used only with reward_fn."""
+    """Weight of reward_fn's value in the combined score; 0 = reward_fn is not called."""
     reward_model_weight: float = 1.0
-    """Weight of the reward model's score; 0 = use only reward_fn (the RM is then not loaded)."""
+    """Weight of the reward model's score; 0 = no reward model (it is then not loaded)."""
+    reward_url: str | None = None
+    """URL of an HTTP reward server: it gets POSTed {"prompts", "responses", "sample_ids", "metadata"} and
+    answers {"scores"}. `env:NAME` reads the URL (and any token in it) from the environment variable NAME where
+    the reward role runs, keeping it out of config.json, the logs and W&B. docs/rewards.md."""
+    reward_url_weight: float = 1.0
+    """Weight of the server's score in the combined score; 0 = the server is not asked."""
+    reward_url_timeout_s: PositiveFloat = 60.0
+    """Seconds one request to reward_url may take, connecting included; then it is retried or times out."""
+    reward_url_retries: NonNegInt = 2
+    """Further tries of a request that timed out, lost its connection or got a 5xx or 429, after 0.5 s, 1 s,
+    2 s... A malformed reply, the wrong number of scores or another status is not retried."""
+    reward_url_concurrency: PositiveInt = 8
+    """Requests to reward_url in flight at once, per reward worker."""
+    reward_url_batch_size: PositiveInt = 64
+    """Samples per request to reward_url."""
+    reward_max_failed_fraction: UnitFloat = 0.1
+    """Stop the online run when more than this share of an iteration's samples got no reward (a source timed
+    out or failed on them), naming the source; below it, those samples (with group algorithms their whole
+    group) are masked out of the update and counted in the metrics (reward_failed*). 1 = never stop."""
     overlong_penalty: NonNegFloat = 0.0
     """Subtracted from the score of a response cut off at gen_max_new_tokens without eos (0 = none)."""
     reward_normalize: bool = False
@@ -511,7 +533,7 @@ class RLHFConfig(_Strict):
     successful save. Unset = keep all."""
     eval_every: NonNegInt = 0
     """Every N online iterations (and after the last), generate on held-out prompts with the current weights
-    and log their reward (and rm_score / fn_score), KL to the reference and length as `eval/*` in the
+    and log their reward (and each reward source's mean: rm_score, fn_score, url_score), KL to the reference and length as `eval/*` in the
     metrics, W&B and the report; no update. 0 = off."""
     eval_data_path: str | None = None
     """Held-out prompts for eval_every (prompt rows; a response field is ignored), from any source of

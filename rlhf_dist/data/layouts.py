@@ -82,11 +82,13 @@ def parse_sft_row(row: Any, where: str) -> SFTExample:
         for m in msgs:
             if m["role"] == "assistant" and not m["content"].strip():
                 raise RowError("field 'messages' has an empty assistant message")
-        return SFTExample(msgs, where)
+        return SFTExample(msgs, where, _others(row, "messages"))
     if "completion" in row:  # TRL: the completion is a string or the assistant's messages
-        return SFTExample(as_messages(row, "prompt", "user") + as_messages(row, "completion", "assistant"), where)
+        return SFTExample(as_messages(row, "prompt", "user") + as_messages(row, "completion", "assistant"), where,
+                          _others(row, "prompt", "completion"))
     if "prompt" in row or "response" in row:
-        return SFTExample(as_messages(row, "prompt", "user") + [{"role": "assistant", "content": text_field(row, "response")}], where)
+        return SFTExample(as_messages(row, "prompt", "user") + [{"role": "assistant", "content": text_field(row, "response")}],
+                          where, _others(row, "prompt", "response"))
     raise RowError(f"missing field 'messages' (or 'prompt' and 'response'); expected columns {expected('sft')}")
 
 
@@ -161,8 +163,13 @@ def parse_prompt_row(row: Any, where: str) -> PromptExample:
             msgs = msgs[:-1]
         if not msgs or msgs[-1]["role"] != "user":
             raise RowError("field 'messages' has no user turn to answer")
-        return PromptExample(msgs, where, {k: v for k, v in row.items() if k != "messages"})
-    return PromptExample(as_messages(row, "prompt", "user"), where, {k: v for k, v in row.items() if k != "prompt"})
+        return PromptExample(msgs, where, _others(row, "messages"))
+    return PromptExample(as_messages(row, "prompt", "user"), where, _others(row, "prompt"))
+
+
+def _others(row: dict, *used: str) -> dict[str, Any]:
+    """The row's columns other than `used`: per-sample metadata for the rewards (e.g. an `answer`)."""
+    return {k: v for k, v in row.items() if k not in used}
 
 
 PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "prompt": parse_prompt_row}

@@ -71,6 +71,7 @@ def as_messages(row: dict, key: str, role: str) -> list[Message]:
 class SFTExample:
     messages: list[Message]
     where: str
+    fields: dict[str, Any] = field(default_factory=dict)  # the row's other columns (eval's gold function gets them)
 
 
 @dataclass

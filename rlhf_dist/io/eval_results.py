@@ -45,11 +45,9 @@ def metrics_row(run: Any, path: str, r: dict[str, Any], baseline: dict[str, Any]
     if run.rm:
         a, b = r["rm"], baseline["rm"]  # (N,), (N,)
         m["win_rate_vs_sft"] = ((a > b).float() + 0.5 * (a == b).float()).mean().item()
-    if run.gold_fn:
-        vals = run.gold_fn(es.prompt_texts, r["responses"])
-        if len(vals) != len(es):
-            raise ValueError(f"gold {run.gold} returned {len(vals)} values for {len(es)} responses")
-        m["gold"] = sum(float(v) for v in vals) / len(vals)
+    if r["gold"] is not None:  # a `rewards.base.Scored`: the mean over the responses it scored
+        ok = r["gold"].outcomes == 0  # (N,) algo.Outcome.OK
+        m["gold"] = r["gold"].scores[ok].mean().item() if ok.any() else None
     else:
         m.pop("gold")
     if not run.rm:

@@ -24,6 +24,7 @@ from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps,
 from ..io.tracking import MetricsWriter, Timers, truncate_metrics
 from ..models import load_tokenizer
 from ..precision import recompute_old_logprobs
+from ..rewards.base import merge_outputs
 from ..roles.calls import wait
 from ..roles.placement import ROLES
 from ..rollout.samples import merge_samples, slice_samples
@@ -31,6 +32,7 @@ from .evaluation import held_out_metrics, load_eval_prompts
 from .experience import experience_stats, make_experience, process_scores
 from .prompts import PromptSampler, sample_ids_for
 from .recovery import dead_actors
+from .rewards import check_failures, kept_for, reward_metrics
 from .setup import Roles, join_weight_sync, resolve_inputs, save_iteration, split, start_roles, stop_roles, sync_weights
 
 log = logging.getLogger(__name__)
@@ -182,11 +184,12 @@ class PPORun:
         # Rollout and experience change no state, so a restarted actor just means doing them again.
         samples, old_logp, values, ref_logp, rew = self._retrying("experience", lambda: self.collect(it, ids, timers))
         lag = self.version - samples.version  # updates between the rollout's weights and the learner's
-        raw = torch.cat([r["score"] for r in rew])  # (B,)
+        check_failures(rew, cfg.reward_max_failed_fraction, f"iteration {it + 1}")
+        kept = kept_for(rew, cfg)  # (B,) the samples with a reward (with group advantages: whole groups)
         with timers.phase("advantages"):
-            scores = process_scores(raw, samples, cfg, self.tok.eos_token_id, self.moments)  # (B,)
-            exp = make_experience(samples, old_logp, ref_logp, values, scores, cfg, self.kl_ctl.value)
-            est = experience_stats(exp)
+            scores = process_scores(rew.score, samples, cfg, self.tok.eos_token_id, self.moments, kept)  # (B,)
+            exp = make_experience(samples, old_logp, ref_logp, values, scores, cfg, self.kl_ctl.value, kept)
+            est = experience_stats(exp, kept)
         rec: dict = {"iteration": it + 1, "algorithm": cfg.algorithm}
         if cfg.kl_max is not None and est["kl"] > cfg.kl_max:
             raise HealthError(f"ppo: KL {est['kl']:.4f} > kl_max {cfg.kl_max} at iteration {it + 1}; stopping. "
@@ -200,7 +203,7 @@ class PPORun:
                 rec.update(self._retrying("eval", lambda: held_out_metrics(
                     self.roles, cfg, *self.eval_prompts, self.tok, cfg.seed * 100003 + 99991)))
         seconds = time.perf_counter() - t_iter
-        rec.update({**est, "kl_coef": self.kl_ctl.value, "score_raw_mean": float(raw.mean()),
+        rec.update({**est, "kl_coef": self.kl_ctl.value, "score_raw_mean": float(rew.score[kept].mean()) if kept.any() else None,
                     **{k: pstats[k] for k in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "kl_loss",
                                               "first_ratio_mean", "first_ratio_dev_max") if k in pstats},
                     "value_loss": cstats.get("value_loss"), "value_clip_frac": cstats.get("value_clip_frac"),
@@ -214,14 +217,12 @@ class PPORun:
         if self.recompute:  # the rollout's weights are the learner's: a broken sync shows here
             rec["rollout_logprob_diff"] = float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max())
         self._check_drift(it, rec, lag)
-        for key in ("rm_score", "fn_score"):
-            if key in rew[0]:
-                rec[key] = float(torch.cat([r[key] for r in rew]).mean())
+        rec.update(reward_metrics(rew, kept))
         log.info("ppo: iteration %d/%d reward %.3f kl %.4f policy_loss %.4f value_loss %.4f len %.1f %.2fs (%s)",
                  it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss") or 0.0,
                  rec.get("value_loss") or 0.0, est["response_length"], seconds,
                  " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
-        return rec, self._sample_rows(it, exp, [t for r in rew for t in r["responses"]])
+        return rec, self._sample_rows(it, exp, rew.responses, kept)
 
     def _check_drift(self, it: int, rec: dict, lag: int) -> None:
         """The sync's end-to-end check (`health.DriftGuard`): the rollout's log-probs against the learner's,
@@ -238,8 +239,9 @@ class PPORun:
         cfg = self.cfg
         bad = nonfinite_rows(scores=exp.scores, advantages=exp.advantages, returns=exp.returns,
                              old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, values=exp.values)
-        if bad:
-            why = "non-finite " + ", ".join(f"{k} (sample ids {[exp.sample_ids[i] for i in v]})" for k, v in bad.items())
+        if bad or not exp.action_mask.any():
+            why = ("non-finite " + ", ".join(f"{k} (sample ids {[exp.sample_ids[i] for i in v]})" for k, v in bad.items())
+                   if bad else "no sample has a reward")
             log.warning("ppo: iteration %d: %s; update skipped", it + 1, why)
             rec["skipped"] = 1
             self.bad_steps.record(True, why)
@@ -262,15 +264,16 @@ class PPORun:
             "version": self.version, "algorithm": self.cfg.algorithm, "kl_ctl": self.kl_ctl.state_dict(),
             **({"reward_moments": self.moments.state_dict()} if self.moments is not None else {})})
 
-    def _sample_rows(self, it: int, exp, responses: list[str]) -> list[dict]:
-        """A few generations for samples.jsonl (and W&B's table), with their sample and group ids."""
+    def _sample_rows(self, it: int, exp, responses: list[str], kept: torch.Tensor) -> list[dict]:
+        """A few generations for samples.jsonl (and W&B's table), with their sample and group ids (reward None:
+        masked out, no reward)."""
         if it % self.cfg.wandb.sample_every and it + 1 != self.cfg.ppo_iterations:
             return []
         n = self.cfg.n_samples_per_prompt
         kl_seq = (exp.kl * exp.action_mask).sum(1)
         return [{"iteration": it + 1, "sample_id": sid, "group": sid // n,
                  "prompt": self.prompts[sid // n].prompt[-1]["content"], "response": responses[j],
-                 "reward": float(exp.scores[j]), "kl": float(kl_seq[j])}
+                 "reward": float(exp.scores[j]) if kept[j] else None, "kl": float(kl_seq[j])}
                 for j, sid in enumerate(exp.sample_ids[:max(4, n)])]
 
     def collect(self, it: int, ids: list[int], timers: Timers):
@@ -295,14 +298,15 @@ class PPORun:
             # LoRA: the policy learners give the reference's logprobs (their base weights), no reference actor.
             ref_role = "policy" if cfg.lora_rank else "reference"
             r_ref = fan(roles.policy, "reference_logprobs") if cfg.lora_rank else fan(roles.reference, "logprobs")
-            r_rew = [a.score.remote(slice_samples(samples, s, e),
-                                    [self.prompts[i // n].prompt for i in samples.sample_ids[s:e]])
+            rows = [self.prompts[i // n] for i in samples.sample_ids]  # each sample's prompt row (prompt, fields)
+            r_rew = [a.score.remote(slice_samples(samples, s, e), [r.prompt for r in rows[s:e]],
+                                    [r.fields for r in rows[s:e]])
                      for a, (s, e) in zip(roles.reward, split(len(samples), len(roles.reward)))]
             old_logp = (torch.cat(self._wait(r_old, "policy", "experience")) if r_old is not None
                         else samples.rollout_logprobs)  # (B, R)
             values = torch.cat(self._wait(r_val, "critic", "experience")) if r_val else None  # (B, R)
             ref_logp = torch.cat(self._wait(r_ref, ref_role, "experience"))  # (B, R)
-            rew = self._wait(r_rew, "reward", "experience")
+            rew = merge_outputs(self._wait(r_rew, "reward", "experience"))
         return samples, old_logp, values, ref_logp, rew
 
     def _launch(self, it: int, ids: list[int]) -> list:

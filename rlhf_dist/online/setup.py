@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RLHFConfig
+from ..config import ConfigError, RLHFConfig
 from ..config.algorithms import ALGORITHMS
+from ..config.rewards import active_sources, environment_errors
 from ..io.checkpoint import atomic_dir, prune_iterations, safe_join, write_json_atomic
 from ..io.sources import check_model_paths, policy_start, reference_model, reward_model, verify_if_sealed
 from ..roles.actors import ReferenceWorker, RewardWorker, RolloutWorker
@@ -49,6 +50,9 @@ def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
     its manifest, else model_name), logged one line per role. A resumed run's learners start from the
     iteration's weights."""
     check_model_paths(cfg)
+    errors = environment_errors(cfg)  # before any actor starts: a reward source's environment variable
+    if errors:
+        raise ConfigError("; ".join(errors))
     start = policy_start(cfg, "ppo")
     if cfg.policy_model_path is None and start[0] == cfg.model_name:
         log.warning("ppo: no complete SFT checkpoint in %s; starting from model_name %s", cfg.save_dir, cfg.model_name)
@@ -74,7 +78,8 @@ def resolve_inputs(cfg: RLHFConfig, resume_from: Path | None) -> Inputs:
     reward = rm if cfg.reward_model_weight != 0 else None
     sources = {"rollout": policy, "policy": policy, "critic": critic, "reference": reference_model(cfg, start),
                "reward": reward}
-    none_why = {"critic": f"{cfg.algorithm} starts no critic", "reward": "reward_model_weight 0: reward_fn only"}
+    none_why = {"critic": f"{cfg.algorithm} starts no critic",
+                "reward": f"reward_model_weight 0: {', '.join(s.name for s in active_sources(cfg))} only"}
     for role, src in sources.items():
         log.info("ppo: %s loads %s", role, f"{src[0]} ({src[1]})" if src else f"no model ({none_why[role]})")
     return Inputs(policy[0], sources["reference"][0], critic and critic[0], reward and reward[0],
@@ -99,7 +104,6 @@ def _critic_source(cfg: RLHFConfig, start: tuple[str, str], rm: tuple[str, str] 
 def _check_critic_vocab(field: str, critic: str, policy_tokenizer: str) -> None:
     """The critic reads the policy's token ids (unlike the reward role, which can re-tokenise the text), so a
     critic with another vocabulary would read them wrongly: an error naming the field."""
-    from ..config import ConfigError
     from ..models import load_tokenizer
 
     try:

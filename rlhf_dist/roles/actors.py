@@ -8,7 +8,6 @@ shared GPU, else by a broadcast in a group of its own (NCCL or gloo).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import resource
@@ -18,49 +17,20 @@ import torch
 
 from ..config import load_config
 from ..config.engines import installed_engines
-from ..config.stages import ONLINE, micro_batch_size
-from ..data.encode import encode_prompt_response, pad_right
 from ..distributed import enter_workdir, set_threads
 from ..io.tracking import setup_logging
-from ..models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-from ..packing import one_row, pack, plan_micro_batches
+from ..models import load_causal_lm, load_tokenizer
 from ..precision import use_bf16
+from ..rewards.base import RewardBatch, RewardOutput, SourceContext
+from ..rewards.sources import RewardSources
 from ..rollout.engine import SamplingParams
 from ..rollout.engines import choose_engine, make_engine
-from ..steps.forwards import response_logprobs
+from ..steps.forwards import forward_chunks, response_logprobs
 from .calls import free_port
 from .placement import ROLES
 from .weight_sync import Broadcast, WeightReceiver, local_device_id
 
 log = logging.getLogger(__name__)
-
-
-def forward_micro_batch(cfg) -> int:
-    """Samples per no-gradient forward pass (`ppo_forward_micro_batch_size`, default the learners' micro-batch)."""
-    return cfg.ppo_forward_micro_batch_size or micro_batch_size(cfg, ONLINE, cfg.roles.policy.num_workers)
-
-
-def in_chunks(fn, size: int, *rows: torch.Tensor) -> torch.Tensor:
-    """fn over chunks of `size` rows of `rows` (each (B, ...)), outputs concatenated on CPU: (B, ...).
-    Activation memory is then that of `size` rows, whatever the batch."""
-    return torch.cat([fn(*(r[i:i + size] for r in rows)).cpu() for i in range(0, rows[0].shape[0], size)])
-
-
-def forward_chunks(fn, cfg, seq: torch.Tensor, attn: torch.Tensor, agree=lambda k: k) -> torch.Tensor:
-    """fn(seq, attn, packed) over the no-gradient forward's chunks of a padded batch (B, L), outputs on
-    CPU in row order: (B, ...). Chunks of `forward_micro_batch` rows (packed None), or with
-    ppo_max_tokens_per_micro_batch, chunks of at most that many real tokens, each packed (`packing.pack`;
-    `agree`: the chunk count over a learner's ranks, whose ZeRO-3 forwards are collectives)."""
-    budget = cfg.ppo_max_tokens_per_micro_batch
-    if budget is None:
-        return in_chunks(lambda s, a: fn(s, a, None), forward_micro_batch(cfg), seq, attn)
-    flat = one_row(cfg.attn_implementation)
-    out: list = [None] * seq.shape[0]
-    for ids in plan_micro_batches(attn.sum(1).tolist(), budget, agree):
-        s, a = seq[ids], attn[ids]
-        for i, y in zip(ids, fn(s, a, pack(s, a, flat)).cpu()):
-            out[i] = y
-    return torch.stack(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,53 +162,18 @@ class ReferenceWorker(RoleWorker):
 
 
 class RewardWorker(RoleWorker):
-    """The frozen reward model and/or a Python reward function; scores combine with their weights."""
+    """The run's reward sources (`rewards.RewardSources`: the reward model, a function, a server), combined
+    with their weights."""
 
     def __init__(self, rank: int, config: dict, num_cpus: float, device: str, model_dir: str | None,
                  policy_tokenizer_dir: str):
         super().__init__("reward", rank, config, num_cpus, device)
         self.policy_tok = load_tokenizer(policy_tokenizer_dir)
-        self.model = self.tok = None
-        if model_dir is not None and self.cfg.reward_model_weight != 0:
-            self.tok = load_tokenizer(model_dir)
-            self.model = load_scalar_model(model_dir, self.bf16, self.tok.pad_token_id,
-                                           self.cfg.attn_implementation).to(self.device).eval()
-            self.model.requires_grad_(False)
-            # Same vocabulary and template: score the policy's tokens as they are; else re-tokenise the text.
-            self.same_tokens = (self.tok.get_vocab() == self.policy_tok.get_vocab()
-                                and self.tok.chat_template == self.policy_tok.chat_template)
-            log.info("reward model %s; %s", model_dir,
-                     "same tokenizer as the policy" if self.same_tokens else "different tokenizer: re-tokenising text")
-        self.fn = None
-        if self.cfg.reward_fn:
-            mod, name = self.cfg.reward_fn.split(":")
-            self.fn = getattr(importlib.import_module(mod), name)
+        self.sources = RewardSources(self.cfg, SourceContext(self.device, self.bf16, self.policy_tok, model_dir))
 
-    @torch.no_grad()
-    def score(self, samples, prompts: list[list[dict]]) -> dict:
+    def score(self, samples, prompts: list[list[dict]], metadata: list[dict]) -> RewardOutput:
+        """`prompts`, `metadata`: each sample's prompt and its row's other fields."""
         responses = [self.policy_tok.decode(r[m.bool()], skip_special_tokens=True)
                      for r, m in zip(samples.responses, samples.action_mask)]
-        B = len(responses)
-        total = torch.zeros(B)
-        out: dict = {"responses": responses}
-        if self.model is not None:
-            if self.same_tokens:
-                ids, attn = samples.sequences, samples.attention_mask
-            else:
-                enc = [encode_prompt_response(self.tok, p, r).input_ids for p, r in zip(prompts, responses)]
-                ids, attn = pad_right(enc, self.tok.pad_token_id)
-            rm = forward_chunks(lambda i, a, p: sequence_scores(self.model, i.to(self.device), a.to(self.device),
-                                                                p and p.to(self.device)).float(),
-                                self.cfg, ids, attn)  # (B,)
-            out["rm_score"] = rm
-            total += self.cfg.reward_model_weight * rm
-        if self.fn is not None:
-            prompt_text = [p[-1]["content"] for p in prompts]
-            vals = self.fn(prompt_text, responses)
-            fn = torch.tensor([float(v) for v in vals], dtype=torch.float32)
-            if fn.shape != (B,):
-                raise ValueError(f"reward_fn {self.cfg.reward_fn} returned {len(vals)} values for {B} responses")
-            out["fn_score"] = fn
-            total += self.cfg.reward_fn_weight * fn
-        out["score"] = total
-        return out
+        return self.sources.score(RewardBatch(prompts, responses, list(samples.sample_ids), metadata,
+                                              samples.sequences, samples.attention_mask))

@@ -23,9 +23,9 @@ from ..models import (
 )
 from ..packing import micro_batch_indices, one_row, pack
 from ..steps import update  # the module, not its functions: a fault plan (tests/faults.py) patches them there
-from ..steps.forwards import response_logprobs, response_values
+from ..steps.forwards import forward_chunks, response_logprobs, response_values
 from ..steps.records import Experience
-from .actors import RoleWorker, forward_chunks
+from .actors import RoleWorker
 from .calls import wait
 from .weight_sync import Broadcast, WeightSender, param_signature
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..algo import chunked_logprobs, entropy_from_logits, logprobs_from_logits
+from ..config.stages import ONLINE, micro_batch_size
 from ..models import token_scalars
-from ..packing import Packed, forward, padded
+from ..packing import Packed, forward, one_row, pack, padded, plan_micro_batches
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
@@ -93,3 +94,35 @@ def response_values(critic, sequences, attention_mask, prompt_len: int, packed: 
     """(B, P+R) -> (B, R): V(s_t) for the state before each response token."""
     values = token_scalars(critic, sequences, attention_mask, packed)  # (B, P+R)
     return values[:, prompt_len - 1: -1]
+
+
+# ---------------------------------------------------------------------------------------
+# The no-gradient forwards of a whole batch, in chunks
+# ---------------------------------------------------------------------------------------
+
+def forward_micro_batch(cfg) -> int:
+    """Samples per no-gradient forward pass (`ppo_forward_micro_batch_size`, default the learners' micro-batch)."""
+    return cfg.ppo_forward_micro_batch_size or micro_batch_size(cfg, ONLINE, cfg.roles.policy.num_workers)
+
+
+def in_chunks(fn, size: int, *rows: torch.Tensor) -> torch.Tensor:
+    """fn over chunks of `size` rows of `rows` (each (B, ...)), outputs concatenated on CPU: (B, ...).
+    Activation memory is then that of `size` rows, whatever the batch."""
+    return torch.cat([fn(*(r[i:i + size] for r in rows)).cpu() for i in range(0, rows[0].shape[0], size)])
+
+
+def forward_chunks(fn, cfg, seq: torch.Tensor, attn: torch.Tensor, agree=lambda k: k) -> torch.Tensor:
+    """fn(seq, attn, packed) over the no-gradient forward's chunks of a padded batch (B, L), outputs on
+    CPU in row order: (B, ...). Chunks of `forward_micro_batch` rows (packed None), or with
+    ppo_max_tokens_per_micro_batch, chunks of at most that many real tokens, each packed (`packing.pack`;
+    `agree`: the chunk count over a learner's ranks, whose ZeRO-3 forwards are collectives)."""
+    budget = cfg.ppo_max_tokens_per_micro_batch
+    if budget is None:
+        return in_chunks(lambda s, a: fn(s, a, None), forward_micro_batch(cfg), seq, attn)
+    flat = one_row(cfg.attn_implementation)
+    out: list = [None] * seq.shape[0]
+    for ids in plan_micro_batches(attn.sum(1).tolist(), budget, agree):
+        s, a = seq[ids], attn[ids]
+        for i, y in zip(ids, fn(s, a, pack(s, a, flat)).cpu()):
+            out[i] = y
+    return torch.stack(out)
