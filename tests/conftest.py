@@ -89,7 +89,9 @@ def fault_hooked_ray(plan_dir: Path):
     faults.plan(plan, [])
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
              runtime_env={"worker_process_setup_hook": "faults.install",
-                          "env_vars": {faults.ENV: str(plan), "PYTHONPATH": str(Path(__file__).parent)}})
+                          "env_vars": {faults.ENV: str(plan),  # tests/ for `faults`, then this process's own path
+                                       "PYTHONPATH": os.pathsep.join(filter(None, (str(Path(__file__).parent),
+                                                                                   os.environ.get("PYTHONPATH"))))}})
     try:
         yield plan
     finally:
