@@ -1,4 +1,5 @@
-"""JSONL datasets (SFT conversations, preference pairs, PPO prompts) and the one formatting function.
+"""JSONL datasets (SFT conversations, preference pairs, KTO's labelled completions, PPO prompts) and the one
+formatting function.
 
 Every row is decoded with msgspec one line at a time; a bad row is an error naming `file:line` and
 the field, or, with `bad_rows: skip`, is counted and reported. Handling of the byte level, documented
@@ -121,6 +122,14 @@ class PreferenceExample:
 
 
 @dataclass
+class KTOExample:
+    prompt: list[Message]
+    completion: list[Message]
+    desirable: bool
+    where: str
+
+
+@dataclass
 class PromptExample:
     prompt: list[Message]
     where: str
@@ -158,6 +167,21 @@ def parse_preference_row(row: Any, where: str) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected, float(margin), where)
 
 
+def parse_kto_row(row: Any, where: str) -> list[KTOExample]:
+    """`{prompt, completion, label}` (label a bool: desirable or not) -> one example; a preference pair
+    (`{prompt, chosen, rejected}`) -> two: chosen desirable, rejected undesirable."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object, got {type(row).__name__}")
+    if "label" not in row and "chosen" in row:
+        p = parse_preference_row(row, where)
+        return [KTOExample(p.prompt, p.chosen, True, where), KTOExample(p.prompt, p.rejected, False, where)]
+    if not isinstance(row.get("label"), bool):
+        raise RowError(f"field 'label' must be true or false, got {row.get('label')!r}" if "label" in row else
+                       "missing field 'label' (true: desirable, false: undesirable), or 'chosen' and 'rejected'")
+    return [KTOExample(_as_messages(row, "prompt", "user"), _as_messages(row, "completion", "assistant"),
+                       row["label"], where)]
+
+
 def parse_prompt_row(row: Any, where: str) -> PromptExample:
     if isinstance(row, str):
         if not row.strip():
@@ -168,11 +192,12 @@ def parse_prompt_row(row: Any, where: str) -> PromptExample:
     return PromptExample(_as_messages(row, "prompt", "user"), where)
 
 
-PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "prompt": parse_prompt_row}
+PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "kto": parse_kto_row,
+           "prompt": parse_prompt_row}
 
 
 def read_dataset(path: str | Path, kind: str, bad_rows: str = "error", max_bad_fraction: float = 0.01) -> tuple[list, ReadStats]:
-    """Read and validate a whole JSONL file of `kind` (sft | preference | prompt)."""
+    """Read and validate a whole JSONL file of `kind` (a key of PARSERS: one parsed row per line)."""
     parse = PARSERS[kind]
     stats = ReadStats()
     rows = []
@@ -296,6 +321,13 @@ def check_length(n: int, max_length: int, where: str, truncate: bool, stats: Rea
     return True
 
 
+def fit(e: Encoded, max_length: int, where: str, truncate: bool, stats: ReadStats) -> Encoded:
+    """`e`, or its first max_length tokens (check_length: an error unless truncating)."""
+    if check_length(len(e.input_ids), max_length, where, truncate, stats):
+        return Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
+    return e
+
+
 def tokenize_sft(tokenizer, rows: list[SFTExample], max_length: int, truncate: bool, stats: ReadStats) -> list[Encoded]:
     out = []
     for r in rows:
@@ -303,8 +335,7 @@ def tokenize_sft(tokenizer, rows: list[SFTExample], max_length: int, truncate: b
             e = encode_conversation(tokenizer, r.messages)
         except RowError as err:
             raise DataError(f"{r.where}: {err}") from None
-        if check_length(len(e.input_ids), max_length, r.where, truncate, stats):
-            e = Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
+        e = fit(e, max_length, r.where, truncate, stats)
         if sum(e.loss_mask) == 0:
             raise DataError(f"{r.where}: no assistant tokens left after truncation to {max_length}")
         out.append(e)
@@ -317,12 +348,16 @@ def tokenize_preferences(tokenizer, rows: list[PreferenceExample], max_length: i
     for r in rows:
         pair = []
         for side in (r.chosen, r.rejected):
-            e = encode_prompt_response(tokenizer, r.prompt, side)
-            if check_length(len(e.input_ids), max_length, r.where, truncate, stats):
-                e = Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
-            pair.append(e)
+            pair.append(fit(encode_prompt_response(tokenizer, r.prompt, side), max_length, r.where, truncate, stats))
         out.append((pair[0], pair[1], r.margin))
     return out
+
+
+def tokenize_kto(tokenizer, rows: list[KTOExample], max_length: int, truncate: bool,
+                 stats: ReadStats) -> list[Encoded]:
+    """Each row's prompt + completion, the loss mask on the completion."""
+    return [fit(encode_prompt_response(tokenizer, r.prompt, r.completion), max_length, r.where, truncate, stats)
+            for r in rows]
 
 
 def tokenize_prompts(tokenizer, rows: list[PromptExample], max_prompt_len: int, truncate: bool,

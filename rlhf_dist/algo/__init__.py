@@ -4,7 +4,7 @@ knows about configs, Ray or DeepSpeed, so every formula is unit-tested on a CPU 
 - `stats`: masked statistics, log-probs and entropy from logits, running moments;
 - `kl`: KL estimators (k1, k2, k3) and the fixed / adaptive coefficients;
 - `advantages`: reward shaping, GAE, GRPO, RLOO, REINFORCE++;
-- `losses`: PPO's policy and value losses, loss aggregation, the ranking and DPO losses.
+- `losses`: PPO's policy and value losses, loss aggregation, the ranking, DPO and KTO losses.
 """
 
 from .advantages import (  # noqa: F401
@@ -31,6 +31,7 @@ from .losses import (  # noqa: F401
                          LOSS_AGG,
                          aggregate_loss,
                          dpo_loss,
+                         kto_loss,
                          loss_units,
                          pairwise_ranking_loss,
                          ppo_policy_loss,

@@ -165,7 +165,7 @@ class RLHFConfig(_Strict):
     """Over-length rows: false = error naming the line; true = truncate (responses from the right,
     prompts from the left) and report the count."""
     eval_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
-    """Held-out share of the SFT and preference (reward, DPO) data used to pick the best model."""
+    """Held-out share of each offline stage's data (SFT, reward, DPO, KTO rows) used to pick the best model."""
 
     # --- stages ---------------------------------------------------------------------
     stages: list[Literal[tuple(STAGES)]] | None = None  # type: ignore[valid-type]
@@ -192,7 +192,7 @@ class RLHFConfig(_Strict):
     sft_warmup_ratio: UnitFloat = 0.05
     sft_workers: PositiveInt = 1
     train_cpus_per_worker: PositiveFloat = 1.0
-    """CPUs per Ray Train worker of the SFT, reward and DPO stages; also its torch thread count."""
+    """CPUs per Ray Train worker of the offline stages (SFT, reward, DPO, KTO); also its torch thread count."""
     train_gpus_per_worker: NonNegFloat = 1.0
     """GPUs per Ray Train worker when the device is CUDA."""
     sft_eval_every: NonNegInt = 0
@@ -236,6 +236,33 @@ class RLHFConfig(_Strict):
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO's -log sigmoid(beta * h) (arXiv:2305.18290); ipo: (h - 1/(2 beta))^2 (arXiv:2310.12036),
     which stops pushing once the log-ratio margin h reaches 1/(2 beta)."""
+
+    # --- KTO ------------------------------------------------------------------------
+    kto_data_path: str | None = None
+    """Completions labelled desirable or not, `{prompt, completion, label}` with label true or false, and/or
+    preference pairs in the reward stage's format (each gives a desirable and an undesirable row)."""
+    kto_epochs: PositiveInt = 1
+    kto_batch_size: PositiveInt = 16
+    """Global number of rows (labelled completions) per optimizer step; the reference point's KL estimate
+    averages over the step's rows, so the paper advises 8 or more."""
+    kto_micro_batch_size: PositiveInt | None = None
+    """Per-worker micro-batch of rows; default = kto_batch_size / kto_workers (no accumulation)."""
+    kto_max_tokens_per_micro_batch: PositiveInt | None = None
+    """Pack instead of pad, as sft_max_tokens_per_micro_batch, counting each row and its mismatched pair.
+    Unset = padded micro-batches of kto_micro_batch_size rows."""
+    kto_lr: PositiveFloat = 1e-6
+    """As dpo_lr: 5e-7 to 1e-6 is usual for billion-parameter models (the paper's 5e-6 for beta 0.1 and
+    small batches is an upper end)."""
+    kto_warmup_ratio: UnitFloat = 0.1
+    kto_workers: PositiveInt = 1
+    kto_beta: PositiveFloat = 0.1
+    """beta of KTO, > 0: the scale of the implicit reward beta * (log pi - log ref) inside the sigmoid; larger
+    keeps the policy nearer the reference."""
+    kto_desirable_weight: PositiveFloat = 1.0
+    """lambda_D, > 0: the weight of a desirable row's loss. With unbalanced data the paper keeps
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n: rows of each label)."""
+    kto_undesirable_weight: PositiveFloat = 1.0
+    """lambda_U, > 0: the weight of an undesirable row's loss."""
 
     # --- online RL (the `ppo` stage, whatever the algorithm) ----------------------------
     algorithm: Literal[tuple(ALGORITHMS)] = "ppo"  # type: ignore[valid-type]
@@ -370,7 +397,7 @@ class RLHFConfig(_Strict):
     # --- faults and health ----------------------------------------------------------
     max_restarts: NonNegInt = 3
     """Restarts of a killed actor: a PPO rollout, reference or reward actor (it reloads the current
-    weights and the iteration is redone), or an SFT/RM/DPO Ray Train worker group (it resumes from its
+    weights and the iteration is redone), or an offline stage's (SFT, RM, DPO, KTO) Ray Train worker group (it resumes from its
     last checkpoint)."""
     max_learner_restarts: NonNegInt = 2
     """Times PPO reloads its last complete checkpoint after a policy or critic learner dies."""
@@ -390,7 +417,7 @@ class RLHFConfig(_Strict):
     grad_spike_factor: PositiveFloat = 10.0
     """Log an alarm when a learner's gradient norm exceeds this many times its median over the last 20 iterations."""
     train_save_steps: NonNegInt = 0
-    """SFT/RM/DPO: save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
+    """Offline stages (SFT, RM, DPO, KTO): save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
     steps; 0 = at the end of each epoch."""
 
     # --- outputs --------------------------------------------------------------------
