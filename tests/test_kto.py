@@ -1,6 +1,6 @@
 """KTO: the loss against hand-worked numbers and its gradient's sign, the data (unpaired rows and pairs, bad
 rows naming file:line), the mismatched pairs, micro-batches against one batch through the loop's own step,
-and the stage end to end after SFT (the desirable rate on held-out prompts rises)."""
+and the stage end to end from an SFT model (the desirable rate on held-out prompts rises)."""
 
 import json
 import math
@@ -169,10 +169,10 @@ def _subset(src, dst, n):
 
 
 @pytest.mark.slow
-def test_sft_then_kto_raises_the_desirable_rate(tiny, tmp_path, local_ray):
-    """`stages: [sft, kto]` on the demo task: SFT (half positive, half negative answers) then KTO on the
-    preference pairs split into labelled rows; the share of positive answers on held-out prompts (topics
-    never asked in training: eval.jsonl) rises from SFT's model to KTO's."""
+def test_kto_raises_the_desirable_rate(tiny, tiny_sft, tmp_path, local_ray):
+    """`stages: [sft, kto]` with the SFT model given (policy_model_path: `run` skips sft), on the demo task: KTO
+    on the preference pairs split into labelled rows; the share of positive answers on held-out prompts
+    (topics never asked in training: eval.jsonl) rises from the SFT model's to KTO's."""
     from rlhf_dist.evaluate import evaluate_model
     from rlhf_dist.io.tracking import read_metrics
     from rlhf_dist.pipeline import create_rlhf_pipeline
@@ -180,9 +180,9 @@ def test_sft_then_kto_raises_the_desirable_rate(tiny, tmp_path, local_ray):
     save = tmp_path / "run"
     kto = dict(kto_data_path=_subset(tiny["prefs"], tmp_path / "kto.jsonl", 320), kto_batch_size=32, kto_lr=2e-3,
                kto_epochs=2, kto_beta=0.1)
-    cfg = base_config(tiny, save, stages=["sft", "kto"], sft_epochs=2, gen_max_new_tokens=16, **kto)
+    cfg = base_config(tiny, save, stages=["sft", "kto"], policy_model_path=str(tiny_sft), **kto)
     out = create_rlhf_pipeline(cfg).run_full_pipeline()
-    assert out == {"sft": save / "sft" / "best_model", "kto": save / "kto" / "best_model"}
+    assert out == {"kto": save / "kto" / "best_model"} and not (save / "sft").exists()
     rows = read_metrics(save / "kto" / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2 * (576 // 32)  # 640 rows from 320 pairs, 64 held out
@@ -191,7 +191,7 @@ def test_sft_then_kto_raises_the_desirable_rate(tiny, tmp_path, local_ray):
     assert steps[-1]["loss"] < 0.8 * steps[0]["loss"]
     evals = [r for r in rows if "eval_accuracy" in r]
     assert len(evals) == 3 and evals[-1]["eval_accuracy"] > 0.8  # before training and after each epoch
-    res = evaluate_model(load_config(cfg), {"sft": str(out["sft"]), "kto": str(out["kto"])}, num_prompts=64,
+    res = evaluate_model(load_config(cfg), {"sft": str(tiny_sft), "kto": str(out["kto"])}, num_prompts=64,
                          gold="rlhf_dist.demo:positive_label")
     before, after = (res["checkpoints"][k]["gold"] for k in ("sft", "kto"))
     print(f"desirable rate on 64 held-out prompts: sft {before:.3f} -> kto {after:.3f}")
