@@ -10,7 +10,8 @@ For each checkpoint (default: SFT, every complete PPO iteration, the final polic
 - kl_ref: mean over prompts of sum_t (log pi(y_t) - log pi_ref(y_t)) on the policy's own samples (k1);
 - win_rate_vs_sft: share of prompts where the RM prefers the checkpoint's response to the SFT
   policy's (ties count 1/2);
-- gold: mean of a rule-based `module:function(prompts, responses)` when one is given.
+- gold: mean of a rule-based `module:function(prompts, responses)` when one is given;
+- flagged: the share of responses the config's safety_filter flags, when one is set.
 
 Results go to save_dir/eval/results.json (metrics and settings) and save_dir/eval/results.md.
 """
@@ -37,6 +38,7 @@ from .io.eval_results import eval_settings, format_table, metrics_row, write_res
 from .io.sources import check_model_paths, policy_start, reference_model
 from .io.sources import reward_model as find_reward_model
 from .precision import use_bf16
+from .safety import load_safety_filter
 from .steps.forwards import response_logprobs
 
 log = logging.getLogger(__name__)
@@ -289,6 +291,7 @@ class EvalRun:
     rm: RewardScorer | None
     notes: list[str]
     engine: Any = None  # a vLLM engine shared by every checkpoint (rollout_engine), else None: the HF engine
+    safety: Callable | None = None  # the config's safety_filter, loaded (rlhf_dist/safety.py)
 
 
 def resolve_checkpoints(cfg: RLHFConfig, checkpoints: dict[str, str] | None) -> dict[str, str]:
@@ -319,8 +322,9 @@ def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gol
     attn = cfg.attn_implementation
     ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
     rm = RewardScorer(reward_model, tok, bf16, device, attn) if reward_model else None
+    safety = load_safety_filter(cfg.safety_filter) if cfg.safety_filter else None
     return EvalRun(cfg, device, bf16, batch_size, start, reference, reward_model, gold, gold_fn, data, tok, es,
-                   ref_model, rm, notes, eval_engine(cfg, reference, device, bf16))
+                   ref_model, rm, notes, eval_engine(cfg, reference, device, bf16), safety)
 
 
 def eval_engine(cfg: RLHFConfig, model_dir: str, device: str, bf16: bool):

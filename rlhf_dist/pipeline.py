@@ -111,6 +111,10 @@ class RLHFPipeline:
             t = time.time()
             _, stats = read_dataset(path, stage.data_kind, cfg.bad_rows, cfg.max_bad_fraction)
             log.info("data %s ok: %s (%.2fs)", path, stats.summary(), time.time() - t)
+        if cfg.safety_filter and any(not STAGES[s].offline for s in stages):  # a bad rule fails here, naming its line
+            from .safety import load_safety_filter
+
+            load_safety_filter(cfg.safety_filter)
 
     # ------------------------------------------------------------------------------
     def run_stage(self, stage: str) -> Path:

@@ -4,7 +4,8 @@ knows about configs, Ray or DeepSpeed, so every formula is unit-tested on a CPU 
 - `stats`: masked statistics, log-probs and entropy from logits, running moments;
 - `kl`: KL estimators (k1, k2, k3) and the fixed / adaptive coefficients;
 - `advantages`: reward shaping, GAE, GRPO, RLOO, REINFORCE++;
-- `losses`: PPO's policy and value losses, loss aggregation, the ranking, DPO and KTO losses.
+- `losses`: PPO's policy and value losses, loss aggregation, the ranking, DPO and KTO losses;
+- `safety`: what the safety filter's verdicts do to a batch (a score penalty, or dropped rollouts).
 """
 
 from .advantages import (  # noqa: F401
@@ -37,6 +38,7 @@ from .losses import (  # noqa: F401
                          ppo_policy_loss,
                          ppo_value_loss,
 )
+from .safety import safety_adjust  # noqa: F401
 from .stats import (  # noqa: F401
                          RunningMoments,
                          chunked_logprobs,

@@ -120,7 +120,9 @@ def loss_units(
     mask: torch.Tensor,  # (B, T)
     mode: str,
 ) -> torch.Tensor:  # () what `mode` averages over: valid tokens (token_mean) or sequences
-    return _valid(mask).sum() if mode == "token_mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
+    """Sequences count when they have a valid token: a rollout dropped by its mask (`algo.safety`) is none."""
+    valid = _valid(mask)
+    return valid.sum() if mode == "token_mean" else valid.any(dim=-1).sum()
 
 
 def aggregate_loss(

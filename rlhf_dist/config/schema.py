@@ -343,6 +343,21 @@ class RLHFConfig(_Strict):
     reward_clip: PositiveFloat | None = None
     """Clip (normalised) scores to [-reward_clip, reward_clip]; unset = no clipping."""
 
+    safety_filter: str | None = None
+    """What flags unsafe responses (rlhf_dist/safety.py): a rule file, one rule per line, a literal word or
+    phrase or `re:PATTERN`, matched case-insensitively as a whole word or phrase (`#` starts a comment
+    line); or a classifier `module:function(prompts, responses) -> [(flagged: bool, reason: str), ...]`.
+    In online RL each flagged rollout is penalised or dropped (safety_action), its rate is logged as
+    `safety/flagged_rate` and each flagged one goes to ppo/samples.jsonl with its reason; `rlhf-dist eval`
+    reports each checkpoint's flagged rate. Unset = no filter."""
+    safety_action: Literal["penalize", "drop"] = "penalize"
+    """penalize: subtract safety_penalty from a flagged rollout's score. drop: leave the flagged rollout's
+    whole prompt group out of the update (its rows stay, masked: no tokens, no loss units, no group
+    baseline), so the batch keeps its mini-batches and groups."""
+    safety_penalty: NonNegFloat = 1.0
+    """Subtracted from a flagged rollout's score (safety_action: penalize), in the score's units, before
+    reward_normalize and reward_clip, as overlong_penalty is."""
+
     gen_max_new_tokens: PositiveInt = 32
     gen_batch_size: PositiveInt | None = None
     """Prompts per generate call of a rollout worker: it generates its slice in chunks of this many and

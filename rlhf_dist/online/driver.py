@@ -30,6 +30,7 @@ from .evaluation import held_out_metrics, load_eval_prompts
 from .experience import experience_stats, make_experience, process_scores
 from .prompts import PromptSampler, sample_ids_for
 from .recovery import dead_actors
+from .safety import SafetyCheck
 from .setup import Roles, join_weight_sync, resolve_inputs, save_iteration, split, start_roles, stop_roles, sync_weights
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class PPORun:
         self.sampler = PromptSampler(len(self.prompts), cfg.seed, state.get("cursor", 0))
         self.version = state.get("version", 0)
         self.eval_prompts = load_eval_prompts(cfg, self.tok) if cfg.eval_every else None
+        self.safety = SafetyCheck(cfg, self.prompts) if cfg.safety_filter else None
         self.moments = RunningMoments() if cfg.reward_normalize else None
         if self.moments is not None and "reward_moments" in state:
             self.moments.load_state_dict(state["reward_moments"])
@@ -182,11 +184,14 @@ class PPORun:
         samples, old_logp, values, ref_logp, rew = self._retrying("experience", lambda: self.collect(it, ids, timers))
         lag = self.version - samples.version  # updates between the rollout's weights and the learner's
         raw = torch.cat([r["score"] for r in rew])  # (B,)
+        responses = [t for r in rew for t in r["responses"]]
+        samples, raw, safety_rec, flagged_rows = (self.safety(it, samples, raw, responses) if self.safety
+                                                  else (samples, raw, {}, []))
         with timers.phase("advantages"):
             scores = process_scores(raw, samples, cfg, self.tok.eos_token_id, self.moments)  # (B,)
             exp = make_experience(samples, old_logp, ref_logp, values, scores, cfg, self.kl_ctl.value)
             est = experience_stats(exp)
-        rec: dict = {"iteration": it + 1, "algorithm": cfg.algorithm}
+        rec: dict = {"iteration": it + 1, "algorithm": cfg.algorithm, **safety_rec}
         if cfg.kl_max is not None and est["kl"] > cfg.kl_max:
             raise HealthError(f"ppo: KL {est['kl']:.4f} > kl_max {cfg.kl_max} at iteration {it + 1}; stopping. "
                               f"Last good checkpoint: {self._last_checkpoint()}")
@@ -220,7 +225,7 @@ class PPORun:
                  it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss") or 0.0,
                  rec.get("value_loss") or 0.0, est["response_length"], seconds,
                  " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
-        return rec, self._sample_rows(it, exp, [t for r in rew for t in r["responses"]])
+        return rec, self._sample_rows(it, exp, responses) + flagged_rows
 
     def _check_drift(self, it: int, rec: dict, lag: int) -> None:
         """The sync's end-to-end check (`health.DriftGuard`): the rollout's log-probs against the learner's,
