@@ -55,10 +55,11 @@ def parse_rules(path: str) -> list[tuple[str, re.Pattern]]:
         if not pattern:
             raise ConfigError(f"{p.name}:{lineno}: empty pattern after 're:'")
         try:
-            # Lookarounds, not \b: a phrase that starts or ends with punctuation still matches as a whole.
-            rules.append((line, re.compile(rf"(?<!\w)(?:{pattern})(?!\w)", re.IGNORECASE)))
+            re.compile(pattern)  # alone first, so that an error's position is the user's
         except re.error as e:
             raise ConfigError(f"{p.name}:{lineno}: bad regular expression {pattern!r}: {e}") from None
+        # Lookarounds, not \b: a phrase that starts or ends with punctuation still matches as a whole.
+        rules.append((line, re.compile(rf"(?<!\w)(?:{pattern})(?!\w)", re.IGNORECASE)))
     if not rules:
         raise ConfigError(f"safety_filter: {p.name} has no rules (only blank lines and comments)")
     return rules

@@ -120,8 +120,8 @@ def test_ppo_penalty_lowers_the_flagged_rate(tiny, tiny_sft, tmp_path, local_ray
     rules = _rules(tmp_path, "# the demo's negative words\n" + "\n".join(NEGATIVE) + "\n")
     cfg = base_config(tiny, save, policy_model_path=str(tiny_sft), safety_filter=rules, safety_penalty=2.0,
                       reward_fn="rlhf_dist.demo:positivity_reward", reward_fn_weight=0.0, reward_model_weight=0.0,
-                      algorithm="rloo", n_samples_per_prompt=2, ppo_iterations=8, ppo_batch_size=16,
-                      ppo_mini_batch_size=16, ppo_lr_policy=1e-3, kl_coef=0.01, save_interval=8)
+                      ppo_iterations=8, ppo_batch_size=32, ppo_mini_batch_size=16, ppo_epochs=2,
+                      ppo_lr_policy=1e-3, kl_coef=0.01, save_interval=8)
     create_rlhf_pipeline(cfg).run_ppo_training()
     rates = [r["safety/flagged_rate"] for r in iteration_rows(save)]
     print("rollout flagged rate per iteration:", [round(x, 3) for x in rates])
