@@ -10,7 +10,6 @@ from conftest import base_config, iteration_rows
 
 from rlhf_dist.algo import aggregate_loss, grpo_advantages, loss_units, safety_adjust
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.demo import NEGATIVE
 from rlhf_dist.safety import Verdict, flagged_rate, load_safety_filter
 
 pytestmark = pytest.mark.timeout(900)
@@ -111,26 +110,34 @@ def test_eval_reports_the_flagged_rate(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_ppo_penalty_lowers_the_flagged_rate(tiny, tiny_sft, tmp_path, local_ray):
-    """A rule file of the demo's negative words; PPO from the SFT model (half its answers negative) with no
-    reward but the penalty: the flagged rate of the rollouts, and eval's on held-out prompts, fall."""
+    """A rule file flagging "is", a word of 4 of the demo's 6 answer templates; PPO from the SFT model with the
+    positivity reward and the default penalty (1.0): the flagged rate of the rollouts, and eval's on held-out
+    prompts, fall, while the answers stay sentences (a policy that stopped answering would dodge the filter
+    too) and turn positive."""
     from rlhf_dist.evaluate import evaluate_model
     from rlhf_dist.pipeline import create_rlhf_pipeline
 
     save = tmp_path / "run"
-    rules = _rules(tmp_path, "# the demo's negative words\n" + "\n".join(NEGATIVE) + "\n")
-    cfg = base_config(tiny, save, policy_model_path=str(tiny_sft), safety_filter=rules, safety_penalty=2.0,
-                      reward_fn="rlhf_dist.demo:positivity_reward", reward_fn_weight=0.0, reward_model_weight=0.0,
-                      ppo_iterations=8, ppo_batch_size=32, ppo_mini_batch_size=16, ppo_epochs=2,
-                      ppo_lr_policy=1e-3, kl_coef=0.01, save_interval=8)
+    rules = _rules(tmp_path, "# a word of the demo's answers\nis\n")
+    cfg = base_config(tiny, save, policy_model_path=str(tiny_sft), safety_filter=rules,
+                      reward_fn="rlhf_dist.demo:positivity_reward", reward_model_weight=0.0, ppo_iterations=8,
+                      ppo_batch_size=32, ppo_mini_batch_size=16, ppo_epochs=2, ppo_lr_policy=1e-3, kl_coef=0.01,
+                      save_interval=8)
     create_rlhf_pipeline(cfg).run_ppo_training()
-    rates = [r["safety/flagged_rate"] for r in iteration_rows(save)]
-    print("rollout flagged rate per iteration:", [round(x, 3) for x in rates])
-    assert sum(rates[-3:]) / 3 < sum(rates[:2]) / 2 - 0.15, rates
+    rows = iteration_rows(save)
+    rates = [r["safety/flagged_rate"] for r in rows]
+    print("rollout flagged rate per iteration:", [round(x, 3) for x in rates],
+          "response length:", [round(r["response_length"], 1) for r in rows])
+    assert sum(rates[-3:]) / 3 < sum(rates[:2]) / 2 - 0.2, rates
+    assert min(r["response_length"] for r in rows[-3:]) >= 5
     flagged = [json.loads(line) for line in (save / "ppo" / "samples.jsonl").read_text().splitlines()]
     flagged = [r for r in flagged if "safety" in r]
-    assert flagged and all(r["safety"].startswith("rule '") and r["safety_action"] == "penalize" for r in flagged)
+    assert flagged and all(r["safety"].lower() == "rule 'is' matched 'is'" and r["safety_action"] == "penalize"
+                           for r in flagged)
     res = evaluate_model(load_config(cfg), {"sft": str(tiny_sft), "ppo": str(save / "ppo" / "final_model")},
-                         num_prompts=64)
-    before, after = (res["checkpoints"][k]["flagged"] for k in ("sft", "ppo"))
-    print(f"eval flagged rate on 64 held-out prompts: sft {before:.3f} -> ppo {after:.3f}")
-    assert after < before - 0.15, (before, after)
+                         num_prompts=64, gold="rlhf_dist.demo:positive_label")
+    (before, pos_before), (after, pos_after) = ((res["checkpoints"][k]["flagged"], res["checkpoints"][k]["gold"])
+                                                for k in ("sft", "ppo"))
+    print(f"eval on 64 held-out prompts: flagged sft {before:.3f} -> ppo {after:.3f}; "
+          f"positive sft {pos_before:.3f} -> ppo {pos_after:.3f}")
+    assert after < before - 0.2, (before, after)
