@@ -197,14 +197,3 @@ def test_kto_raises_the_desirable_rate(tiny, tiny_sft, tmp_path, local_ray):
     print(f"desirable rate on 64 held-out prompts: sft {before:.3f} -> kto {after:.3f}")
     assert after > before + 0.2, (before, after)
 
-
-def test_report_has_a_kto_section(tmp_path):
-    from rlhf_dist.io.report import make_report
-
-    rows = [{"step": 0, "eval_accuracy": 0.0}] + [{"step": s, "loss": 0.5 - s / 100, "accuracy": s / 10}
-                                                 for s in range(1, 9)] + [{"step": 8, "eval_accuracy": 0.8}]
-    (tmp_path / "kto").mkdir()
-    (tmp_path / "kto" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = make_report(tmp_path).read_text()
-    assert "### KTO" in md and "| KTO eval accuracy (best) | 0.8" in md
-    assert (tmp_path / "report" / "kto_accuracy.png").is_file()
