@@ -141,3 +141,24 @@ def test_ppo_penalty_lowers_the_flagged_rate(tiny, tiny_sft, tmp_path, local_ray
     print(f"eval on 64 held-out prompts: flagged sft {before:.3f} -> ppo {after:.3f}; "
           f"positive sft {pos_before:.3f} -> ppo {pos_after:.3f}")
     assert after < before - 0.2, (before, after)
+
+
+def test_driver_call_drops_and_records(tmp_path):
+    """The driver's one call (`online.safety.SafetyCheck`) in drop mode: the flagged rollout's group is masked
+    out of the samples, the metrics count it, and its samples.jsonl row carries the reason."""
+    from rlhf_dist.online.safety import SafetyCheck
+    from rlhf_dist.rollout.samples import Samples
+
+    cfg = load_config({"model_name": "m", "safety_filter": _rules(tmp_path, "terrible\n"), "safety_action": "drop",
+                       "n_samples_per_prompt": 2, "algorithm": "grpo"})
+    prompts = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(2)]
+    samples = Samples(torch.ones(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long),
+                      torch.ones(4, 3, dtype=torch.long), torch.zeros(4, 3), 3, [0, 1, 2, 3], 0)  # (B, P+R), (B, R)
+    responses = ["It is nice.", "It is terrible.", "It is kind.", "It is calm."]
+    out, scores, rec, rows = SafetyCheck(cfg, prompts)(4, samples, torch.tensor([1.0, -1.0, 1.0, 1.0]), responses)
+    assert out.action_mask.sum(1).tolist() == [0, 0, 3, 3] and samples.action_mask.sum() == 12  # not in place
+    assert scores.tolist() == [1.0, -1.0, 1.0, 1.0]
+    assert rec == {"safety/flagged_rate": 0.25, "safety/dropped": 2}
+    assert rows == [{"iteration": 5, "sample_id": 1, "group": 0, "prompt": "Tell me about topic 0.",
+                     "response": "It is terrible.", "reward": -1.0, "safety": "rule 'terrible' matched 'terrible'",
+                     "safety_action": "drop"}]
