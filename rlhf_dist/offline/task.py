@@ -1,8 +1,9 @@
 """What a stage of the Ray Train job trains: its data, model, batches and loss (`Task`), and its micro-batches.
 
 The steps (`steps.sft.sft_loss`, `steps.reward.reward_loss`, `steps.dpo.dpo_step_loss`, `steps.kto.kto_step_loss`)
-are plain functions of a model and a batch; each stage module's `task_parts` (named by the stage's row in `config.stages`) binds one of them to the
-stage's data and model, `build_task` adds what every stage shares, and `loop.StageLoop` runs it.
+are plain functions of a model and a batch; each stage module's `task_parts` (named by the stage's row in
+`config.stages`) binds one of them to the stage's data and model, `build_task` adds what every stage shares, and
+`loop.StageLoop` runs it.
 """
 
 from __future__ import annotations
