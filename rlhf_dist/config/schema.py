@@ -242,6 +242,7 @@ class RLHFConfig(_Strict):
     """Completions labelled desirable or not, `{prompt, completion, label}` with label true or false, and/or
     preference pairs in the reward stage's format (each gives a desirable and an undesirable row)."""
     kto_epochs: PositiveInt = 1
+    """Passes over the training rows (>= 1)."""
     kto_batch_size: PositiveInt = 16
     """Global number of rows (labelled completions) per optimizer step; the reference point's KL estimate
     averages over the step's rows, so the paper advises 8 or more."""
@@ -251,10 +252,14 @@ class RLHFConfig(_Strict):
     """Pack instead of pad, as sft_max_tokens_per_micro_batch, counting each row and its mismatched pair.
     Unset = padded micro-batches of kto_micro_batch_size rows."""
     kto_lr: PositiveFloat = 1e-6
-    """As dpo_lr: 5e-7 to 1e-6 is usual for billion-parameter models (the paper's 5e-6 for beta 0.1 and
+    """Peak learning rate (> 0). As dpo_lr: 5e-7 to 1e-6 is usual for billion-parameter models (the paper's 5e-6 for beta 0.1 and
     small batches is an upper end)."""
     kto_warmup_ratio: UnitFloat = 0.1
+    """Share of the optimizer steps (0 to 1) over which the learning rate rises linearly to kto_lr; it then
+    decays along a cosine to 10% of it."""
     kto_workers: PositiveInt = 1
+    """Ray Train workers (data-parallel ranks, >= 1); kto_batch_size must be a multiple of kto_workers x the
+    micro-batch."""
     kto_beta: PositiveFloat = 0.1
     """beta of KTO, > 0: the scale of the implicit reward beta * (log pi - log ref) inside the sigmoid; larger
     keeps the policy nearer the reference."""
