@@ -126,3 +126,11 @@ def generate_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     for name, rows in (("sft", sft), ("prefs", prefs), ("prompts", prompts), ("eval", evals), ("answers", answers)):
         _write_jsonl(paths[name], rows)
     return paths
+
+
+def positive_label(prompts: list[str], responses: list[str]) -> list[float]:
+    """1.0 for a positive response, else 0.0: as eval's `--gold rlhf_dist.demo:positive_label`, the gold
+    column is the desirable rate (KTO's label on this task)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"positive_label: {len(prompts)} prompts but {len(responses)} responses")
+    return [float(is_positive(r)) for r in responses]

@@ -13,6 +13,7 @@ For each checkpoint (default: SFT, every complete PPO iteration, the final polic
 - gold: mean of a rule-based `module:function(prompts, responses[, metadata])` when one is given (a
   function reward source, `rewards.function`: metadata holds each eval row's other fields), over the
   responses it scored.
+- flagged: the share of responses the config's safety_filter flags, when one is set.
 
 Results go to save_dir/eval/results.json (metrics and settings) and save_dir/eval/results.md.
 """
@@ -26,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +45,7 @@ from .precision import use_bf16
 from .rewards.base import RewardBatch, Scored, SourceContext
 from .rewards.function import FunctionSource
 from .rewards.model import RewardModelSource
+from .safety import load_safety_filter
 from .steps.forwards import response_logprobs
 
 log = logging.getLogger(__name__)
@@ -273,6 +275,7 @@ class EvalRun:
     rm: RewardModelSource | None
     notes: list[str]
     engine: Any = None  # a vLLM engine shared by every checkpoint (rollout_engine), else None: the HF engine
+    safety: Callable | None = None  # the config's safety_filter, loaded (rlhf_dist/safety.py)
 
 
 def resolve_checkpoints(cfg: RLHFConfig, checkpoints: dict[str, str] | None) -> dict[str, str]:
@@ -304,8 +307,9 @@ def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gol
     ref_model = load_causal_lm(reference, bf16, attn).to(device).eval()
     rm = (RewardModelSource(cfg, reward_model, SourceContext(torch.device(device), bf16, tok, reward_model))
           if reward_model else None)
+    safety = load_safety_filter(cfg.safety_filter) if cfg.safety_filter else None
     return EvalRun(cfg, device, bf16, batch_size, start, reference, reward_model, gold, gold_fn, data, tok, es,
-                   ref_model, rm, notes, eval_engine(cfg, reference, device, bf16))
+                   ref_model, rm, notes, eval_engine(cfg, reference, device, bf16), safety)
 
 
 def eval_engine(cfg: RLHFConfig, model_dir: str, device: str, bf16: bool):

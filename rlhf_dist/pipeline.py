@@ -130,6 +130,10 @@ class RLHFPipeline:
             lines.append(f"{spec.field}: {spec.path}: {stats.layout} layout, {stats.summary()}")
             lines += [f"  bad row skipped: {e}" for e in stats.skipped_examples]
             log.info("data %s (%.2fs)", lines[-1 - len(stats.skipped_examples)], time.time() - t)
+        if cfg.safety_filter and any(not STAGES[s].offline for s in stages):  # a bad rule fails here, naming its line
+            from .safety import load_safety_filter
+
+            load_safety_filter(cfg.safety_filter)
         return lines
 
     def check(self) -> list[str]:

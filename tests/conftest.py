@@ -25,6 +25,40 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sft(tiny, tmp_path_factory):
+    """The tiny model after SFT on the demo conversations (2 epochs, batch 32, AdamW 2e-3, one process, no Ray):
+    it answers in the demo's format, half positive, half negative. For end-to-end tests of the later stages
+    (policy_model_path), so that each need not run an SFT job of its own."""
+    import random
+
+    import torch
+
+    from rlhf_dist.data.encode import tokenize_sft
+    from rlhf_dist.data.read import read_dataset
+    from rlhf_dist.models import load_causal_lm, load_tokenizer, save_hf
+    from rlhf_dist.steps.sft import sft_batch, sft_count, sft_loss
+
+    tok = load_tokenizer(str(tiny["model"]))
+    rows, stats = read_dataset(tiny["sft"], "sft")
+    items = tokenize_sft(tok, rows, 64, False, stats)
+    torch.manual_seed(0)
+    model = load_causal_lm(str(tiny["model"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for epoch in range(2):
+        order = list(range(len(items)))
+        random.Random(epoch).shuffle(order)
+        for s in range(len(items) // 32):
+            batch = [items[i] for i in order[s * 32:(s + 1) * 32]]
+            loss, _ = sft_loss(model, sft_batch(batch, tok.pad_token_id), float(sft_count(batch)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out = tmp_path_factory.mktemp("tiny_sft") / "model"
+    save_hf(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_vllm(tmp_path_factory):
     """The tiny assets with 2 attention heads of 32 dims: vLLM's CPU attention takes head sizes of 32 and up."""
     from rlhf_dist.tiny import build_tiny

@@ -121,7 +121,7 @@ def test_critic_free_plan_has_no_critic():
     ({"seed": True}, "seed: Expected `int`, got `bool`"),
     ({"ppo_lr_policy": "1e-4"}, "ppo_lr_policy: Expected `float`, got `str`"),
     ({"bf16": "true"}, "bf16: Invalid enum value 'true', expected one of: auto, true, false"),
-    ({"stages": ["sft", "rl"]}, "stages.1: Invalid enum value 'rl', expected one of: sft, reward, dpo, ppo"),
+    ({"stages": ["sft", "rl"]}, "stages.1: Invalid enum value 'rl', expected one of: sft, reward, dpo, kto, ppo"),
 ])
 def test_types_are_strict(bad, needle):
     with pytest.raises(ConfigError) as e:

@@ -120,7 +120,7 @@ def test_stages_field_validation():
                             (["dpo", "sft"], "stages: sft must come first"),
                             (["sft", "dpo", "dpo"], "stages: dpo listed more than once"),
                             ([], "stages: must not be empty"),
-                            (["sft", "kto"], "stages.1: Invalid enum value 'kto'")):
+                            (["sft", "orpo"], "stages.1: Invalid enum value 'orpo'")):
         with pytest.raises(ConfigError, match=message):
             load_config({**base, "stages": stages})
     with pytest.raises(ConfigError, match=r"dpo_batch_size: 16 is not a multiple of dpo_micro_batch_size \(3\)"):

@@ -76,8 +76,9 @@ def test_evaluate_model_all_checkpoints_and_metrics(run_dir):
     ck = res["checkpoints"]
     assert list(ck) == ["sft", "ppo/iteration_000002", "final"]  # training order, incomplete iteration skipped
     for name, m in ck.items():
-        for col in COLUMNS[1:]:
+        for col in (c for c in COLUMNS[1:] if c != "flagged"):  # flagged: only with a safety_filter
             assert isinstance(m[col], float) and math.isfinite(m[col]), (name, col)
+        assert "flagged" not in m
         assert 0 <= m["win_rate_vs_sft"] <= 1 and 0 <= m["rougeL"] <= 1
     # The SFT policy against itself, and an identical copy of it: the same samples, no KL, all ties.
     for name in ("sft", "ppo/iteration_000002"):
@@ -165,11 +166,15 @@ def test_make_report_has_a_section_for_every_stage(tmp_path):
     dpo = [{"step": s, "loss": 0.69 / s, "accuracy": min(1.0, 0.5 + s / 20)} for s in range(1, 11)]
     dpo[4]["eval_accuracy"], dpo[-1]["eval_accuracy"] = 0.8, 0.7
     _write_jsonl(tmp_path / "dpo/metrics.jsonl", dpo + [{"summary": True, "seconds": 2.0}])
+    kto = [{"step": 0, "eval_accuracy": 0.0}] + [{"step": s, "loss": 0.5 - s / 100, "accuracy": s / 10}
+                                                for s in range(1, 9)] + [{"step": 8, "eval_accuracy": 0.85}]
+    _write_jsonl(tmp_path / "kto/metrics.jsonl", kto)
     md = make_report(tmp_path).read_text()
     for stage in STAGES.values():
         assert f"### {stage.report.title}" in md, stage.name
     assert (tmp_path / "report/dpo_accuracy.png").is_file()
     assert "| DPO eval accuracy (best) | 0.8 |" in md and "| DPO wall time (s) | 2.0 |" in md
+    assert (tmp_path / "report/kto_accuracy.png").is_file() and "| KTO eval accuracy (best) | 0.85" in md
 
 
 def test_cli_eval_and_report(run_dir, capsys):

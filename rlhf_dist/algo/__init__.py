@@ -4,8 +4,9 @@ knows about configs, Ray or DeepSpeed, so every formula is unit-tested on a CPU 
 - `stats`: masked statistics, log-probs and entropy from logits, running moments;
 - `kl`: KL estimators (k1, k2, k3) and the fixed / adaptive coefficients;
 - `advantages`: reward shaping, GAE, GRPO, RLOO, REINFORCE++;
-- `losses`: PPO's policy and value losses, loss aggregation, the ranking and DPO losses;
-- `rewards`: reward outcomes (ok, timeout, error), combining weighted sources, the samples a failure drops.
+- `losses`: PPO's policy and value losses, loss aggregation, the ranking, DPO and KTO losses;
+- `rewards`: reward outcomes (ok, timeout, error), combining weighted sources, the samples a failure drops;
+- `safety`: what the safety filter's verdicts do to a batch (a score penalty, or dropped rollouts).
 """
 
 from .advantages import (  # noqa: F401
@@ -32,6 +33,7 @@ from .losses import (  # noqa: F401
                          LOSS_AGG,
                          aggregate_loss,
                          dpo_loss,
+                         kto_loss,
                          loss_units,
                          pairwise_ranking_loss,
                          ppo_policy_loss,
@@ -43,6 +45,7 @@ from .rewards import (  # noqa: F401
                          kept_samples,
                          outcome_counts,
 )
+from .safety import safety_adjust  # noqa: F401
 from .stats import (  # noqa: F401
                          RunningMoments,
                          chunked_logprobs,

@@ -1,5 +1,5 @@
 """Losses: PPO's clipped policy and value losses, their aggregation over tokens and sequences, the
-reward model's ranking loss and DPO's preference losses."""
+reward model's ranking loss, DPO's preference losses and KTO's loss."""
 
 from __future__ import annotations
 
@@ -180,4 +180,33 @@ def dpo_loss(
         r_c, r_r = beta * (pi_chosen - ref_chosen), beta * (pi_rejected - ref_rejected)
         stats = {"reward_chosen": r_c, "reward_rejected": r_r, "reward_margin": r_c - r_r,
                  "reward_accuracy": (r_c > r_r).float()}
+    return losses, stats
+
+
+def kto_loss(
+    pi_logps: torch.Tensor,  # (B,) sum of the policy's logprobs over each completion
+    ref_logps: torch.Tensor,  # (B,) the same under the frozen reference
+    desirable: torch.Tensor,  # (B,) bool: the completion's label
+    kl: torch.Tensor,  # () mean log pi/ref of mismatched (prompt, completion) pairs: the reference point's estimate
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # per-example losses (B,), stats (tensors, no host sync)
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8), with r = pi - ref and the reference point
+    z0 = max(0, kl), detached (the paper does not backpropagate through it):
+        desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
+    (lambda_y - v(x, y) of the paper's value function). Desirable completions are pushed above the
+    reference point, undesirable ones below it; the weights trade off unbalanced data (the paper
+    suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
+    stats: the reference point z0 (B,) and, signed by the label, the implicit reward's margin
+    beta * (r - z0) (positive: on the label's side) and whether it is strictly on the label's side."""
+    z0 = kl.detach().clamp(min=0)  # ()
+    r = pi_logps - ref_logps  # (B,)
+    sign = torch.where(desirable, 1.0, -1.0).to(r.dtype)  # (B,)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(r.dtype)  # (B,)
+    losses = weight * (1 - torch.sigmoid(beta * sign * (r - z0)))  # (B,)
+    with torch.no_grad():
+        margin = beta * sign * (r - z0)  # (B,)
+        stats = {"kl": z0.expand_as(r), "reward_margin": margin, "accuracy": (margin > 0).float()}
     return losses, stats

@@ -72,6 +72,10 @@ def config_errors(cfg) -> list[str]:
     if cfg.ppo_recompute_old_logprobs is True and cfg.ppo_overlap_rollout:
         errors.append("ppo_recompute_old_logprobs: true removes ppo_overlap_rollout's off-policy correction (the "
                       "rollout's logprobs carry the one-step lag); use one or the other")
+    if cfg.safety_filter is None:
+        defaults = type(cfg)(model_name="x")  # the schema's defaults (importing it would be a cycle)
+        errors += [f"{name}: only used with a safety_filter" for name in ("safety_action", "safety_penalty")
+                   if getattr(cfg, name) != getattr(defaults, name)]
     errors += lora_errors(cfg)
     errors += learner_option_errors(cfg)
     errors += rollout_engine_errors(cfg)

@@ -173,7 +173,7 @@ class RLHFConfig(_Strict):
     """Over-length rows: false = error naming the line; true = truncate (responses from the right,
     prompts from the left) and report the count."""
     eval_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
-    """Held-out share of the SFT and preference (reward, DPO) data used to pick the best model."""
+    """Held-out share of each offline stage's data (SFT, reward, DPO, KTO rows) used to pick the best model."""
 
     # --- stages ---------------------------------------------------------------------
     stages: list[Literal[tuple(STAGES)]] | None = None  # type: ignore[valid-type]
@@ -185,7 +185,7 @@ class RLHFConfig(_Strict):
 
     # --- Ray Train workers (every offline stage) -------------------------------------
     train_cpus_per_worker: PositiveFloat = 1.0
-    """CPUs per Ray Train worker of the SFT, reward and DPO stages; also its torch thread count."""
+    """CPUs per Ray Train worker of the offline stages (SFT, reward, DPO, KTO); also its torch thread count."""
     train_gpus_per_worker: NonNegFloat = 1.0
     """GPUs per Ray Train worker when the device is CUDA."""
 
@@ -301,6 +301,49 @@ class RLHFConfig(_Strict):
     """sigmoid: DPO's -log sigmoid(beta * h) (arXiv:2305.18290); ipo: (h - 1/(2 beta))^2 (arXiv:2310.12036),
     which stops pushing once the log-ratio margin h reaches 1/(2 beta)."""
 
+    # --- KTO ------------------------------------------------------------------------
+    kto_data_path: str | None = None
+    """Completions labelled desirable or not, `{prompt, completion, label}` with label true or false, and/or
+    preference pairs in any of the reward stage's layouts (each gives a desirable and an undesirable row); a
+    file, glob, `save_to_disk` directory or hub id, as sft_data_path."""
+    kto_data_split: str = "train"
+    """Split of a hub dataset or a `save_to_disk` DatasetDict at kto_data_path (files have only "train")."""
+    kto_data_subset: str | None = None
+    """Subset (configuration) of a hub dataset at kto_data_path; unset = its default."""
+    kto_prompt_field: str | None = None
+    """Column of kto_data_path that holds the prompt (a string or messages); unset = `prompt`."""
+    kto_completion_field: str | None = None
+    """Column of kto_data_path that holds the completion (a string or messages); unset = `completion`."""
+    kto_label_field: str | None = None
+    """Column of kto_data_path that holds the label (true: desirable); unset = `label`."""
+    kto_epochs: PositiveInt = 1
+    """Passes over the training rows (>= 1)."""
+    kto_batch_size: PositiveInt = 16
+    """Global number of rows (labelled completions) per optimizer step; the reference point's KL estimate
+    averages over the step's rows, so the paper advises 8 or more."""
+    kto_micro_batch_size: PositiveInt | None = None
+    """Per-worker micro-batch of rows; default = kto_batch_size / kto_workers (no accumulation)."""
+    kto_max_tokens_per_micro_batch: PositiveInt | None = None
+    """Pack instead of pad, as sft_max_tokens_per_micro_batch, counting each row and its mismatched pair.
+    Unset = padded micro-batches of kto_micro_batch_size rows."""
+    kto_lr: PositiveFloat = 1e-6
+    """Peak learning rate (> 0). As dpo_lr: 5e-7 to 1e-6 is usual for billion-parameter models (the paper's 5e-6 for beta 0.1 and
+    small batches is an upper end)."""
+    kto_warmup_ratio: UnitFloat = 0.1
+    """Share of the optimizer steps (0 to 1) over which the learning rate rises linearly to kto_lr; it then
+    decays along a cosine to 10% of it."""
+    kto_workers: PositiveInt = 1
+    """Ray Train workers (data-parallel ranks, >= 1); kto_batch_size must be a multiple of kto_workers x the
+    micro-batch."""
+    kto_beta: PositiveFloat = 0.1
+    """beta of KTO, > 0: the scale of the implicit reward beta * (log pi - log ref) inside the sigmoid; larger
+    keeps the policy nearer the reference."""
+    kto_desirable_weight: PositiveFloat = 1.0
+    """lambda_D, > 0: the weight of a desirable row's loss. With unbalanced data the paper keeps
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n: rows of each label)."""
+    kto_undesirable_weight: PositiveFloat = 1.0
+    """lambda_U, > 0: the weight of an undesirable row's loss."""
+
     # --- online RL (the `ppo` stage, whatever the algorithm) ----------------------------
     algorithm: Literal[tuple(ALGORITHMS)] = "ppo"  # type: ignore[valid-type]
     """The online algorithm; one driver runs them all, differing only in the advantages. ppo: a critic and
@@ -403,7 +446,7 @@ class RLHFConfig(_Strict):
     """The adaptive controller's horizon, in prompts (>= 1): per iteration the coefficient moves by at most
     20% x ppo_batch_size / kl_horizon (Ziegler et al. 2019). Used only with kl_target."""
 
-    # --- reward sources (their table: config/rewards.py; docs/rewards.md) -------------
+    # --- online RL: the `ppo` stage's scores (sources' table: config/rewards.py; docs/rewards.md) ---
     reward_fn: str | None = None
     """Python reward `module:function(prompts, responses, metadata) -> list[float | None]`, e.g.
     rlhf_dist.demo:positivity_reward. prompts: the last message before each response; metadata (optional
@@ -438,6 +481,21 @@ class RLHFConfig(_Strict):
     """Normalise scores by their running mean and std over the run (saved in each checkpoint's state)."""
     reward_clip: PositiveFloat | None = None
     """Clip (normalised) scores to [-reward_clip, reward_clip]; unset = no clipping."""
+
+    safety_filter: str | None = None
+    """What flags unsafe responses (rlhf_dist/safety.py): a rule file, one rule per line, a literal word or
+    phrase or `re:PATTERN`, matched case-insensitively as a whole word or phrase (`#` starts a comment
+    line); or a classifier `module:function(prompts, responses) -> [(flagged: bool, reason: str), ...]`.
+    In online RL each flagged rollout is penalised or dropped (safety_action), its rate is logged as
+    `safety/flagged_rate` and each flagged one goes to ppo/samples.jsonl with its reason; `rlhf-dist eval`
+    reports each checkpoint's flagged rate. Unset = no filter."""
+    safety_action: Literal["penalize", "drop"] = "penalize"
+    """penalize: subtract safety_penalty from a flagged rollout's score. drop: leave the flagged rollout's
+    whole prompt group out of the update (its rows stay, masked: no tokens, no loss units, no group
+    baseline), so the batch keeps its mini-batches and groups."""
+    safety_penalty: NonNegFloat = 1.0
+    """Subtracted from a flagged rollout's score (safety_action: penalize), in the score's units, before
+    reward_normalize and reward_clip, as overlong_penalty is."""
 
     gen_max_new_tokens: PositiveInt = 32
     """Most tokens (>= 1) generated per response; must be < max_length. A response cut off here
@@ -499,7 +557,7 @@ class RLHFConfig(_Strict):
     # --- faults and health ----------------------------------------------------------
     max_restarts: NonNegInt = 3
     """Restarts of a killed actor: a PPO rollout, reference or reward actor (it reloads the current
-    weights and the iteration is redone), or an SFT/RM/DPO Ray Train worker group (it resumes from its
+    weights and the iteration is redone), or an offline stage's (SFT, RM, DPO, KTO) Ray Train worker group (it resumes from its
     last checkpoint)."""
     max_learner_restarts: NonNegInt = 2
     """Times PPO reloads its last complete checkpoint after a policy or critic learner dies."""
@@ -519,7 +577,7 @@ class RLHFConfig(_Strict):
     grad_spike_factor: PositiveFloat = 10.0
     """Log an alarm when a learner's gradient norm exceeds this many times its median over the last 20 iterations."""
     train_save_steps: NonNegInt = 0
-    """SFT/RM/DPO: save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
+    """Offline stages (SFT, RM, DPO, KTO): save a Ray Train checkpoint (weights and optimizer state, to resume from) every N
     steps; 0 = at the end of each epoch."""
 
     # --- outputs --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .rows import DataError, Message, PreferenceExample, PromptExample, ReadStats, RowError, SFTExample
+from .rows import DataError, KTOExample, Message, PreferenceExample, PromptExample, ReadStats, RowError, SFTExample
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,13 @@ def check_length(n: int, max_length: int, where: str, truncate: bool, stats: Rea
     return True
 
 
+def fit(e: Encoded, max_length: int, where: str, truncate: bool, stats: ReadStats) -> Encoded:
+    """`e`, or its first max_length tokens (check_length: an error unless truncating)."""
+    if check_length(len(e.input_ids), max_length, where, truncate, stats):
+        return Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
+    return e
+
+
 def tokenize_sft(tokenizer, rows: list[SFTExample], max_length: int, truncate: bool, stats: ReadStats) -> list[Encoded]:
     out = []
     for r in rows:
@@ -110,8 +117,7 @@ def tokenize_sft(tokenizer, rows: list[SFTExample], max_length: int, truncate: b
             e = encode_conversation(tokenizer, r.messages)
         except RowError as err:
             raise DataError(f"{r.where}: {err}") from None
-        if check_length(len(e.input_ids), max_length, r.where, truncate, stats):
-            e = Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
+        e = fit(e, max_length, r.where, truncate, stats)
         if sum(e.loss_mask) == 0:
             raise DataError(f"{r.where}: no assistant tokens left after truncation to {max_length}")
         out.append(e)
@@ -124,12 +130,16 @@ def tokenize_preferences(tokenizer, rows: list[PreferenceExample], max_length: i
     for r in rows:
         pair = []
         for side in (r.chosen, r.rejected):
-            e = encode_prompt_response(tokenizer, r.prompt, side)
-            if check_length(len(e.input_ids), max_length, r.where, truncate, stats):
-                e = Encoded(e.input_ids[:max_length], e.loss_mask[:max_length], min(e.prompt_len, max_length))
-            pair.append(e)
+            pair.append(fit(encode_prompt_response(tokenizer, r.prompt, side), max_length, r.where, truncate, stats))
         out.append((pair[0], pair[1], r.margin))
     return out
+
+
+def tokenize_kto(tokenizer, rows: list[KTOExample], max_length: int, truncate: bool,
+                 stats: ReadStats) -> list[Encoded]:
+    """Each row's prompt + completion, the loss mask on the completion."""
+    return [fit(encode_prompt_response(tokenizer, r.prompt, r.completion), max_length, r.where, truncate, stats)
+            for r in rows]
 
 
 def tokenize_prompts(tokenizer, rows: list[PromptExample], max_prompt_len: int, truncate: bool,
@@ -144,8 +154,10 @@ def tokenize_prompts(tokenizer, rows: list[PromptExample], max_prompt_len: int, 
 
 
 def tokenize_rows(tokenizer, kind: str, rows: list, max_length: int, truncate: bool, stats: ReadStats) -> list:
-    """Rows of `kind` (sft | preference | prompt) tokenised as their stage does; for prompts, max_length is the
-    prompt budget (max_length - gen_max_new_tokens)."""
+    """Rows of `kind` (a key of layouts.PARSERS) tokenised as their stage does; for prompts, max_length is the
+    prompt budget (max_length - gen_max_new_tokens). A KTO row is a list (a pair gives two examples)."""
+    if kind == "kto":
+        return tokenize_kto(tokenizer, [r for line in rows for r in line], max_length, truncate, stats)
     return {"sft": tokenize_sft, "preference": tokenize_preferences, "prompt": tokenize_prompts}[kind](
         tokenizer, rows, max_length, truncate, stats)
 

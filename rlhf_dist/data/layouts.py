@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .rows import (
+    KTOExample,
     Message,
     PreferenceExample,
     PromptExample,
@@ -40,12 +41,15 @@ LAYOUTS: tuple[Layout, ...] = (
            "this project, UltraFeedback-binarized, TRL explicit-prompt preference"),
     Layout("chosen/rejected", "preference", ("chosen", "rejected"),
            "HH-RLHF transcripts, TRL implicit-prompt preference (conversational)"),
+    Layout("prompt/completion/label", "kto", ("prompt", "completion", "label"), "this project, TRL unpaired preference"),
+    Layout("prompt/chosen/rejected", "kto", ("prompt", "chosen", "rejected"), "preference pairs, each split in two"),
+    Layout("chosen/rejected", "kto", ("chosen", "rejected"), "HH-RLHF transcripts, each pair split in two"),
     Layout("prompt", "prompt", ("prompt",), "this project, TRL prompt-only"),
     Layout("messages", "prompt", ("messages",), "OpenAI chat: the turns before the last assistant reply"),
 )
 # The canonical columns of each kind: what `{stage}_{column}_field` can map (schema fields exist for these).
 KIND_COLUMNS = {"sft": ("messages", "prompt", "response", "completion"), "preference": ("prompt", "chosen", "rejected"),
-                "prompt": ("prompt",)}
+                "kto": ("prompt", "completion", "label"), "prompt": ("prompt",)}
 
 
 def detect(kind: str, row: Any) -> Layout | None:
@@ -172,4 +176,20 @@ def _others(row: dict, *used: str) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in used}
 
 
-PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "prompt": parse_prompt_row}
+def parse_kto_row(row: Any, where: str) -> list[KTOExample]:
+    """`{prompt, completion, label}` (label a bool: desirable or not) -> one example; a preference pair (any
+    preference layout) -> two: chosen desirable, rejected undesirable."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object, got {type(row).__name__}")
+    if "label" not in row and "chosen" in row:
+        p = parse_preference_row(row, where)
+        return [KTOExample(p.prompt, p.chosen, True, where), KTOExample(p.prompt, p.rejected, False, where)]
+    if not isinstance(row.get("label"), bool):
+        raise RowError(f"field 'label' must be true or false, got {row.get('label')!r}" if "label" in row else
+                       "missing field 'label' (true: desirable, false: undesirable), or 'chosen' and 'rejected'")
+    return [KTOExample(as_messages(row, "prompt", "user"), as_messages(row, "completion", "assistant"),
+                       row["label"], where)]
+
+
+PARSERS = {"sft": parse_sft_row, "preference": parse_preference_row, "kto": parse_kto_row,
+           "prompt": parse_prompt_row}

@@ -84,6 +84,14 @@ class PreferenceExample:
 
 
 @dataclass
+class KTOExample:
+    prompt: list[Message]
+    completion: list[Message]
+    desirable: bool
+    where: str
+
+
+@dataclass
 class PromptExample:
     prompt: list[Message]
     where: str

@@ -12,12 +12,13 @@
       dpo/best_model/           HF causal LM + tokenizer (best held-out implicit-reward accuracy)
       dpo/metrics.jsonl
       dpo/stage_complete.json
+      kto/best_model/           HF causal LM + tokenizer (best held-out implicit-reward accuracy), kto/metrics.jsonl, ...
       ppo/iteration_000NNN/     policy/, critic/ (HF), {policy,critic}_engine/ (optimizer states), state.json
       ppo/final_model/          the final policy (HF) and critic/
                                 (lora_rank > 0: iteration policy/ and critic/ hold PEFT adapters; final_model
                                 and every best_model are merged HF models, final_model/adapter/ the adapter)
       ppo/metrics.jsonl
-      ray_train/{sft,reward,dpo}/  Ray Train runs: checkpoints to resume SFT/RM/DPO from (DeepSpeed states, RNG, loop state)
+      ray_train/{sft,reward,dpo,kto}/  Ray Train runs: checkpoints to resume each offline stage from (DeepSpeed states, RNG, loop state)
 
 Every checkpoint directory is written to a temporary sibling, then `manifest.json` (sha256 of every
 file) and the `COMPLETE` marker are written last, then it is renamed into place. A directory

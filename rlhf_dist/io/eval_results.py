@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..safety import flagged_rate
+
 log = logging.getLogger(__name__)
 
-COLUMNS = ("checkpoint", "ppl", "bleu", "rougeL", "rm_score", "kl_ref", "win_rate_vs_sft", "gold")
+COLUMNS = ("checkpoint", "ppl", "bleu", "rougeL", "rm_score", "kl_ref", "win_rate_vs_sft", "gold", "flagged")
 _FORMATS = {"ppl": "{:.2f}", "bleu": "{:.2f}", "rougeL": "{:.3f}", "rm_score": "{:+.3f}", "kl_ref": "{:.3f}",
-            "win_rate_vs_sft": "{:.3f}", "gold": "{:+.3f}"}
+            "win_rate_vs_sft": "{:.3f}", "gold": "{:+.3f}", "flagged": "{:.3f}"}
 NUM_SAMPLES_SAVED = 5  # example generations kept per checkpoint in results.json
 
 
@@ -52,6 +54,11 @@ def metrics_row(run: Any, path: str, r: dict[str, Any], baseline: dict[str, Any]
         m.pop("gold")
     if not run.rm:
         del m["rm_score"], m["win_rate_vs_sft"]
+    if run.safety:
+        verdicts = run.safety(es.prompt_texts, r["responses"])
+        m["flagged"] = flagged_rate(verdicts)
+        m["flagged_examples"] = [{"prompt": es.prompt_texts[i], "response": r["responses"][i], "reason": v.reason}
+                                 for i, v in enumerate(verdicts) if v.flagged][:NUM_SAMPLES_SAVED]
     m["samples"] = [{"prompt": es.prompt_texts[i], "reference": es.references[i], "response": r["responses"][i]}
                     for i in range(min(NUM_SAMPLES_SAVED, len(es)))]
     return m
@@ -67,7 +74,7 @@ def eval_settings(run: Any) -> dict[str, Any]:
         "batch_size": run.batch_size, "gen_max_new_tokens": cfg.gen_max_new_tokens,
         "gen_temperature": cfg.gen_temperature, "gen_top_p": cfg.gen_top_p, "gen_top_k": cfg.gen_top_k,
         "reference": run.reference, "win_rate_baseline": run.reference if run.rm else None,
-        "reward_model": run.reward_model, "gold": run.gold,
+        "reward_model": run.reward_model, "gold": run.gold, "safety_filter": cfg.safety_filter,
         "kl_estimator": "k1 (sum over response tokens, logprobs at gen_temperature)",
         "bleu": f"sacrebleu {sacrebleu.__version__} corpus_bleu", "rougeL": "rouge_score rougeL F1, porter stemmer",
         "notes": run.notes,
@@ -100,7 +107,8 @@ def _write_markdown(path: Path, results: dict) -> None:
              "- ppl: perplexity of the reference responses (assistant tokens, teacher-forced)",
              "- bleu: sacrebleu corpus BLEU (0-100); rougeL: mean ROUGE-L F1 against the references",
              "- rm_score: mean reward-model score; win_rate_vs_sft: RM prefers it to the SFT response (ties 1/2)",
-             "- kl_ref: mean over prompts of the summed log-ratio to the reference on the policy's samples (k1)"]
+             "- kl_ref: mean over prompts of the summed log-ratio to the reference on the policy's samples (k1)",
+             f"- flagged: share of responses the safety filter `{s.get('safety_filter') or 'none'}` flags"]
     lines += [f"- note: {n}" for n in s["notes"]]
     _write_atomic(path, "\n".join(lines) + "\n")
 

@@ -238,7 +238,7 @@ class Tracker:
         try:
             import wandb
 
-            cols = list(rows[0])
+            cols = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (samples.jsonl's flagged ones)
             self.run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
         except Exception as e:
             self._stop("log failed", e)

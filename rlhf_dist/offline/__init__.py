@@ -1,1 +1,1 @@
-"""Offline training stages (SFT, reward model, DPO): Ray Train jobs with DeepSpeed through one skeleton."""
+"""Offline training stages (SFT, reward model, DPO, KTO): Ray Train jobs with DeepSpeed through one skeleton."""

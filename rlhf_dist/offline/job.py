@@ -1,4 +1,4 @@
-"""The one Ray Train job skeleton of the SFT, reward-model and DPO stages, with DeepSpeed inside.
+"""The one Ray Train job skeleton of the offline stages (SFT, reward model, DPO, KTO), with DeepSpeed inside.
 
 `run_supervised` (the driver) starts the job; `supervised_worker` (each worker) builds the stage's `Task`
 (`task.py`) and DeepSpeed engine and runs `loop.StageLoop`. A step runs unchanged in one process.
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def supervised_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker` for the SFT, reward and DPO stages."""
+    """Ray Train `train_loop_per_worker` for the offline stages."""
     import ray.train
     import torch.distributed as dist
 
@@ -58,7 +58,7 @@ def supervised_worker(config: dict) -> None:
 
 
 def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
-    """Run the SFT, reward or DPO stage as a Ray Train TorchTrainer job; returns its best_model directory."""
+    """Run an offline stage as a Ray Train TorchTrainer job; returns its best_model directory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -1,4 +1,4 @@
-"""One rank's loop of the SFT, reward-model and DPO jobs over its DeepSpeed engine: optimizer steps,
+"""One rank's loop of the SFT, reward-model, DPO and KTO jobs over its DeepSpeed engine: optimizer steps,
 evaluation, best-model saves, Ray Train checkpoints and resume.
 
 Every loss is normalised by the *global* count of the optimizer step (tokens for SFT, pairs for RM and
@@ -146,9 +146,11 @@ class StageLoop:
         micros = micro_batches(task, task.eval[self.rank::self.world])
         filler = self.agree(len(micros)) - len(micros) if self.cfg.zero_stage == 3 and self.world > 1 else 0
         sums: dict = {}
+        everyone = micros + [task.eval[:1]] * filler
+        mean = step_mean(task, engine.module, everyone, self.flat, self.to_dev, len(micros))
         with torch.no_grad():
-            for i, micro in enumerate(micros + [task.eval[:1]] * filler):
-                _, st = task.loss(engine.module, self.to_dev(make_batch(task, micro, self.flat)), 1.0)
+            for i, micro in enumerate(everyone):
+                _, st = task.loss(engine.module, self.to_dev(make_batch(task, micro, self.flat, mean)), 1.0)
                 if i < len(micros):
                     _add(sums, st)
         engine.train()
@@ -182,14 +184,33 @@ def train_step(task: Task, engine, micros: list[list], norm: float, flat: bool,
 
     sums: dict = {}
     slots = 0
+    mean = step_mean(task, engine.module, micros, flat, to_dev)
     for i in accumulate(engine, len(micros)):
-        batch = make_batch(task, micros[i], flat)
+        batch = make_batch(task, micros[i], flat, mean)
         packed = batch.get("packed")
         slots += (batch["attention_mask"] if packed is None else packed.input_ids).numel()
         loss, st = task.loss(engine.module, to_dev(batch), norm)
         engine.backward(loss, scale_wrt_gas=False)
         _add(sums, st)
     return sums, float(slots)
+
+
+def step_mean(task: Task, model, micros: list[list], flat: bool, to_dev: Callable,
+              real: int | None = None) -> torch.Tensor | None:
+    """The task's mean over a whole step (or the eval set), for every micro-batch's loss (`Task.step_sums`):
+    a no-grad pass over `micros` (the first `real` count; the rest are ZeRO-3 fillers, run for the collective),
+    summed over the ranks. None for a task without one."""
+    from ..distributed import all_reduce_sum
+
+    if task.step_sums is None:
+        return None
+    total, count = 0.0, 0.0
+    for i, micro in enumerate(micros):
+        s, n = task.step_sums(model, to_dev(make_batch(task, task.step_items(micro), flat)))
+        if real is None or i < real:
+            total, count = total + s.detach().double(), count + n
+    total, count = all_reduce_sum(_read({"sum": total, "count": count}, ("sum", "count")))
+    return torch.tensor(total / max(count, 1.0), dtype=torch.float32)
 
 
 def prepare_items(task: Task, engine, to_dev: Callable) -> None:

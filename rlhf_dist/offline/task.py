@@ -1,8 +1,9 @@
 """What a stage of the Ray Train job trains: its data, model, batches and loss (`Task`), and its micro-batches.
 
-The steps (`steps.sft.sft_loss`, `steps.reward.reward_loss`, `steps.dpo.dpo_step_loss`) are plain functions of a model and a
-batch; each stage module's `task_parts` (named by the stage's row in `config.stages`) binds one of them to the
-stage's data and model, `build_task` adds what every stage shares, and `loop.StageLoop` runs it.
+The steps (`steps.sft.sft_loss`, `steps.reward.reward_loss`, `steps.dpo.dpo_step_loss`, `steps.kto.kto_step_loss`)
+are plain functions of a model and a batch; each stage module's `task_parts` (named by the stage's row in
+`config.stages`) binds one of them to the stage's data and model, `build_task` adds what every stage shares, and
+`loop.StageLoop` runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..config import RLHFConfig
 from ..config.stages import STAGES, micro_batch_size
 from ..data.encode import Encoded, check_special_tokens, split_eval
@@ -21,7 +24,6 @@ from ..io.sources import check_model_paths, policy_start
 from ..io.tracking import Timers
 from ..models import apply_lora, load_tokenizer
 from ..packing import micro_batch_indices, pack
-from ..steps.dpo import DPOPair
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ class Task:
     stats: tuple[str, ...] = ()  # further sums the loss returns, logged as means per item (and as eval_*)
     prepare: Callable | None = None  # (model, to_dev, items, micro) -> items, once before training (DPO's reference)
     max_tokens: int | None = None  # packed micro-batches of at most this many real tokens; None = padded
+    # A mean over a whole step that each micro-batch's loss needs (KTO: the KL estimate of its reference point):
+    # a no-grad pass over `step_items(micro)` of every micro-batch of the step (or of the eval set) first;
+    # `step_sums(model, batch) -> (sum, count)` summed over those and the ranks; batch["step_mean"] = sum / count.
+    step_items: Callable | None = None
+    step_sums: Callable | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -109,17 +116,21 @@ def micro_batches(task: Task, items: list, agree: Callable[[int], int] = lambda 
 
 
 def item_tokens(item) -> int:
-    """Tokens of an SFT conversation, or of both sides of a preference pair."""
+    """Tokens of an SFT conversation, of both sides of a reward-model pair, or a record's own count (`tokens`:
+    DPO's pair, KTO's row with its mismatched pair)."""
     if isinstance(item, Encoded):
         return len(item.input_ids)
-    sides = (item.chosen, item.rejected) if isinstance(item, DPOPair) else item[:2]
-    return sum(len(e.input_ids) for e in sides)
+    if isinstance(item, tuple):
+        return sum(len(e.input_ids) for e in item[:2])
+    return item.tokens
 
 
-def make_batch(task: Task, items: list, flat: bool) -> dict:
+def make_batch(task: Task, items: list, flat: bool, step_mean: torch.Tensor | None = None) -> dict:
     """The task's padded batch, plus its packed layout when the task packs (built on the CPU; `flat`: one
-    row, `packing.one_row`)."""
+    row, `packing.one_row`), and the step's mean when the task has one (`Task.step_sums`)."""
     batch = task.batch(items)
     if task.max_tokens is not None:
         batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)
+    if step_mean is not None:
+        batch["step_mean"] = step_mean
     return batch

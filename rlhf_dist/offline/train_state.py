@@ -1,4 +1,4 @@
-"""Ray Train checkpoints of the SFT, reward and DPO jobs: DeepSpeed's state, each rank's RNG state and a
+"""Ray Train checkpoints of the offline jobs (SFT, reward, DPO, KTO): DeepSpeed's state, each rank's RNG state and a
 sha256 manifest, reported by every rank and verified before DeepSpeed's (unpickling) loader sees them."""
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from .experience import experience_stats, make_experience, process_scores
 from .prompts import PromptSampler, sample_ids_for
 from .recovery import dead_actors
 from .rewards import check_failures, kept_for, reward_metrics
+from .safety import SafetyCheck
 from .setup import Roles, join_weight_sync, resolve_inputs, save_iteration, split, start_roles, stop_roles, sync_weights
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class PPORun:
         self.sampler = PromptSampler(len(self.prompts), cfg.seed, state.get("cursor", 0))
         self.version = state.get("version", 0)
         self.eval_prompts = load_eval_prompts(cfg, self.tok) if cfg.eval_every else None
+        self.safety = SafetyCheck(cfg, self.prompts) if cfg.safety_filter else None
         self.moments = RunningMoments() if cfg.reward_normalize else None
         if self.moments is not None and "reward_moments" in state:
             self.moments.load_state_dict(state["reward_moments"])
@@ -186,11 +188,15 @@ class PPORun:
         lag = self.version - samples.version  # updates between the rollout's weights and the learner's
         check_failures(rew, cfg.reward_max_failed_fraction, f"iteration {it + 1}")
         kept = kept_for(rew, cfg)  # (B,) the samples with a reward (with group advantages: whole groups)
+        raw, safety_rec, flagged_rows = rew.score, {}, []  # (B,)
+        if self.safety:  # penalize: raw lowered; drop: the flagged rollouts' groups leave `kept`
+            raw, dropped, safety_rec, flagged_rows = self.safety(it, samples.sample_ids, raw, rew.responses)
+            kept = kept & ~dropped
         with timers.phase("advantages"):
-            scores = process_scores(rew.score, samples, cfg, self.tok.eos_token_id, self.moments, kept)  # (B,)
+            scores = process_scores(raw, samples, cfg, self.tok.eos_token_id, self.moments, kept)  # (B,)
             exp = make_experience(samples, old_logp, ref_logp, values, scores, cfg, self.kl_ctl.value, kept)
             est = experience_stats(exp, kept)
-        rec: dict = {"iteration": it + 1, "algorithm": cfg.algorithm}
+        rec: dict = {"iteration": it + 1, "algorithm": cfg.algorithm, **safety_rec}
         if cfg.kl_max is not None and est["kl"] > cfg.kl_max:
             raise HealthError(f"ppo: KL {est['kl']:.4f} > kl_max {cfg.kl_max} at iteration {it + 1}; stopping. "
                               f"Last good checkpoint: {self._last_checkpoint()}")
@@ -222,7 +228,7 @@ class PPORun:
                  it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss") or 0.0,
                  rec.get("value_loss") or 0.0, est["response_length"], seconds,
                  " ".join(f"{k}={v:.2f}" for k, v in timers.seconds.items()))
-        return rec, self._sample_rows(it, exp, rew.responses, kept)
+        return rec, self._sample_rows(it, exp, rew.responses, kept) + flagged_rows
 
     def _check_drift(self, it: int, rec: dict, lag: int) -> None:
         """The sync's end-to-end check (`health.DriftGuard`): the rollout's log-probs against the learner's,

@@ -27,6 +27,11 @@ class DPOPair:
     ref_chosen: float = 0.0  # the reference's summed log-prob of the chosen response
     ref_rejected: float = 0.0
 
+    @property
+    def tokens(self) -> int:
+        """Both sides' tokens: they stay in one micro-batch."""
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
 
 def dpo_batch(items: list[DPOPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one padded batch: ids (2B, T), reference log-probs (2B,)."""
@@ -70,9 +75,8 @@ def attach_reference(model, to_dev, items: list, pad_id: int, micro: int, max_to
     and the same number of forwards on every rank (a ZeRO-3 forward is a collective). DPO has no use for the
     pair's margin."""
     pairs = [DPOPair(c, r) for c, r, _ in items]
-    lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs]
     ref: dict[int, tuple[float, float]] = {}
-    for ids in micro_batch_indices(lengths, micro, max_tokens):
+    for ids in micro_batch_indices([p.tokens for p in pairs], micro, max_tokens):
         batch = dpo_batch([pairs[i] for i in ids], pad_id)
         if max_tokens is not None:
             batch["packed"] = pack(batch["input_ids"], batch["attention_mask"], flat)
