@@ -11,13 +11,15 @@ from pathlib import Path
 from .config import ConfigError, RLHFConfig, load_config, redact
 from .config.rewards import environment_errors
 from .config.stages import STAGES
-from .data.encode import tokenize_rows
+from .data.encode import check_special_tokens, tokenize_rows
 from .data.read import scan
 from .data.rows import DataError, ReadStats
 from .data.sources import DataSpec, data_spec
 from .io.checkpoint import CheckpointError, is_complete, stage_finished, write_json_atomic
 from .io.sources import check_model_paths, policy_start
-from .io.tracking import setup_logging
+from .io.tracking import StageMonitor, Tracker, setup_logging
+from .models.precision import check_bf16, recompute_old_logprobs
+from .rewards.safety import load_safety_filter
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train 
 @contextlib.contextmanager
 def ray_session(cfg: RLHFConfig):
     """Connect to RAY_ADDRESS / cluster.address, or start a local Ray bound to loopback (and stop it after)."""
-    import ray
+    import ray  # deferred: loading ray takes seconds
 
     if ray.is_initialized():
         yield
@@ -79,11 +81,9 @@ class RLHFPipeline:
 
     def _device(self) -> str:
         """The training device, judged by the Ray cluster's GPUs (call inside ray_session)."""
-        import ray
+        import ray  # deferred: loading ray takes seconds
 
-        from .models import resolve_device
-        from .precision import check_bf16, recompute_old_logprobs
-
+        from .models.load import resolve_device  # deferred: loading torch takes seconds
         cfg = self.config
         device = resolve_device(cfg.device, ray.cluster_resources().get("GPU", 0))
         bf16 = check_bf16(cfg.bf16, device)
@@ -97,7 +97,7 @@ class RLHFPipeline:
         A plan that can never be placed, or ranks that NCCL would find on one GPU, raise PlacementError
         here in seconds, naming the role and the resource, instead of a placement wait of setup_timeout_s.
         """
-        from .roles.placement import check_cluster
+        from .roles.placement import check_cluster  # deferred: loading torch takes seconds
 
         device = self._device()
         check_cluster(self.config, stages, device)
@@ -131,7 +131,6 @@ class RLHFPipeline:
             lines += [f"  bad row skipped: {e}" for e in stats.skipped_examples]
             log.info("data %s (%.2fs)", lines[-1 - len(stats.skipped_examples)], time.time() - t)
         if cfg.safety_filter and any(not STAGES[s].offline for s in stages):  # a bad rule fails here, naming its line
-            from .safety import load_safety_filter
 
             load_safety_filter(cfg.safety_filter)
         return lines
@@ -165,10 +164,10 @@ class RLHFPipeline:
     def _runner(self, stage: str, device: str):
         """The stage's job: a Ray Train job for an offline stage, the online driver for PPO."""
         if STAGES[stage].offline:
-            from .offline.job import run_supervised
+            from .offline.job import run_supervised  # deferred: loading torch takes seconds
 
             return lambda: run_supervised(self.config, stage, device)
-        from .online.driver import run_ppo
+        from .online.driver import run_ppo  # deferred: loading torch takes seconds
 
         return lambda: run_ppo(self.config, device)
 
@@ -208,8 +207,8 @@ class RLHFPipeline:
     def evaluate_model(self, checkpoints: dict[str, str] | None = None, num_prompts: int | None = None, *,
                        data_path: str | None = None, gold: str | None = None, batch_size: int = 32) -> dict:
         """`rlhf-dist eval` on this pipeline's config: compare `checkpoints` ({name: model dir}; default: the
-        run's own) and write save_dir/eval/. See rlhf_dist.evaluate.evaluate_model."""
-        from .evaluate import evaluate_model
+        run's own) and write save_dir/eval/. See rlhf_dist.evaluation.evaluate.evaluate_model."""
+        from .evaluation.evaluate import evaluate_model  # deferred: loading torch takes seconds
 
         return evaluate_model(self.config, checkpoints, num_prompts, data_path=data_path, gold=gold,
                               batch_size=batch_size)
@@ -224,8 +223,6 @@ class RLHFPipeline:
 
     def _timed(self, stage, fn):
         """Run a stage with its progress display and W&B logging (both follow its metrics file)."""
-        from .io.tracking import StageMonitor, Tracker
-
         if self.tracker is None:
             self.tracker = Tracker(self.config, self.save_dir)
         sub = STAGES[stage].out_dir
@@ -247,8 +244,7 @@ class RLHFPipeline:
 def check_tokenizer(cfg: RLHFConfig):
     """The policy's tokenizer, loaded as the stages load it, with its special tokens checked; a failure is one
     line naming the field it came from."""
-    from .data.encode import check_special_tokens
-    from .models import ModelError, load_tokenizer  # here, not at the top: models imports torch
+    from .models.load import ModelError, load_tokenizer  # here, not at the top: models imports torch
 
     path, field = (cfg.tokenizer_path, "tokenizer_path") if cfg.tokenizer_path else policy_start(cfg, "check")
     try:

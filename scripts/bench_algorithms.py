@@ -67,7 +67,7 @@ def main() -> int:
                                   out / f"{name}.log")
             models[name] = save / "ppo" / "final_model"
     from rlhf_dist.config import load_config
-    from rlhf_dist.evaluate import evaluate_model
+    from rlhf_dist.evaluation.evaluate import evaluate_model
 
     conf = load_config(cfg, [f"save_dir={out / 'base'}", *RULE, *extra])
     res = evaluate_model(conf, {k: str(v) for k, v in models.items()}, gold="rlhf_dist.demo:positivity_reward")

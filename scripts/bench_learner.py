@@ -5,9 +5,9 @@
         --intermediate 688 --vocab 2048 --tokens 2048 --seq-len 256 --min-len 64 --steps 3
 
 Everything runs through the package's own code: the model is saved as an HF directory and loaded with
-`rlhf_dist.models.load_causal_lm` (SFT, policy) and `load_scalar_model` (critic), with the attention kernel,
+`rlhf_dist.models.load.load_causal_lm` (SFT, policy) and `load_scalar_model` (critic), with the attention kernel,
 gradient checkpointing and optimizer offload the config would give; the engine is
-`rlhf_dist.distributed.make_engine`; the losses are `steps.sft.sft_loss` over `sft_batch`, and
+`rlhf_dist.runtime.distributed.make_engine`; the losses are `steps.sft.sft_loss` over `sft_batch`, and
 `steps.update.policy_loss` / `value_loss` over a `steps.records.Experience`; a step is its micro-batches'
 `engine.backward(loss, scale_wrt_gas=False)` under `distributed.accumulate`, as the SFT job and the PPO
 learners run it.
@@ -139,7 +139,7 @@ def draw_step(args, rng: random.Random, vocab: int) -> list[tuple[list[int], int
 def micro_batches(seqs: list[tuple[list[int], int]], micro: int, pack: int) -> list[list[tuple[list[int], int]]]:
     """A step's sequences grouped into micro-batches: `micro` sequences each, in order, or with `pack`, at
     most that many real tokens each (`packing.plan_micro_batches`, as a run plans them)."""
-    from rlhf_dist.packing import micro_batch_indices
+    from rlhf_dist.models.packing import micro_batch_indices
 
     plan = micro_batch_indices([len(ids) for ids, _ in seqs], micro, pack or None)
     return [[seqs[i] for i in b] for b in plan]
@@ -157,7 +157,7 @@ def sft_micro(group) -> tuple[dict, int, int]:
 
 def packed(batch: dict | None, exp=None, one_row: bool = False):
     """The packed layout of a micro-batch (SFT batch dict or PPO Experience), and its token slots."""
-    from rlhf_dist.packing import pack
+    from rlhf_dist.models.packing import pack
 
     ids, attn = (batch["input_ids"], batch["attention_mask"]) if exp is None else (exp.sequences, exp.attention_mask)
     p = pack(ids, attn, one_row)
@@ -215,7 +215,7 @@ def write_model(args, out_dir: Path) -> Path:
 
 def flop_params(model) -> tuple[int, int]:
     """(N: parameters of the decoder layers and final norm, V x H: the LM head's; 0 for a scalar model)."""
-    from rlhf_dist.models import backbone, unwrap
+    from rlhf_dist.models.load import backbone, unwrap
 
     base = backbone(unwrap(model))
     n = sum(p.numel() for name, p in base.named_parameters() if not name.startswith("embed_tokens"))
@@ -301,7 +301,7 @@ def make_step(phase: str, args, rng: random.Random, g: torch.Generator, micro: i
 
 def run_step(phase: str, engine, step: dict) -> None:
     """The step's micro-batches, each to the device, forward and backward, then one optimizer step."""
-    from rlhf_dist.distributed import accumulate
+    from rlhf_dist.runtime.distributed import accumulate
     from rlhf_dist.steps.sft import sft_loss
     from rlhf_dist.steps.update import policy_loss, value_loss
 
@@ -324,8 +324,8 @@ def run_step(phase: str, engine, step: dict) -> None:
 
 
 def run_phase(phase: str, args, model_dir: Path) -> dict:
-    from rlhf_dist.distributed import make_engine
-    from rlhf_dist.models import enable_gradient_checkpointing, load_causal_lm, load_scalar_model
+    from rlhf_dist.models.load import enable_gradient_checkpointing, load_causal_lm, load_scalar_model
+    from rlhf_dist.runtime.distributed import make_engine
 
     mem_kind, mem_start = memory_start(args.device)
     bf16 = args.dtype == "bf16"
@@ -367,8 +367,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from rlhf_dist.distributed import init_local_group_env
     from rlhf_dist.roles.calls import free_port
+    from rlhf_dist.runtime.distributed import init_local_group_env
 
     init_local_group_env(0, 1, "127.0.0.1", free_port())
     if args.device == "cuda":

@@ -64,7 +64,7 @@ def build_assets(work: Path) -> dict:
     from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
 
     from rlhf_dist.data.encode import encode_prompt
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     # The demo text alone gives ~600 BPE tokens; the stdlib's `email` package brings the vocab to 2048.
     extra = tuple(f.read_text(errors="ignore") for f in sorted(Path(sysconfig.get_paths()["stdlib"], "email").glob("*.py")))
@@ -305,7 +305,7 @@ def bench_calls(assets: dict, reps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_dist.models import load_scalar_model, sequence_scores
+    from rlhf_dist.models.load import load_scalar_model, sequence_scores
     from rlhf_dist.rollout.decode import generate
     from rlhf_dist.steps.forwards import response_logprobs, response_values
     from rlhf_dist.steps.update import policy_loss, value_loss

@@ -53,7 +53,7 @@ def prepare(work: Path, n: int) -> None:
     import pyarrow.parquet as pq
 
     from rlhf_dist.demo import generate_demo_data
-    from rlhf_dist.tiny import _texts, build_tokenizer
+    from rlhf_dist.demo.tiny import _texts, build_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     if (work / f"prompts_{n}.parquet").is_file():
@@ -75,7 +75,7 @@ def child(args) -> dict:
     from rlhf_dist.data.prompts import open_prompts
     from rlhf_dist.data.read import read_dataset
     from rlhf_dist.data.sources import DataSpec
-    from rlhf_dist.models import load_tokenizer
+    from rlhf_dist.models.load import load_tokenizer
     from rlhf_dist.online.prompts import PromptSampler
 
     work = Path(args.workdir)

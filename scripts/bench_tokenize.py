@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     from rlhf_dist.data.encode import encode_conversation, tokenize_sft
     from rlhf_dist.data.rows import ReadStats, SFTExample
     from rlhf_dist.demo import generate_demo_data
-    from rlhf_dist.tiny import _texts, build_tokenizer
+    from rlhf_dist.demo.tiny import _texts, build_tokenizer
 
     datasets.disable_progress_bars()
     demo = generate_demo_data(work / "demo", 0)

@@ -19,7 +19,7 @@ os.environ.setdefault(PREEMPTION_WATCHER, "0")  # as ray_session does on a Ray i
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A small tokenizer + Llama model + demo data (hidden 64, 2 layers: fast on 2 cores)."""
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, hidden_size=64, num_layers=2, intermediate_size=128)
 
@@ -35,7 +35,7 @@ def tiny_sft(tiny, tmp_path_factory):
 
     from rlhf_dist.data.encode import tokenize_sft
     from rlhf_dist.data.read import read_dataset
-    from rlhf_dist.models import load_causal_lm, load_tokenizer, save_hf
+    from rlhf_dist.models.load import load_causal_lm, load_tokenizer, save_hf
     from rlhf_dist.steps.sft import sft_batch, sft_count, sft_loss
 
     tok = load_tokenizer(str(tiny["model"]))
@@ -61,7 +61,7 @@ def tiny_sft(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vllm(tmp_path_factory):
     """The tiny assets with 2 attention heads of 32 dims: vLLM's CPU attention takes head sizes of 32 and up."""
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_vllm"), seed=0, hidden_size=64, num_layers=2, num_heads=2,
                       intermediate_size=128)
@@ -75,8 +75,8 @@ def gloo_group():
 
     import torch.distributed as dist
 
-    from rlhf_dist.distributed import init_local_group_env
     from rlhf_dist.roles.calls import free_port
+    from rlhf_dist.runtime.distributed import init_local_group_env
 
     init_local_group_env(0, 1, "127.0.0.1", free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -138,7 +138,7 @@ def tiny_llama(tiny, kv_heads: int):
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from rlhf_dist.models import load_tokenizer
+    from rlhf_dist.models.load import load_tokenizer
 
     cfg = AutoConfig.from_pretrained(tiny["model"])
     cfg.num_key_value_heads = kv_heads

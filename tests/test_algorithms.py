@@ -67,7 +67,7 @@ def test_reward_model_and_function_both_weighted(tiny, sft, tmp_path_factory):
     """A reward model (the SFT model with a fresh score head, sealed as a finished stage) and the rule
     reward, weighted 0.5 and 2: the score is their weighted sum, before normalisation. The critic starts
     from the reward model. eval_every logs held-out figures."""
-    from rlhf_dist.models import load_scalar_model, load_tokenizer, save_hf
+    from rlhf_dist.models.load import load_scalar_model, load_tokenizer, save_hf
 
     save = tmp_path_factory.mktemp("rm_fn") / "run"
     shutil.copytree(sft / "sft", save / "sft")

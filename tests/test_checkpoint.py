@@ -84,7 +84,7 @@ def test_pickled_weights_are_refused_and_never_run(tiny, tmp_path, monkeypatch, 
     import pickle
     import shutil
 
-    from rlhf_dist.models import ModelError, load_causal_lm, load_scalar_model
+    from rlhf_dist.models.load import ModelError, load_causal_lm, load_scalar_model
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     d = tmp_path / "evil"

@@ -12,10 +12,10 @@ from conftest import base_config
 from torch.distributed import DistBackendError
 
 from rlhf_dist import cli, pipeline
-from rlhf_dist.errors import PhaseTimeout, PlacementError, RoleFailure
-from rlhf_dist.failures import EXIT, classify
+from rlhf_dist.cli.failures import EXIT, classify
 from rlhf_dist.offline import job as stages
 from rlhf_dist.online import driver as ppo
+from rlhf_dist.runtime.errors import PhaseTimeout, PlacementError, RoleFailure
 
 pytestmark = pytest.mark.usefixtures("drop_log_handlers")
 
@@ -151,9 +151,9 @@ def test_ray_train_controller_failure(capsys, monkeypatch, config):
 
 
 def test_failure_before_config_says_there_is_no_run_log(capsys, monkeypatch, tmp_path):
-    import rlhf_dist.tiny
+    import rlhf_dist.demo.tiny
 
-    fail_with(monkeypatch, rlhf_dist.tiny, "build_tiny", OSError("disk on fire"))
+    fail_with(monkeypatch, rlhf_dist.demo.tiny, "build_tiny", OSError("disk on fire"))
     code = cli.main(["init-tiny", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert code == EXIT["internal"] == 70
@@ -162,7 +162,7 @@ def test_failure_before_config_says_there_is_no_run_log(capsys, monkeypatch, tmp
 
 
 def test_exit_codes_are_distinct_and_placement_matches_doctor():
-    from rlhf_dist.doctor import EXIT_NO_FIT
+    from rlhf_dist.cli.doctor import EXIT_NO_FIT
 
     assert EXIT["placement"] == EXIT_NO_FIT
     assert len(set(EXIT.values())) == len(EXIT)

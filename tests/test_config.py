@@ -66,7 +66,7 @@ def test_redact_removes_env_secrets(monkeypatch):
 
 
 def test_cli_error_has_no_traceback(tmp_path, capsys):
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
 
     p = tmp_path / "c.yaml"
     p.write_text("model_name: m\nppo_epochs: -1\n")

@@ -11,7 +11,7 @@ from rlhf_dist.data.encode import (
 )
 from rlhf_dist.data.read import read_dataset
 from rlhf_dist.data.rows import DataError
-from rlhf_dist.models import load_tokenizer
+from rlhf_dist.models.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from rlhf_dist.data.prompts import open_prompts
 from rlhf_dist.data.read import read_dataset
 from rlhf_dist.data.rows import DataError, ReadStats
 from rlhf_dist.data.sources import DataSpec, data_spec
-from rlhf_dist.models import load_tokenizer
+from rlhf_dist.models.load import load_tokenizer
 from rlhf_dist.online.prompts import PromptSampler
 
 datasets = pytest.importorskip("datasets")
@@ -213,7 +213,7 @@ def test_a_hub_id_without_network_is_one_line_naming_it(monkeypatch):
 
 
 def run_check(tmp_path, cfg: dict, capsys) -> tuple[int, str, str]:
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
 
     p = tmp_path / "c.json"
     p.write_text(json.dumps(cfg))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from rlhf_dist.cli.doctor import EXIT_NO_FIT, doctor, fit_bundles, missing_resources
 from rlhf_dist.config import load_config
-from rlhf_dist.doctor import EXIT_NO_FIT, doctor, fit_bundles, missing_resources
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -70,7 +70,7 @@ def test_doctor_impossible_plan_names_role_and_resource(tmp_path, capsys, monkey
 
     import ray
 
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
     from rlhf_dist.pipeline import PREEMPTION_WATCHER
 
     monkeypatch.setenv(PREEMPTION_WATCHER, "1")  # the user's: the local Ray must leave it alone
@@ -91,7 +91,7 @@ def test_doctor_impossible_plan_names_role_and_resource(tmp_path, capsys, monkey
 
 def test_bundle_overflow_names_the_role():
     """An actor asking more than its bundle holds would never start: doctor says which role."""
-    from rlhf_dist.doctor import bundle_overflow
+    from rlhf_dist.cli.doctor import bundle_overflow
     from rlhf_dist.roles.placement import Slot
 
     bundles = [{"CPU": 0.6}, {"CPU": 1, "GPU": 1}]

@@ -59,7 +59,7 @@ def test_dpo_loss_at_the_reference_and_unknown_kind():
 def _pairs(tiny, n):
     from rlhf_dist.data.encode import tokenize_preferences
     from rlhf_dist.data.read import read_dataset
-    from rlhf_dist.models import load_tokenizer
+    from rlhf_dist.models.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny["model"]))
     rows, stats = read_dataset(tiny["prefs"], "preference")
@@ -70,7 +70,7 @@ def test_step_sums_response_logprobs_and_splits_like_one_batch(tiny):
     """Sequence log-probs sum the response tokens only; at the starting weights every pair costs log 2; and
     two micro-batches normalised by the step's pair count give the loss and gradient of one batch."""
     from rlhf_dist.algo import logprobs_from_logits
-    from rlhf_dist.models import load_causal_lm
+    from rlhf_dist.models.load import load_causal_lm
     from rlhf_dist.steps.dpo import attach_reference, dpo_batch, dpo_step_loss, sequence_logprobs
 
     tok, items = _pairs(tiny, 4)

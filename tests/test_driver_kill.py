@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 def start(cfg_path: Path, fault: str | None) -> tuple[int, float]:
     """Run the driver in its own process group; after it exits, kill whatever of that group is left."""
     cmd = [sys.executable, str(TESTS / "fault_driver.py"), str(cfg_path), fault] if fault else \
-        [sys.executable, "-m", "rlhf_dist.cli", "run", str(cfg_path)]
+        [sys.executable, "-m", "rlhf_dist.cli.commands", "run", str(cfg_path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not a cluster
     t = time.time()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)

@@ -12,11 +12,11 @@ import torch
 
 from rlhf_dist.config import load_config
 from rlhf_dist.data.rows import DataError
-from rlhf_dist.evaluate import evaluate_model, load_eval_set, perplexity
+from rlhf_dist.evaluation.evaluate import evaluate_model, load_eval_set, perplexity
+from rlhf_dist.evaluation.results import COLUMNS
 from rlhf_dist.io.checkpoint import atomic_dir
-from rlhf_dist.io.eval_results import COLUMNS
 from rlhf_dist.io.report import make_report
-from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
+from rlhf_dist.models.load import load_causal_lm, load_scalar_model, load_tokenizer, save_hf
 
 GOLD = "rlhf_dist.demo:positivity_reward"
 PNGS = ("sft_loss.png", "rm_accuracy.png", "ppo_reward.png", "ppo_kl.png", "ppo_losses.png", "ppo_response_length.png")
@@ -44,7 +44,7 @@ def _metrics(save):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """tiny assets + save_dir with sft/best_model, reward_model/best_model, one PPO iteration and final_model."""
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("evalrun")
     tiny = build_tiny(root / "tiny", hidden_size=32, num_layers=1, intermediate_size=64)
@@ -178,7 +178,7 @@ def test_make_report_has_a_section_for_every_stage(tmp_path):
 
 
 def test_cli_eval_and_report(run_dir, capsys):
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
 
     try:
         rc = main(["eval", str(run_dir["cfg_path"]), "--num-prompts", "4", "--gold", GOLD,

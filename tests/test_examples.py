@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_dist.cli import main
+from rlhf_dist.cli.commands import main
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "configs" / "examples").glob("*.yaml"))
 SHARED = "/mnt/shared"

@@ -17,10 +17,10 @@ import torch
 from conftest import base_config, fault_hooked_ray, iteration_rows
 from safetensors.torch import load_file
 
-from rlhf_dist.errors import PhaseTimeout, RoleFailure
-from rlhf_dist.health import HealthError
 from rlhf_dist.io.checkpoint import CheckpointError
 from rlhf_dist.online.driver import run_ppo
+from rlhf_dist.online.health import HealthError
+from rlhf_dist.runtime.errors import PhaseTimeout, RoleFailure
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -97,7 +97,7 @@ def test_killed_actors_and_learner_recover(fault_ray, tiny, tmp_path, baseline, 
 def test_disk_full_during_save_then_resume(fault_ray, tiny, tmp_path, baseline):
     """The policy's second save (iteration 4) hits ENOSPC: a clear error with the path, no temp files
     left, and running again resumes from iteration_000002 to the baseline's end state."""
-    full = [{"target": "rlhf_dist.models:save_hf", "call": 2, "action": "enospc"}]
+    full = [{"target": "rlhf_dist.models.load:save_hf", "call": 2, "action": "enospc"}]
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*iteration_000004: No space left on "
                                               r"device \(temporary files removed; the previous checkpoint is kept\)"):
         run(fault_ray, tiny, tmp_path, full)

@@ -5,7 +5,7 @@ import torch
 
 from rlhf_dist.config import field_docs, load_config
 from rlhf_dist.data.encode import encode_prompt, encode_prompt_response, pad_right
-from rlhf_dist.models import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
+from rlhf_dist.models.load import backbone, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_dist.rewards.base import RewardBatch
 from rlhf_dist.rewards.model import RewardModelSource
 from rlhf_dist.roles.actors import ReferenceWorker, RolloutWorker
@@ -193,10 +193,10 @@ def test_summary_after_the_final_model_is_best_effort(tmp_path, caplog):
     import time
     from types import SimpleNamespace
 
-    from rlhf_dist.errors import RoleFailure
     from rlhf_dist.io.tracking import MetricsWriter
     from rlhf_dist.online.driver import PPORun
     from rlhf_dist.roles.placement import ROLES
+    from rlhf_dist.runtime.errors import RoleFailure
 
     def dead(refs, role, phase):
         raise RoleFailure(f"reward: actor died during phase '{phase}'", died=True)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_dist.health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
 from rlhf_dist.io.tracking import read_metrics, truncate_metrics
+from rlhf_dist.online.health import BadStepCounter, HealthError, SpikeDetector, nonfinite_rows
 
 
 def test_nonfinite_rows_names_tensors_and_rows():
@@ -48,7 +48,7 @@ def test_truncate_metrics_drops_rows_to_be_redone(tmp_path):
 
 
 def test_logprob_tolerance_by_precision():
-    from rlhf_dist.health import logprob_tolerance
+    from rlhf_dist.online.health import logprob_tolerance
 
     assert logprob_tolerance(None, bf16=False) == 1e-3 and logprob_tolerance(None, bf16=True) == 1.0
     assert logprob_tolerance(0.05, bf16=True) == 0.05
@@ -57,7 +57,7 @@ def test_logprob_tolerance_by_precision():
 def test_drift_guard_stops_after_k_iterations_in_a_row():
     """A rollout generating with other weights than the learner's (a sync that delivered nothing, as in
     review item 1.2) shows as log-probs off by more than the float32 tolerance every iteration."""
-    from rlhf_dist.health import DriftGuard
+    from rlhf_dist.online.health import DriftGuard
 
     g = DriftGuard(1e-3, limit=3)
     assert [g.record(x, i) for i, x in enumerate([2e-6, 0.02, 3e-6, 0.02, 0.01], 1)] == [False, True, False, True, True]

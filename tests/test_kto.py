@@ -115,7 +115,7 @@ def _task(tiny, n: int, micro: int, max_tokens=None):
     from pathlib import Path
 
     from rlhf_dist.config import load_config
-    from rlhf_dist.models import load_causal_lm, load_tokenizer
+    from rlhf_dist.models.load import load_causal_lm, load_tokenizer
     from rlhf_dist.offline.kto import task_parts
     from rlhf_dist.offline.task import Task
 
@@ -174,7 +174,7 @@ def test_kto_raises_the_desirable_rate(tiny, tiny_sft, tmp_path, local_ray):
     """`stages: [sft, kto]` with the SFT model given (policy_model_path: `run` skips sft), on the demo task: KTO
     on the preference pairs split into labelled rows; the share of positive answers on held-out prompts
     (topics never asked in training: eval.jsonl) rises from the SFT model's to KTO's."""
-    from rlhf_dist.evaluate import evaluate_model
+    from rlhf_dist.evaluation.evaluate import evaluate_model
     from rlhf_dist.io.tracking import read_metrics
     from rlhf_dist.pipeline import create_rlhf_pipeline
 

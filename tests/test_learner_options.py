@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import base_config
 
-from rlhf_dist.attention import VARLEN_SDPA
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.config.schema import LORA_TARGETS
-from rlhf_dist.models import (
+from rlhf_dist.models.attention import VARLEN_SDPA
+from rlhf_dist.models.load import (
     ModelError,
     apply_lora,
     enable_gradient_checkpointing,
@@ -138,7 +138,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, kind, lora):
 # --- offload_optimizer ----------------------------------------------------------------------------
 
 def test_offload_optimizer_config(tiny, tmp_path):
-    from rlhf_dist.distributed import ds_config
+    from rlhf_dist.runtime.distributed import ds_config
 
     with pytest.raises(ConfigError, match="offload_optimizer: true needs zero_stage >= 1"):
         load_config(base_config(tiny, tmp_path, zero_stage=0, offload_optimizer=True))
@@ -153,7 +153,7 @@ def test_offload_optimizer_config(tiny, tmp_path):
 
 
 def test_zero2_offload_takes_the_same_step(tiny, gloo_group):
-    from rlhf_dist.distributed import make_engine
+    from rlhf_dist.runtime.distributed import make_engine
 
     model = load_causal_lm(str(tiny["model"]))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

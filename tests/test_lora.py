@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.config.schema import LORA_TARGETS
-from rlhf_dist.models import (
+from rlhf_dist.models.load import (
     adapters_off,
     apply_lora,
     load_causal_lm,
@@ -132,7 +132,7 @@ def test_dpo_reference_is_the_base_model(tiny):
     """DPO's one-off reference pass over a LoRA model runs with the adapters off: the base's log-probs."""
     from rlhf_dist.data.encode import tokenize_preferences
     from rlhf_dist.data.read import read_dataset
-    from rlhf_dist.models import load_tokenizer
+    from rlhf_dist.models.load import load_tokenizer
     from rlhf_dist.steps.dpo import attach_reference
 
     tok = load_tokenizer(str(tiny["model"]))
@@ -202,8 +202,8 @@ def test_lora_sft_then_ppo(tiny, lora_run):
     assert not torch.equal(ppo["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
     torch.testing.assert_close(ppo["lm_head.weight"], sft["lm_head.weight"])  # not a target: the base's
     # eval reads an iteration's adapter onto the policy's start: the last iteration is the final model
-    from rlhf_dist.evaluate import evaluate_model
-    from rlhf_dist.models import load_causal_lm_or_adapter
+    from rlhf_dist.evaluation.evaluate import evaluate_model
+    from rlhf_dist.models.load import load_causal_lm_or_adapter
 
     last = load_causal_lm_or_adapter(str(it / "policy"), False, str(save / "sft" / "best_model")).state_dict()
     torch.testing.assert_close(last, ppo)

@@ -24,7 +24,7 @@ from rlhf_dist.io.checkpoint import (
     verify,
 )
 from rlhf_dist.io.sources import check_model_paths
-from rlhf_dist.models import load_causal_lm, load_scalar_model, load_tokenizer, save_hf, sequence_scores
+from rlhf_dist.models.load import load_causal_lm, load_scalar_model, load_tokenizer, save_hf, sequence_scores
 from rlhf_dist.roles.actors import RewardWorker, RoleWorker
 from rlhf_dist.rollout.decode import generate
 
@@ -41,7 +41,7 @@ def rms(tiny, tmp_path_factory):
     """Untrained reward models (a fresh score head on a tiny backbone), saved as plain HF directories:
     `vocab` has a tokenizer of its own (another seed and vocabulary size), `template` the policy's
     vocabulary with another chat template, `same` the policy's tokenizer."""
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("rms")
     other = build_tiny(root / "other", seed=1, vocab_size=384, hidden_size=32, num_layers=1, intermediate_size=64)
@@ -246,7 +246,7 @@ def test_reward_model_with_its_own_tokenizer_scores_the_text(kind, tiny, rms, mo
 # ---------------------------------------------------------------------------------------
 
 def test_corrupted_stage_output_fails_before_reading(tiny, rms, tmp_path):
-    from rlhf_dist.evaluate import eval_models, verify_checkpoint
+    from rlhf_dist.evaluation.evaluate import eval_models, verify_checkpoint
     from rlhf_dist.offline.job import input_model_dir
     from rlhf_dist.online.setup import resolve_inputs
 
@@ -278,7 +278,7 @@ def test_corrupted_stage_output_fails_before_reading(tiny, rms, tmp_path):
 
 
 def test_eval_verifies_only_an_iterations_policy(tmp_path):
-    from rlhf_dist.evaluate import verify_checkpoint
+    from rlhf_dist.evaluation.evaluate import verify_checkpoint
 
     it = tmp_path / "iteration_000002"
     with atomic_dir(it) as tmp:

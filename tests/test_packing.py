@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_dist.packing import first_fit_decreasing, one_row, pack, plan_micro_batches, split_to
+from rlhf_dist.models.packing import first_fit_decreasing, one_row, pack, plan_micro_batches, split_to
 
 
 def test_first_fit_decreasing_by_hand():
@@ -55,7 +55,7 @@ def impl(request) -> str:
 
 
 def _kernel(impl: str) -> str:
-    from rlhf_dist.attention import register
+    from rlhf_dist.models.attention import register
 
     return register() if impl == "varlen" else impl
 
@@ -110,7 +110,7 @@ def test_sft_loss_and_gradients_packed_equal_padded(lm, impl, checkpointing):
     """Also with gradient checkpointing: the recomputed forward must see the same sequence boundaries."""
     import copy
 
-    from rlhf_dist.models import enable_gradient_checkpointing
+    from rlhf_dist.models.load import enable_gradient_checkpointing
     from rlhf_dist.steps.sft import sft_batch, sft_count, sft_loss
 
     if checkpointing:
@@ -191,9 +191,9 @@ def test_sft_job_loss_curve_packed_equals_padded(tiny, tmp_path, gloo_group):
     from conftest import base_config
 
     from rlhf_dist.config import load_config
-    from rlhf_dist.distributed import make_engine
     from rlhf_dist.offline.loop import train_step
     from rlhf_dist.offline.task import build_task, micro_batches
+    from rlhf_dist.runtime.distributed import make_engine
 
     curves, counts = {}, {}
     for budget in (None, 200):
@@ -224,7 +224,7 @@ def test_no_grad_forwards_packed_by_tokens_equal_padded(lm, critic, impl):
     import msgspec
 
     from rlhf_dist.config import RLHFConfig
-    from rlhf_dist.models import sequence_scores
+    from rlhf_dist.models.load import sequence_scores
     from rlhf_dist.steps.forwards import forward_chunks, response_logprobs, response_values
 
     mb = _experience()
@@ -270,7 +270,7 @@ def _stand_in(signature: list[str], calls: list):
 def cpu_kernel(request, monkeypatch):
     """The flash branch of `attention.varlen_sdpa` on the CPU: the kernel replaced by `_stand_in`, float32 on
     the CPU eligible for it, no verdict of `check_flash` yet. Yields the stand-in's calls."""
-    from rlhf_dist import attention
+    from rlhf_dist.models.load import attention
 
     calls: list = []
     monkeypatch.setattr(attention, "varlen_attn", _stand_in(request.param.split("+"), calls))
@@ -293,7 +293,7 @@ def _ragged_row():
 def test_the_cuda_varlen_call_on_a_cpu_stand_in(cpu_kernel):
     """The flash branch, with the causal flag of either torch signature and grouped-query heads, gives the
     output of the gathered path; its check passes."""
-    from rlhf_dist import attention
+    from rlhf_dist.models.load import attention
 
     _, _, p = _ragged_row()
     kw = dict(cu_seq_lens_q=p.cu_seqlens, max_length_q=max(p.cu_seqlens.diff().tolist()))  # no layout: built here
@@ -323,8 +323,8 @@ def _varlen_lm():
 def test_the_flash_check_runs_once_before_a_no_grad_packed_forward(cpu_kernel, monkeypatch, mode):
     """The reference, reward, old-logprob and value forwards run without autograd. The kernel's check (which
     runs a backward) must still pass there: once per process, before the first packed forward, not inside it."""
-    from rlhf_dist import attention
-    from rlhf_dist.packing import forward
+    from rlhf_dist.models.load import attention
+    from rlhf_dist.models.packing import forward
 
     lm = _varlen_lm()
     depth, checked_at = [0], []  # forwards of `lm` under way; that count at each check
@@ -346,8 +346,8 @@ def test_the_flash_check_runs_once_before_a_no_grad_packed_forward(cpu_kernel, m
 def test_a_packed_forward_builds_its_layout_once(monkeypatch):
     """The gathered path's layout is built by `pack` on the host; every layer of the forward reuses it (a
     layout built per layer copied two host lists to the device in each, a stream sync each)."""
-    from rlhf_dist import attention
-    from rlhf_dist.packing import forward
+    from rlhf_dist.models.load import attention
+    from rlhf_dist.models.packing import forward
 
     lm = _varlen_lm()
     ids, attn, p = _ragged_row()
@@ -365,7 +365,7 @@ def test_a_packed_forward_builds_its_layout_once(monkeypatch):
 def test_a_varlen_kernel_that_fails_its_check_is_not_used(caplog):
     """torch's real kernel has no CPU implementation: the check fails, says so, and packed rows keep the
     gathered-sdpa path."""
-    from rlhf_dist import attention
+    from rlhf_dist.models.load import attention
 
     if attention.varlen_attn is None:
         pytest.skip("this torch has no varlen_attn")

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from rlhf_dist.config import load_config
-from rlhf_dist.errors import PlacementError
 from rlhf_dist.roles.placement import (
     describe_plan,
     fit_bundles,
@@ -18,6 +17,7 @@ from rlhf_dist.roles.placement import (
     plan_for_cluster,
     plan_placement,
 )
+from rlhf_dist.runtime.errors import PlacementError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -176,7 +176,7 @@ def test_pipeline_impossible_plan_fails_in_seconds(local_ray, tiny, tmp_path, mo
 def test_cli_run_with_a_resource_nobody_has_exits_3(local_ray, tiny, tmp_path, monkeypatch, capsys):
     from conftest import base_config
 
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
 
     _no_stage(monkeypatch)
     path = tmp_path / "c.json"

@@ -4,7 +4,7 @@ import pytest
 from conftest import base_config
 
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.precision import check_bf16, recompute_old_logprobs, use_bf16
+from rlhf_dist.models.precision import check_bf16, recompute_old_logprobs, use_bf16
 
 
 def test_bf16_auto_means_bf16_on_cuda_only():
@@ -51,7 +51,7 @@ def test_cli_bf16_without_a_gpu_fails_before_any_stage(tiny, tmp_path, capsys):
     """device: auto on this GPU-less machine, bf16: true: one line and exit 2, before SFT starts."""
     import json
 
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
 
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(base_config(tiny, tmp_path / "run", device="auto", bf16=True)))

@@ -31,8 +31,8 @@ from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.config.algorithms import ALGORITHMS
 from rlhf_dist.config.rewards import environment_errors
 from rlhf_dist.data.read import read_dataset
-from rlhf_dist.health import HealthError
 from rlhf_dist.online.experience import experience_stats, make_experience, process_scores
+from rlhf_dist.online.health import HealthError
 from rlhf_dist.online.rewards import check_failures, kept_for, reward_metrics
 from rlhf_dist.rewards.base import RewardBatch, SourceContext
 from rlhf_dist.rewards.function import FunctionSource
@@ -384,7 +384,7 @@ def test_combined_sources_counters_and_the_stop(monkeypatch):
 def test_grpo_answer_example_passes_check(tiny, tmp_path, monkeypatch, capsys):
     """`rlhf-dist check configs/examples/grpo_answer.yaml` as shipped, on the init-tiny layout (runs/tiny)."""
     from rlhf_dist import demo
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "tiny").symlink_to(Path(tiny["model"]).parent)
@@ -410,7 +410,7 @@ def test_grpo_run_with_a_reward_server(tiny, tmp_path, monkeypatch, capsys):
     The row fields reached the server, and its URL (with a token) is nowhere in the run's files."""
     from conftest import base_config, iteration_rows
 
-    from rlhf_dist.cli import main
+    from rlhf_dist.cli.commands import main
     from rlhf_dist.io.tracking import read_metrics
 
     save = tmp_path / "run"

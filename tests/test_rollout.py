@@ -6,7 +6,7 @@ import torch
 from conftest import assert_in_nucleus, tiny_llama
 
 from rlhf_dist.data.encode import encode_prompt
-from rlhf_dist.models import load_causal_lm, load_tokenizer
+from rlhf_dist.models.load import load_causal_lm, load_tokenizer
 from rlhf_dist.rollout.decode import generate
 from rlhf_dist.rollout.samples import merge_samples, slice_samples, trim_samples
 from rlhf_dist.steps.forwards import response_logprobs

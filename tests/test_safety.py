@@ -10,7 +10,7 @@ from conftest import base_config, iteration_rows
 
 from rlhf_dist.algo import aggregate_loss, grpo_advantages, loss_units, safety_adjust
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.safety import Verdict, flagged_rate, load_safety_filter
+from rlhf_dist.rewards.safety import Verdict, flagged_rate, load_safety_filter
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -97,8 +97,8 @@ def test_drop_keeps_the_batch_arithmetic():
 
 def test_eval_reports_the_flagged_rate(tiny, tmp_path):
     """`rlhf-dist eval` gives each checkpoint a flagged column and a few flagged examples with their reasons."""
-    from rlhf_dist.evaluate import evaluate_model
-    from rlhf_dist.io.eval_results import format_table
+    from rlhf_dist.evaluation.evaluate import evaluate_model
+    from rlhf_dist.evaluation.results import format_table
 
     rules = _rules(tmp_path, "re:\\w+\n")  # every non-empty response
     cfg = load_config({"model_name": str(tiny["model"]), "device": "cpu", "max_length": 64, "gen_max_new_tokens": 4,
@@ -115,7 +115,7 @@ def test_ppo_penalty_lowers_the_flagged_rate(tiny, tiny_sft, tmp_path, local_ray
     positivity reward and the default penalty (1.0): the flagged rate of the rollouts, and eval's on held-out
     prompts, fall, while the answers stay sentences (a policy that stopped answering would dodge the filter
     too) and turn positive."""
-    from rlhf_dist.evaluate import evaluate_model
+    from rlhf_dist.evaluation.evaluate import evaluate_model
     from rlhf_dist.pipeline import create_rlhf_pipeline
 
     save = tmp_path / "run"

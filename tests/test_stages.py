@@ -70,7 +70,7 @@ def test_zero3_eval_with_uneven_shares(tmp_path, local_ray):
     DeepSpeed's persistence threshold of 1e5 elements; the `tiny` model has none), a collective every rank
     must join. 21 eval rows split 11/10 over 2 workers, so in micro-batches of 2 one rank has a micro-batch
     more: the other runs a filler forward, whose loss is not counted (without it, the job hangs)."""
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     wide = build_tiny(tmp_path / "wide", seed=0, hidden_size=256, num_layers=1, intermediate_size=256)
     rows = wide["sft"].read_text().splitlines()[:80]
@@ -108,7 +108,7 @@ def test_reward_model_accuracy_and_layout(tiny, tmp_path, local_ray):
 
 @pytest.mark.slow
 def test_frozen_backbone_only_moves_the_head(tiny, tmp_path, local_ray):
-    from rlhf_dist.models import load_scalar_model
+    from rlhf_dist.models.load import load_scalar_model
 
     save = tmp_path / "run"
     out = create_rlhf_pipeline(base_config(tiny, save, freeze_reward_backbone=True)).run_reward_training()
@@ -131,8 +131,8 @@ def test_engine_steps_like_torch(tiny, stage, gloo_group):
 
     import deepspeed
 
-    from rlhf_dist.distributed import accumulate, make_engine
-    from rlhf_dist.models import load_causal_lm
+    from rlhf_dist.models.load import load_causal_lm
+    from rlhf_dist.runtime.distributed import accumulate, make_engine
 
     model = load_causal_lm(str(tiny["model"]))
     ref = copy.deepcopy(model)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rlhf_dist.demo import gold_score, is_positive, positivity_reward
-from rlhf_dist.tiny import build_tiny
+from rlhf_dist.demo.tiny import build_tiny
 
 DATA_FILES = ("sft", "prefs", "prompts", "eval")
 

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_dist.data.encode import check_special_tokens, encode_conversation, encode_prompt, render, tokenize_sft
 from rlhf_dist.data.rows import ReadStats, SFTExample
-from rlhf_dist.models import ModelError, last_token_index, load_tokenizer, sequence_scores, token_scalars
+from rlhf_dist.models.load import ModelError, last_token_index, load_tokenizer, sequence_scores, token_scalars
 
 CHAT = [{"role": "user", "content": "Describe the cat."}, {"role": "assistant", "content": "It is kind."},
         {"role": "user", "content": "And the dog?"}, {"role": "assistant", "content": "Lovely."}]
@@ -91,7 +91,7 @@ def test_pad_eos_sft_labels_keep_eos(pad_eos_tok):
 
 def test_pad_eos_reward_read_at_the_last_real_token(tiny, pad_eos_tok):
     from rlhf_dist.data.encode import encode_prompt_response, pad_right
-    from rlhf_dist.models import load_scalar_model
+    from rlhf_dist.models.load import load_scalar_model
 
     tok, eos = pad_eos_tok, pad_eos_tok.eos_token_id
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_pad_eos_reward_read_at_the_last_real_token(tiny, pad_eos_tok):
 
 
 def test_pad_eos_generation_stops_at_eos(tiny, pad_eos_tok):
-    from rlhf_dist.models import load_causal_lm
+    from rlhf_dist.models.load import load_causal_lm
     from rlhf_dist.rollout.decode import generate
     from rlhf_dist.steps.forwards import response_logprobs
 

@@ -10,7 +10,7 @@ from conftest import assert_in_nucleus
 
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.data.encode import encode_prompt
-from rlhf_dist.models import load_causal_lm, load_tokenizer
+from rlhf_dist.models.load import load_causal_lm, load_tokenizer
 from rlhf_dist.roles.weight_sync import WeightReceiver, flatten, make_buckets, param_signature
 from rlhf_dist.rollout.engine import HFDecodeEngine, RolloutEngine, SamplingParams
 from rlhf_dist.rollout.engines import choose_engine
@@ -199,9 +199,9 @@ def test_eval_samples_through_vllm_with_each_checkpoints_weights(tiny_vllm, tmp_
     import logging
     import shutil
 
-    from rlhf_dist.evaluate import evaluate_model
+    from rlhf_dist.evaluation.evaluate import evaluate_model
     from rlhf_dist.io.checkpoint import atomic_dir
-    from rlhf_dist.models import save_hf
+    from rlhf_dist.models.load import save_hf
 
     src, save = tiny_vllm["model"], tmp_path / "run"
     with atomic_dir(save / "sft/best_model") as tmp:

@@ -6,7 +6,6 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from rlhf_dist.errors import PlacementError
 from rlhf_dist.roles.weight_sync import (
     DeviceId,
     SyncError,
@@ -18,6 +17,7 @@ from rlhf_dist.roles.weight_sync import (
 )
 from rlhf_dist.rollout.engine import HFDecodeEngine
 from rlhf_dist.rollout.transfer import fingerprint, open_ipc
+from rlhf_dist.runtime.errors import PlacementError
 
 GPU0, GPU1 = "GPU-aaaa", "GPU-bbbb"
 
@@ -94,7 +94,7 @@ def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
     """Ranks 0 and 1: a ZeRO-3 learner pair (gloo data-parallel group); rank 2: a rollout process."""
     import os
 
-    from rlhf_dist.models import load_causal_lm
+    from rlhf_dist.models.load import load_causal_lm
     from rlhf_dist.roles.weight_sync import Broadcast
 
     torch.set_num_threads(1)
@@ -102,7 +102,7 @@ def _proc(rank: int, dp_port: int, sync_port: int, model_dir: str, q) -> None:
     if rank < 2:
         import torch.distributed as dist
 
-        from rlhf_dist.distributed import init_local_group_env, make_engine
+        from rlhf_dist.runtime.distributed import init_local_group_env, make_engine
 
         with torch.no_grad():
             for i, p in enumerate(model.parameters()):

@@ -44,7 +44,7 @@ def config(assets, save, stage: int):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    from rlhf_dist.tiny import build_tiny
+    from rlhf_dist.demo.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("wide"), seed=0, hidden_size=256, num_layers=1, intermediate_size=256)
 

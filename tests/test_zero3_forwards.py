@@ -5,9 +5,9 @@ pre-hook, so every forward of a ZeRO-3 model must go through the root for the tr
 import pytest
 import torch
 
-from rlhf_dist.distributed import make_engine
-from rlhf_dist.models import apply_lora, load_scalar_model, load_tokenizer, token_scalars
-from rlhf_dist.packing import pack
+from rlhf_dist.models.load import apply_lora, load_scalar_model, load_tokenizer, token_scalars
+from rlhf_dist.models.packing import pack
+from rlhf_dist.runtime.distributed import make_engine
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -3,6 +3,7 @@ naming the field, then the cross-field checks. Also the redaction of secrets."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -103,8 +104,6 @@ def _allowed_values(field: str) -> list[str]:
 
 def _nearest(group: str, name: str) -> str:
     """"; did you mean `x`?" for the closest field of `group` (a dotted struct path, or the top level)."""
-    import difflib
-
     cls: Any = RLHFConfig
     for part in group.split(".") if group else ():
         cls = typing.get_type_hints(cls).get(part, cls)

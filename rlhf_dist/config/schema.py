@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .algorithms import ALGORITHMS
+from .checks import config_errors
 from .engines import ENGINES
 from .stages import STAGES
 
@@ -136,7 +137,7 @@ class RLHFConfig(_Strict):
     """Attention kernel of every model the run loads (learners, rollout, reference, reward, eval), passed to
     Hugging Face's from_pretrained. sdpa: torch's scaled_dot_product_attention (CPU and GPU); packed
     micro-batches (`*_max_tokens_per_micro_batch`) then attend per sequence in one row, through torch's flash
-    varlen kernel on CUDA in bf16 (rlhf_dist/attention.py). eager: the model's plain matmul-softmax code
+    varlen kernel on CUDA in bf16 (rlhf_dist/models/attention.py). eager: the model's plain matmul-softmax code
     (packed rows under a block mask). flash_attention_2: the flash-attn package's kernels, CUDA and bf16
     only; a worker where flash_attn is not importable fails before loading a model (it is not a dependency,
     and the driver need not have it)."""
@@ -483,7 +484,7 @@ class RLHFConfig(_Strict):
     """Clip (normalised) scores to [-reward_clip, reward_clip]; unset = no clipping."""
 
     safety_filter: str | None = None
-    """What flags unsafe responses (rlhf_dist/safety.py): a rule file, one rule per line, a literal word or
+    """What flags unsafe responses (rlhf_dist/rewards/safety.py): a rule file, one rule per line, a literal word or
     phrase or `re:PATTERN`, matched case-insensitively as a whole word or phrase (`#` starts a comment
     line); or a classifier `module:function(prompts, responses) -> [(flagged: bool, reason: str), ...]`.
     In online RL each flagged rollout is penalised or dropped (safety_action), its rate is logged as
@@ -613,8 +614,6 @@ class RLHFConfig(_Strict):
     # ------------------------------------------------------------------------------------
     def check(self) -> "RLHFConfig":
         """Cross-field checks (`checks.py`). Raises ConfigError naming the fields; never rewrites a value."""
-        from .checks import config_errors
-
         errors = config_errors(self)
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

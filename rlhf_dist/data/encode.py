@@ -5,6 +5,7 @@ PPO looks exactly like what it was trained on. Also the length checks, padding a
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 
 from .rows import DataError, KTOExample, Message, PreferenceExample, PromptExample, ReadStats, RowError, SFTExample
@@ -177,8 +178,6 @@ def pad_right(seqs: list[list[int]], pad_id: int):
 
 def split_eval(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic train/eval index split."""
-    import random
-
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     k = int(round(n * eval_fraction)) if eval_fraction > 0 else 0

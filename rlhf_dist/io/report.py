@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.stages import STAGES, Stage
-from .tracking import read_metrics
+from .tracking import read_metrics, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _smooth(ys: list[float], w: int) -> list[float]:
 
 
 def _new(title: str, xlabel: str, ylabel: str):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loading matplotlib takes seconds
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     _style(ax, title, xlabel, ylabel)
@@ -67,7 +67,7 @@ def _new(title: str, xlabel: str, ylabel: str):
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # deferred: loading matplotlib takes seconds
 
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -77,7 +77,7 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loading matplotlib takes seconds
 
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -166,7 +166,7 @@ def _ppo_kl_plot(rows, kx, ky, out: Path) -> str:
 
 def _ppo_losses_plot(policy: tuple[list, list], value: tuple[list, list], out: Path) -> str:
     """Policy and value loss side by side ((x, y) each; an empty y leaves its panel blank); -> the markdown image."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loading matplotlib takes seconds
 
     (px, py), (vx, vy) = policy, value
     fig, (a1, a2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
@@ -246,7 +246,7 @@ def _fmt(v: Any) -> str:
 
 def make_report(save_dir: str | os.PathLike) -> Path:
     """Write save_dir/report/{*.png, report.md}; return the path of report.md."""
-    import matplotlib
+    import matplotlib  # deferred: loading matplotlib takes seconds
 
     matplotlib.use("Agg")  # files only: no display is needed or wanted
 
@@ -301,8 +301,6 @@ def make_report(save_dir: str | os.PathLike) -> Path:
 
 def cli_report(args) -> int:
     """`rlhf-dist report SAVE_DIR`."""
-    from .tracking import setup_logging
-
     setup_logging("INFO")
     print(make_report(args.save_dir))
     return 0

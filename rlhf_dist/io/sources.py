@@ -43,7 +43,7 @@ def model_path_errors(cfg) -> list[str]:
 
 def _not_local(name: str, value: str, what: str) -> list[str]:
     """A path that does not exist: fine if it can be a hub id and the hub is on."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: loading huggingface_hub takes seconds
 
     p = Path(value).expanduser()
     # "models/tiny" where ./models exists is a local path with a typo, not the hub's org "models".

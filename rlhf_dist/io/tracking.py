@@ -6,11 +6,15 @@ import contextlib
 import json
 import logging
 import math
+import netrc
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from ..config import redact, secret_values
 from ..config.stages import STAGES
@@ -53,7 +57,7 @@ def setup_logging(level: str = "INFO", log_dir: str | os.PathLike | None = None,
         root.addHandler(h)
     root.setLevel(level)
     try:  # weight-loading progress bars would drown the run's own progress
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: loading transformers takes seconds
 
         hf_logging.disable_progress_bar()
     except ImportError:
@@ -151,8 +155,6 @@ def wandb_mode(mode: str) -> str:
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:
-        import netrc
-
         if netrc.netrc().authenticators("api.wandb.ai"):
             return "online"
     except (OSError, netrc.NetrcParseError):
@@ -193,7 +195,7 @@ class Tracker:
         logging.getLogger(__name__).info("W&B run %s (%s) in %s", self.run.id, self.mode, save_dir / "wandb")
 
     def _start(self, cfg, save_dir: Path, init_timeout: float):
-        import wandb
+        import wandb  # deferred: loading wandb takes seconds
 
         id_file = save_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
@@ -236,7 +238,7 @@ class Tracker:
         if self.run is None or not rows:
             return
         try:
-            import wandb
+            import wandb  # deferred: loading wandb takes seconds
 
             cols = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (samples.jsonl's flagged ones)
             self.run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
@@ -260,8 +262,6 @@ class StageMonitor:
 
     def __init__(self, stage: str, metrics_path: Path, tracker: Tracker | None, total: int | None = None,
                  samples_path: Path | None = None, interval: float = 1.0):
-        import threading
-
         self.stage, self.path, self.tracker, self.total = stage, Path(metrics_path), tracker, total
         self.samples_path = samples_path
         self.interval = interval
@@ -313,8 +313,6 @@ class StageMonitor:
             value = row.get(key)
             if sys.stderr.isatty():
                 if self._bar is None:
-                    from tqdm import tqdm
-
                     self._bar = tqdm(total=total, desc=self.stage, unit=axis, dynamic_ncols=True)
                 self._bar.total = total
                 self._bar.n = done

@@ -6,8 +6,8 @@ from ..data.encode import tokenize_preferences
 from ..data.read import read_dataset
 from ..data.rows import ReadStats
 from ..data.sources import data_spec
-from ..models import load_causal_lm
-from ..packing import one_row
+from ..models.load import load_causal_lm
+from ..models.packing import one_row
 from ..steps.dpo import attach_reference, dpo_batch, dpo_count, dpo_step_loss
 
 

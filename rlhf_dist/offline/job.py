@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..config import RLHFConfig, load_config
 from ..config.stages import STAGES
 from ..io.checkpoint import is_complete, mark_stage_finished, mark_stage_started, remove_stale_temps, safe_join
-from ..io.tracking import Timers
-from ..precision import use_bf16
+from ..io.tracking import Timers, setup_logging
+from ..models.precision import use_bf16
+from ..runtime.distributed import enter_workdir, make_engine, set_threads
 from .loop import StageLoop
 from .task import build_task, input_model_dir
 
@@ -26,12 +28,7 @@ log = logging.getLogger(__name__)
 
 def supervised_worker(config: dict) -> None:
     """Ray Train `train_loop_per_worker` for the offline stages."""
-    import ray.train
-    import torch.distributed as dist
-
-    from ..distributed import enter_workdir, make_engine, set_threads
-    from ..io.tracking import setup_logging
-
+    import ray.train  # deferred: loading ray takes seconds
     startup = Timers()  # where the time before the first step goes, logged with it
     startup.seconds["worker_group"] = time.time() - config.pop("_t_submit")  # the job's start to this call
     enter_workdir(config.pop("_cwd"))
@@ -59,8 +56,13 @@ def supervised_worker(config: dict) -> None:
 
 def run_supervised(cfg: RLHFConfig, stage: str, device: str) -> Path:
     """Run an offline stage as a Ray Train TorchTrainer job; returns its best_model directory."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import (  # deferred: loading ray takes seconds
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchConfig, TorchTrainer  # deferred: loading ray takes seconds
 
     spec = STAGES[stage]
     workers = getattr(cfg, spec.fields.workers)

@@ -9,8 +9,8 @@ from ..data.encode import tokenize_kto
 from ..data.read import read_dataset
 from ..data.rows import ReadStats
 from ..data.sources import data_spec
-from ..models import load_causal_lm
-from ..packing import one_row
+from ..models.load import load_causal_lm
+from ..models.packing import one_row
 from ..steps.kto import KTOItem, attach_reference, kl_rows, kl_sums, kto_batch, kto_count, kto_step_loss, unrelated_rows
 
 

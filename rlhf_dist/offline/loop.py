@@ -18,8 +18,9 @@ import torch
 from ..config import RLHFConfig
 from ..io.checkpoint import atomic_dir
 from ..io.tracking import MetricsWriter, Timers, truncate_metrics
-from ..models import save_hf
-from ..packing import one_row
+from ..models.load import save_hf
+from ..models.packing import one_row
+from ..runtime.distributed import accumulate, all_reduce_max, all_reduce_sum, full_state_dict
 from .task import Task, make_batch, micro_batches
 from .train_state import load_train_state, report_train_state
 
@@ -31,8 +32,6 @@ class StageLoop:
     seconds before the loop, to which it adds the first step's."""
 
     def __init__(self, task: Task, engine, cfg: RLHFConfig, rank: int, world: int, startup: Timers):
-        from ..distributed import all_reduce_max
-
         self.task, self.engine, self.cfg, self.rank, self.world, self.startup = task, engine, cfg, rank, world, startup
         self.keys = ("loss_sum", "count", "tokens", *task.stats)  # summed over micro-batches, then over ranks
         self.flat = one_row(cfg.attn_implementation)  # packed: one row with its boundaries, or rows under a mask
@@ -46,7 +45,7 @@ class StageLoop:
 
     def run(self) -> None:
         """Prepare, resume or evaluate the starting weights, train the remaining steps, write the summary."""
-        import ray.train
+        import ray.train  # deferred: loading ray takes seconds
 
         task, rank = self.task, self.rank
         t_start = time.time()
@@ -100,8 +99,6 @@ class StageLoop:
     def step_and_record(self, global_items: list, epoch: int, s: int, first_step: int) -> None:
         """One optimizer step over this rank's share of `global_items`, then its metrics row, evaluation
         and checkpoint when due."""
-        from ..distributed import all_reduce_sum
-
         task, per_epoch = self.task, self.task.steps_per_epoch
         norm = task.count(global_items) / self.world  # DeepSpeed averages the gradients over ranks
         per_rank = task.batch_size // self.world
@@ -139,8 +136,6 @@ class StageLoop:
         """Eval loss and stats of this rank's share of the eval set, summed over the ranks. Under ZeRO-3
         every forward gathers the parameters, a collective every rank must join: a rank with fewer
         micro-batches than another (shares differ by one item) runs filler forwards, their stats dropped."""
-        from ..distributed import all_reduce_sum
-
         task, engine = self.task, self.engine
         engine.eval()
         micros = micro_batches(task, task.eval[self.rank::self.world])
@@ -168,8 +163,6 @@ class StageLoop:
         return True
 
     def save_model(self) -> None:
-        from ..distributed import full_state_dict
-
         state = full_state_dict(self.engine)  # collective under ZeRO-3
         if self.rank == 0:
             with atomic_dir(self.task.out_dir / "best_model") as tmp:
@@ -180,8 +173,6 @@ def train_step(task: Task, engine, micros: list[list], norm: float, flat: bool,
                to_dev: Callable) -> tuple[dict, float]:
     """One optimizer step over this rank's micro-batches -> (stat sums, token slots the forwards spent).
     The loss carries its own scale (`norm`), so a step may have any number of micro-batches (`accumulate`)."""
-    from ..distributed import accumulate
-
     sums: dict = {}
     slots = 0
     mean = step_mean(task, engine.module, micros, flat, to_dev)
@@ -200,8 +191,6 @@ def step_mean(task: Task, model, micros: list[list], flat: bool, to_dev: Callabl
     """The task's mean over a whole step (or the eval set), for every micro-batch's loss (`Task.step_sums`):
     a no-grad pass over `micros` (the first `real` count; the rest are ZeRO-3 fillers, run for the collective),
     summed over the ranks. None for a task without one."""
-    from ..distributed import all_reduce_sum
-
     if task.step_sums is None:
         return None
     total, count = 0.0, 0.0

@@ -6,7 +6,7 @@ from ..data.encode import tokenize_preferences
 from ..data.read import read_dataset
 from ..data.rows import ReadStats
 from ..data.sources import data_spec
-from ..models import load_scalar_model
+from ..models.load import load_scalar_model
 from ..steps.reward import reward_batch, reward_count, reward_loss
 
 

@@ -6,7 +6,7 @@ from ..data.encode import tokenize_sft
 from ..data.read import read_dataset
 from ..data.rows import ReadStats
 from ..data.sources import data_spec
-from ..models import load_causal_lm
+from ..models.load import load_causal_lm
 from ..steps.sft import sft_batch, sft_count, sft_loss
 
 

@@ -22,8 +22,8 @@ from ..data.encode import Encoded, check_special_tokens, split_eval
 from ..io.checkpoint import safe_join
 from ..io.sources import check_model_paths, policy_start
 from ..io.tracking import Timers
-from ..models import apply_lora, load_tokenizer
-from ..packing import micro_batch_indices, pack
+from ..models.load import apply_lora, enable_gradient_checkpointing, load_tokenizer
+from ..models.packing import micro_batch_indices, pack
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,6 @@ def build_task(cfg: RLHFConfig, stage: str, world: int, bf16: bool = False, star
         parts["model"] = parts["model"]()
     check_special_tokens(tok, parts["model"].get_input_embeddings().weight.shape[0])
     if cfg.gradient_checkpointing:  # the trained model only (DPO's reference pass runs without grad)
-        from ..models import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(parts["model"])
     if cfg.lora_rank:  # the reward model's score head is new, so it trains in full

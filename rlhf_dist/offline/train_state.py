@@ -9,16 +9,17 @@ from pathlib import Path
 
 import torch
 
+from ..io.checkpoint import CheckpointError, sha256_file
+
 
 def report_train_state(engine, state: dict, rank: int) -> None:
     """Report a Ray Train checkpoint every rank contributes to (a collective): DeepSpeed's weights and
     optimizer shards, this rank's torch RNG state, a sha256 manifest of this rank's files, and (rank 0)
     the loop state. Ray Train merges the ranks' files and registers the checkpoint once all have reported."""
-    import ray.train
-    from ray.train import CheckpointUploadMode
-    from safetensors.torch import save_file
+    import ray.train  # deferred: loading ray takes seconds
+    from ray.train import CheckpointUploadMode  # deferred: loading ray takes seconds
+    from safetensors.torch import save_file  # deferred: loading safetensors takes seconds
 
-    from ..io.checkpoint import sha256_file
 
     d = Path(tempfile.mkdtemp(prefix="rlhf-dist-ckpt-"))
     engine.save_checkpoint(str(d), tag="engine", client_state={})
@@ -37,9 +38,8 @@ def report_train_state(engine, state: dict, rank: int) -> None:
 def load_train_state(engine, d: Path, rank: int, world: int) -> dict:
     """Verify every rank's manifest, then load the DeepSpeed state (its loader unpickles, so only files
     whose sha256 matches what this run wrote get to it) and this rank's RNG state."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # deferred: loading safetensors takes seconds
 
-    from ..io.checkpoint import CheckpointError, sha256_file
 
     state = json.loads((d / "state.json").read_text())
     if state["world"] != world:

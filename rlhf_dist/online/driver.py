@@ -18,18 +18,18 @@ from ..algo import AdaptiveKLController, FixedKLController, RunningMoments
 from ..config import RLHFConfig
 from ..data.prompts import open_prompts
 from ..data.sources import data_spec
-from ..errors import RoleFailure
-from ..health import BadStepCounter, DriftGuard, HealthError, SpikeDetector, logprob_tolerance, nonfinite_rows
 from ..io.checkpoint import atomic_dir, complete_iterations, remove_stale_temps, safe_join, verify
 from ..io.tracking import MetricsWriter, Timers, truncate_metrics
-from ..models import load_tokenizer
-from ..precision import recompute_old_logprobs
+from ..models.load import load_tokenizer
+from ..models.precision import recompute_old_logprobs
 from ..rewards.base import merge_outputs
 from ..roles.calls import wait
 from ..roles.placement import ROLES
 from ..rollout.samples import merge_samples, slice_samples
+from ..runtime.errors import RoleFailure
 from .evaluation import held_out_metrics, load_eval_prompts
 from .experience import experience_stats, make_experience, process_scores
+from .health import BadStepCounter, DriftGuard, HealthError, SpikeDetector, logprob_tolerance, nonfinite_rows
 from .prompts import PromptSampler, sample_ids_for
 from .recovery import dead_actors
 from .rewards import check_failures, kept_for, reward_metrics

@@ -10,6 +10,7 @@ from ..algo import Outcome
 from ..data.encode import tokenize_prompts
 from ..data.read import read_dataset
 from ..data.sources import data_spec
+from ..evaluation.evaluate import resolve_eval_data
 from ..rewards.base import merge_outputs
 from ..roles.calls import wait
 from ..rollout.samples import merge_samples, slice_samples
@@ -20,8 +21,6 @@ from .setup import split
 def load_eval_prompts(cfg, tok) -> tuple[list[list[dict]], list[dict], list[list[int]]]:
     """The first eval_num_prompts held-out prompts: (messages, their rows' other fields, token ids). Over-long
     ones keep their end."""
-    from ..evaluate import resolve_eval_data
-
     path = resolve_eval_data(cfg, cfg.eval_data_path)
     rows, stats = read_dataset(data_spec(cfg, "eval_data_path", "prompt", path), "prompt", cfg.bad_rows,
                                cfg.max_bad_fraction)

@@ -10,8 +10,12 @@ from ..roles.placement import ROLES
 def dead_actors(roles, pids: dict[tuple[str, int], int], setup_timeout_s: float) -> list[tuple[str, int]]:
     """Actors that died since the last look: gone (no restarts left) or restarted under a new pid. `pids`
     ((role, rank) -> pid) is updated with the new pids."""
-    import ray
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+    import ray  # deferred: loading ray takes seconds
+    from ray.exceptions import (  # deferred: loading ray takes seconds
+        ActorUnavailableError,
+        GetTimeoutError,
+        RayActorError,
+    )
 
     def pid_of(actor, known: int) -> int | None:  # None: gone for good
         deadline = time.time() + setup_timeout_s

@@ -8,8 +8,8 @@ import torch
 from ..algo import Outcome, kept_samples, outcome_counts
 from ..config.algorithms import ALGORITHMS
 from ..config.rewards import REWARD_SOURCES
-from ..health import HealthError
 from ..rewards.base import RewardOutput
+from .health import HealthError
 
 
 def kept_for(out: RewardOutput, cfg) -> torch.Tensor:  # (B,) bool

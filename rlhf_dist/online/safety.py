@@ -1,6 +1,6 @@
 """The safety filter in online RL: one call per iteration, after the rewards, before the advantages.
 
-It runs `safety_filter` (rlhf_dist/safety.py) on the decoded responses, then penalises or drops the flagged
+It runs `safety_filter` (rlhf_dist/rewards/safety.py) on the decoded responses, then penalises or drops the flagged
 rollouts (`algo.safety_adjust`), and gives the driver the iteration's safety metrics and the flagged
 rollouts' rows for samples.jsonl, each with its reason.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..algo import safety_adjust
-from ..safety import load_safety_filter
+from ..rewards.safety import load_safety_filter
 
 
 class SafetyCheck:

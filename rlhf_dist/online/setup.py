@@ -13,10 +13,11 @@ from ..config.algorithms import ALGORITHMS
 from ..config.rewards import active_sources, environment_errors
 from ..io.checkpoint import atomic_dir, prune_iterations, safe_join, write_json_atomic
 from ..io.sources import check_model_paths, policy_start, reference_model, reward_model, verify_if_sealed
+from ..models.load import load_tokenizer
 from ..roles.actors import ReferenceWorker, RewardWorker, RolloutWorker
 from ..roles.calls import create_placement_group, spawn, wait
 from ..roles.learner import Learner
-from ..roles.placement import ROLES
+from ..roles.placement import ROLES, cluster_nodes, plan_for_cluster
 from ..roles.weight_sync import plan_sync
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,6 @@ def _critic_source(cfg: RLHFConfig, start: tuple[str, str], rm: tuple[str, str] 
 def _check_critic_vocab(field: str, critic: str, policy_tokenizer: str) -> None:
     """The critic reads the policy's token ids (unlike the reward role, which can re-tokenise the text), so a
     critic with another vocabulary would read them wrongly: an error naming the field."""
-    from ..models import load_tokenizer
-
     try:
         vocab = load_tokenizer(critic).get_vocab()
     except (OSError, ValueError):  # no tokenizer files beside the weights: nothing to compare
@@ -117,8 +116,6 @@ def _check_critic_vocab(field: str, critic: str, policy_tokenizer: str) -> None:
 
 
 def start_roles(cfg: RLHFConfig, device: str, inputs: Inputs, total_steps: int) -> Roles:
-    from ..roles.placement import cluster_nodes, plan_for_cluster
-
     # The plan the pre-start check logged (the same pure function of the cluster's totals).
     bundles, slots = plan_for_cluster(cfg, device, cluster_nodes()[0])
     pg = create_placement_group(bundles, cfg.roles.strategy, cfg.setup_timeout_s)
@@ -219,7 +216,7 @@ def save_iteration(cfg: RLHFConfig, roles: Roles, out: Path, tokenizer_dir: str,
 
 
 def stop_roles(roles: Roles) -> None:
-    import ray
+    import ray  # deferred: loading ray takes seconds
 
     for group in (roles.rollout, roles.policy, roles.critic, roles.reference, roles.reward):
         for a in group:

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..data.encode import encode_prompt_response, pad_right
-from ..models import load_scalar_model, load_tokenizer, sequence_scores
+from ..models.load import load_scalar_model, load_tokenizer, sequence_scores
 from ..steps.forwards import forward_chunks
 from .base import RewardBatch, Scored, SourceContext
 

@@ -17,14 +17,14 @@ import torch
 
 from ..config import load_config
 from ..config.engines import installed_engines
-from ..distributed import enter_workdir, set_threads
 from ..io.tracking import setup_logging
-from ..models import load_causal_lm, load_tokenizer
-from ..precision import use_bf16
+from ..models.load import load_causal_lm, load_tokenizer
+from ..models.precision import use_bf16
 from ..rewards.base import RewardBatch, RewardOutput, SourceContext
 from ..rewards.sources import RewardSources
 from ..rollout.engine import SamplingParams
 from ..rollout.engines import choose_engine, make_engine
+from ..runtime.distributed import enter_workdir, set_threads
 from ..steps.forwards import forward_chunks, response_logprobs
 from .calls import free_port
 from .placement import ROLES

@@ -7,7 +7,7 @@ import os
 import socket
 import time
 
-from ..errors import PhaseTimeout, RoleFailure
+from ..runtime.errors import PhaseTimeout, RoleFailure
 from .placement import Slot
 
 
@@ -19,8 +19,8 @@ def free_port() -> int:
 
 def wait(refs, role: str, phase: str, timeout: float):
     """ray.get with a timeout; errors name the role and the phase."""
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    import ray  # deferred: loading ray takes seconds
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError  # deferred: loading ray takes seconds
 
     try:
         return ray.get(refs, timeout=timeout)
@@ -45,8 +45,8 @@ def actor_env(slot: Slot) -> dict[str, str]:
 
 def spawn(cls, slot: Slot, pg, *args, max_restarts: int = 0):
     """Start `cls` as a Ray actor in its placement-group bundle."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    import ray  # deferred: loading ray takes seconds
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # deferred: loading ray takes seconds
 
     opts = dict(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=slot.bundle),
@@ -57,8 +57,8 @@ def spawn(cls, slot: Slot, pg, *args, max_restarts: int = 0):
 
 
 def create_placement_group(bundles: list[dict], strategy: str, timeout: float):
-    import ray
-    from ray.util.placement_group import placement_group
+    import ray  # deferred: loading ray takes seconds
+    from ray.util.placement_group import placement_group  # deferred: loading ray takes seconds
 
     pg = placement_group(bundles, strategy=strategy)
     t = time.time()

@@ -9,8 +9,7 @@ import torch.distributed as dist
 
 from ..algo import kl_placement, loss_units
 from ..config.stages import ONLINE, micro_batch_size
-from ..distributed import accumulate, all_reduce_max, all_reduce_sum, full_state_dict, init_local_group_env, make_engine
-from ..models import (
+from ..models.load import (
     adapters_off,
     apply_lora,
     enable_gradient_checkpointing,
@@ -21,7 +20,15 @@ from ..models import (
     merged_weights,
     save_hf,
 )
-from ..packing import micro_batch_indices, one_row, pack
+from ..models.packing import micro_batch_indices, one_row, pack
+from ..runtime.distributed import (
+    accumulate,
+    all_reduce_max,
+    all_reduce_sum,
+    full_state_dict,
+    init_local_group_env,
+    make_engine,
+)
 from ..steps import update  # the module, not its functions: a fault plan (tests/faults.py) patches them there
 from ..steps.forwards import forward_chunks, response_logprobs, response_values
 from ..steps.records import Experience

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from ..config.algorithms import ALGORITHMS
 from ..config.engines import installed_engines
 from ..config.stages import OFFLINE, STAGES
-from ..errors import PlacementError
 from ..rollout.engines import choose_engine
 from ..rollout.vllm_engine import vllm_sleeps
+from ..runtime.errors import PlacementError
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +357,11 @@ def placement_problems(cfg, stages, device: str, total: dict[str, dict],
 
 def cluster_nodes() -> tuple[dict[str, dict], dict[str, dict]]:
     """({node_id: total resources}, {node_id: free resources}) of the alive nodes of the connected Ray."""
-    import ray
+    import ray  # deferred: loading ray takes seconds
 
     total = {n["NodeID"]: dict(n["Resources"]) for n in ray.nodes() if n["Alive"]}
     try:  # per-node *available* resources (a running job's actors count); DeveloperAPI, so fall back to totals
-        from ray._private.state import available_resources_per_node
+        from ray._private.state import available_resources_per_node  # deferred: loading ray takes seconds
 
         avail = available_resources_per_node()
     except Exception as e:  # noqa: BLE001 - any failure: totals are still a useful answer

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
-from ..errors import PhaseTimeout, PlacementError
 from ..rollout.transfer import export_ipc, fingerprint, open_ipc
+from ..runtime.errors import PhaseTimeout, PlacementError
 
 BUCKET_BYTES = 64 << 20  # few enough collectives, small enough to not double peak memory
 
@@ -127,7 +128,7 @@ def flatten(params: list[torch.Tensor]) -> torch.Tensor:
 def _gathered(params: list[torch.Tensor], zero3: bool):
     if not zero3:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # deferred: loading deepspeed takes seconds
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -137,8 +138,6 @@ class Broadcast:
     the learners' data-parallel group."""
 
     def __init__(self, addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float):
-        import torch.distributed as dist
-
         self.rank = rank
         self.timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(addr, port, world, rank == 0, timeout=self.timeout)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
-from ..packing import position_ids_from_mask
+from ..models.packing import position_ids_from_mask
 from .samples import Samples, merge_samples, select_samples
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,6 @@ def decode_step(tok, pos, t, span: int, mask_future: bool, weights, ks, vs, cos,
     each (n, kvH, L, D)); attention covers the first `span` slots, and `mask_future` hides those after t
     (a fixed span for torch.compile). cos, sin (L, D); bias (n, 1, 1, L) or None.
     """
-    import torch.nn.functional as F
-
     hq, hkv, D = heads
     n = tok.shape[0]
     embed, layers, norm, lm_head = weights
@@ -279,7 +278,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     `compiled`: run its step through torch.compile (`gen_compile`).
     On a GPU, vLLM is the rollout engine users run (`rollout_engine`); this decoder is the reference
     engine and the CPU one."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # deferred: loading transformers takes seconds
 
     device = next(model.parameters()).device
     ids, attn = left_pad(prompts, pad_id)  # (B, P)

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..models import load_causal_lm
+from ..models.load import load_causal_lm
 from .decode import generate_chunked
 from .samples import Samples
 from .transfer import fingerprint, split_bucket

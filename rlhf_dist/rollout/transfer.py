@@ -11,6 +11,7 @@ import inspect
 import math
 
 import torch
+from torch.multiprocessing.reductions import reduce_tensor
 
 
 def split_bucket(flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> list[tuple[str, torch.Tensor]]:
@@ -52,8 +53,6 @@ def fingerprint(flat: torch.Tensor) -> tuple[int, int, int]:
 
 def export_ipc(flat: torch.Tensor):
     """A picklable handle to a CUDA tensor that another process on the same GPU can open."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
     torch.cuda.current_stream(flat.device).synchronize()  # the receiver reads it on another stream and process
     return reduce_tensor(flat)
 

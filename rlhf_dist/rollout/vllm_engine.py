@@ -30,6 +30,7 @@ import torch
 from .decode import left_pad, to_samples
 from .engine import SamplingParams
 from .samples import Samples
+from .transfer import export_ipc
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class VLLMEngine:
         level = vllm_log_level(log_level)
         os.environ["VLLM_LOGGING_LEVEL"] = level  # read at import, by its engine and worker processes too
         logging.getLogger("vllm").setLevel(level)  # lines logged while vllm imports, before it reads the variable
-        from vllm import LLM
+        from vllm import LLM  # deferred: loading vllm takes seconds
 
         # On a CPU, a token budget that fits 256 whole prompts: vLLM 0.32's CPU build crashes ("CPU Generator
         # does not use offset") when a seeded request's prefill is split over steps, as its default budget
@@ -101,7 +102,7 @@ class VLLMEngine:
     # ---- generation --------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, pad_id: int, eos_id: int,
                  sample_ids: list[int] | None = None, generator: torch.Generator | None = None) -> Samples:
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TokensPrompt  # deferred: loading vllm takes seconds
 
         self._wake()
         self._set_temperature(sampling.temperature)
@@ -121,7 +122,7 @@ class VLLMEngine:
 
     @staticmethod
     def _params(s: SamplingParams, eos_id: int, n: int, seed: int):
-        from vllm import SamplingParams as VLLMSampling
+        from vllm import SamplingParams as VLLMSampling  # deferred: loading vllm takes seconds
 
         # temperature 1: the temperature is in the logits (see the module docstring). ignore_eos drops the
         # model config's eos; the run's eos_id stops a response (kept in it) and is banned before min_tokens.
@@ -165,8 +166,6 @@ class VLLMEngine:
         """vLLM maps the HF names onto its own (fused) layout as it loads; an unknown name fails there."""
 
     def load_bucket(self, flat: torch.Tensor, entries: list[tuple[str, tuple]]) -> tuple[int, int, int]:
-        from .transfer import export_ipc
-
         self._wake()
         if not self.loading:
             self.llm.collective_rpc("rlhf_begin_sync")

@@ -14,14 +14,14 @@ import logging
 
 import torch
 
+from .transfer import fingerprint, open_ipc, split_bucket
+
 
 def bucket_tensor(payload) -> torch.Tensor:
     """A bucket as it crossed into this process: ("bytes", dtype name, raw bytes) from a CPU engine
     (torch tensors in collective_rpc arrive as lists), or ("ipc", handle) from a CUDA one (opened on this
     worker's GPU, and copied: vLLM keeps a layer's weights until the layer is complete, and the sender
     frees the bucket once this call returns)."""
-    from .transfer import open_ipc
-
     if payload[0] == "ipc":
         return open_ipc(payload[1]).clone()
     _, dtype, raw = payload
@@ -34,7 +34,7 @@ class WeightLoader:
     def rlhf_set_logit_scale(self, scale: float) -> int:
         """Multiply the model's logits by `scale` (1 / temperature): vLLM's raw logprobs are then the
         tempered, untruncated distribution the learner scores. Returns how many logits layers it set."""
-        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor  # deferred: loading vllm takes seconds
 
         layers = [m for m in self.model_runner.get_model().modules() if isinstance(m, LogitsProcessor)]
         for m in layers:
@@ -42,7 +42,9 @@ class WeightLoader:
         return len(layers)
 
     def rlhf_begin_sync(self) -> None:
-        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            initialize_layerwise_reload,  # deferred: loading vllm takes seconds
+        )
 
         # A bucket holds some layers' weights only: the reload's per-layer "not loaded" warnings are expected.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
@@ -52,13 +54,13 @@ class WeightLoader:
         """One bucket: the flat tensor in `payload`, split into the (name, shape) `entries` (HF names).
         Returns the fingerprint of the bucket as it arrived here (vLLM's fused, repacked weights cannot be
         read back as the learner's tensors)."""
-        from .transfer import fingerprint, split_bucket
-
         flat = bucket_tensor(payload)
         self.model_runner.get_model().load_weights(iter(split_bucket(flat, [(n, tuple(s)) for n, s in entries])))
         return fingerprint(flat)
 
     def rlhf_finish_sync(self) -> None:
-        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload,  # deferred: loading vllm takes seconds
+        )
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.vllm_config.model_config)

@@ -15,8 +15,8 @@ import torch
 
 from ..algo import dpo_loss
 from ..data.encode import Encoded, pad_right
-from ..models import adapters_off
-from ..packing import micro_batch_indices, pack
+from ..models.load import adapters_off
+from ..models.packing import micro_batch_indices, pack
 from .sft import next_token_logprobs
 
 

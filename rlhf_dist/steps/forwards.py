@@ -8,8 +8,8 @@ import torch
 
 from ..algo import chunked_logprobs, entropy_from_logits, logprobs_from_logits
 from ..config.stages import ONLINE, micro_batch_size
-from ..models import token_scalars
-from ..packing import Packed, forward, one_row, pack, padded, plan_micro_batches
+from ..models.load import token_scalars
+from ..models.packing import Packed, forward, one_row, pack, padded, plan_micro_batches
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

@@ -19,8 +19,8 @@ import torch
 
 from ..algo import kto_loss
 from ..data.encode import Encoded
-from ..models import adapters_off
-from ..packing import micro_batch_indices, pack
+from ..models.load import adapters_off
+from ..models.packing import micro_batch_indices, pack
 from .dpo import sequence_logprobs
 from .sft import sft_batch
 

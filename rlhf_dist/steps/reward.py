@@ -6,7 +6,7 @@ import torch
 
 from ..algo import pairwise_ranking_loss
 from ..data.encode import Encoded, pad_right
-from ..models import sequence_scores
+from ..models.load import sequence_scores
 
 
 def reward_batch(items: list[tuple[Encoded, Encoded, float]], pad_id: int) -> dict[str, torch.Tensor]:

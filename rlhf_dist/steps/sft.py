@@ -6,7 +6,7 @@ import torch
 
 from ..algo import chunked_logprobs, logprobs_from_logits
 from ..data.encode import Encoded, pad_right
-from ..packing import Packed, forward, padded
+from ..models.packing import Packed, forward, padded
 from .forwards import plain_lm_head
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..algo import aggregate_loss, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
-from ..packing import Packed
+from ..models.packing import Packed
 from .forwards import response_logprobs_entropy, response_values
 from .records import Experience
 

@@ -37,7 +37,9 @@ def varlen_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                 dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """transformers' attention-function signature: query (B, Hq, T, D), key and value (B, Hkv, T, D) ->
     (output (B, T, Hq, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import (
+        sdpa_attention_forward,  # deferred: loading transformers takes seconds
+    )
 
     cu = kwargs.get("cu_seq_lens_q")  # (n + 1,) int32: sequence starts in the one packed row, then its end
     if cu is None:
@@ -168,15 +170,15 @@ def unmasked():
 
 
 def _mask(*args, **kwargs):
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import sdpa_mask  # deferred: loading transformers takes seconds
 
     return None if _UNMASKED.get() else sdpa_mask(*args, **kwargs)
 
 
 def register() -> str:
     """Register `VARLEN_SDPA` with transformers (idempotent); returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers import AttentionInterface  # deferred: loading transformers takes seconds
+    from transformers.masking_utils import AttentionMaskInterface  # deferred: loading transformers takes seconds
 
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa)
     AttentionMaskInterface.register(VARLEN_SDPA, _mask)

@@ -6,13 +6,19 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError
-from .config.stages import STAGES
-from .data.rows import DataError
+from ..config import ConfigError, load_config
+from ..config.stages import STAGES
+from ..data.rows import DataError
+from ..demo.tiny import build_tiny
+from ..evaluation.evaluate import cli_eval
+from ..io.checkpoint import CheckpointError
+from ..io.report import cli_report
+from ..io.tracking import setup_logging
+from ..models.load import ModelError
+from ..online.health import HealthError
+from ..pipeline import create_rlhf_pipeline
+from .doctor import doctor
 from .failures import EXIT, report_failure
-from .health import HealthError
-from .io.checkpoint import CheckpointError
-from .models import ModelError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError)
 
@@ -75,37 +81,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args, loaded: dict) -> int:
     if args.command == "doctor":
-        from .config import load_config
-        from .doctor import doctor
-        from .io.tracking import setup_logging
-
         cfg = load_config(args.config, args.overrides)
         loaded["save_dir"] = cfg.save_dir
         setup_logging(cfg.log_level)
         return doctor(cfg)
     if args.command == "init-tiny":
-        from .tiny import build_tiny
-
         paths = build_tiny(args.dir, seed=args.seed)
         for k, v in paths.items():
             print(f"{k}: {v}")
         return 0
     if args.command == "eval":
-        from .evaluate import cli_eval
-
         return cli_eval(args)
     if args.command == "report":
-        from .io.report import cli_report
-
         return cli_report(args)
 
-    from .pipeline import create_rlhf_pipeline
 
     pipe = create_rlhf_pipeline(args.config, args.overrides)
     loaded["save_dir"] = pipe.config.save_dir
     if args.command == "check":
-        from .io.tracking import setup_logging
-
         setup_logging(pipe.config.log_level)
         for line in pipe.check():
             print(line)

@@ -12,9 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import redact
-from .errors import PhaseTimeout, PlacementError, RoleFailure
-from .io.tracking import LOG_FORMAT
+from ..config import redact
+from ..io.tracking import LOG_FORMAT
+from ..runtime.errors import PhaseTimeout, PlacementError, RoleFailure
 
 # Every exit code of `rlhf-dist` (README "Exit codes"); 3 is also doctor's EXIT_NO_FIT.
 EXIT = {"stopped": 1, "user": 2, "placement": 3, "role": 4, "timeout": 5, "collective": 6, "train": 7,
@@ -118,7 +118,7 @@ def log_traceback(exc: BaseException, line: str, path: Path) -> None:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     tb = "".join(traceback.format_exception(exc))
-    record = logging.LogRecord("rlhf_dist.cli", logging.ERROR, __file__, 0, redact(f"{line}\n{tb.rstrip()}"),
+    record = logging.LogRecord("rlhf_dist.cli.commands", logging.ERROR, __file__, 0, redact(f"{line}\n{tb.rstrip()}"),
                                None, None)
     record.role = "driver"
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ into the plain HF model's weights (adapters merged) for the rollout, best_model 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+
+from .attention import register
+from .packing import forward, padded
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def _tokenizer_from_file(path: Path):
     """A bare `tokenizer.json` (tokenizers' format). It names no eos/pad/bos nor a chat template: those come
     from the tokenizer_config.json / special_tokens_map.json (and chat_template.jinja) beside it, read by
     from_pretrained exactly as AutoTokenizer reads a directory, with this file as the vocabulary."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # deferred: loading transformers takes seconds
 
     if any((path.parent / n).is_file() for n in _TOKENIZER_SIDE_FILES):
         return PreTrainedTokenizerFast.from_pretrained(str(path.parent), tokenizer_file=str(path))
@@ -80,7 +84,7 @@ def _tokenizer_from_file(path: Path):
 
 def load_tokenizer(path: str):
     """`path`: a tokenizer directory (AutoTokenizer) or a `tokenizer.json` file."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: loading transformers takes seconds
 
     tok = _tokenizer_from_file(Path(path)) if Path(path).is_file() else AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
@@ -104,15 +108,13 @@ def check_attn_implementation(attn_implementation: str) -> None:
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ModelError(f"attn_implementation: {attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     if attn_implementation == "flash_attention_2":
-        import importlib.util
-
         if importlib.util.find_spec("flash_attn") is None:
             raise ModelError("attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
                              "importable in this process; use sdpa")
 
 
 def load_causal_lm(path: str, bf16: bool = False, attn_implementation: str = "sdpa"):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: loading transformers takes seconds
 
     _check_dir(path)
     check_attn_implementation(attn_implementation)
@@ -123,16 +125,14 @@ def load_causal_lm(path: str, bf16: bool = False, attn_implementation: str = "sd
 def _kernel(attn_implementation: str) -> str:
     """What transformers loads for the config's attn_implementation: sdpa as `attention.VARLEN_SDPA` (the
     same, plus sequence boundaries for packed rows)."""
-    from .attention import register
-
     return register() if attn_implementation == "sdpa" else attn_implementation
 
 
 def load_scalar_model(path: str, bf16: bool = False, pad_token_id: int | None = None,
                       attn_implementation: str = "sdpa"):
     """A reward/critic model: a backbone plus a 1-output `score` head (new if `path` is a causal LM)."""
-    import transformers
-    from transformers import AutoModelForSequenceClassification
+    import transformers  # deferred: loading transformers takes seconds
+    from transformers import AutoModelForSequenceClassification  # deferred: loading transformers takes seconds
 
     _check_dir(path)
     check_attn_implementation(attn_implementation)
@@ -182,8 +182,6 @@ def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     parameter prefetch trace in the root's forward pre-hook, so a call to the backbone and the head alone
     would leave the trace invalid for good. The root's output pools the scores to one per row; the per-token
     ones are read from the `score` head's own call inside it."""
-    from .packing import forward, padded
-
     scores = []
     hook = unwrap(model).score.register_forward_hook(lambda _module, _args, out: scores.append(out))
     try:
@@ -227,7 +225,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: s
                modules_to_save: list[str] | None = None):
     """`model` wrapped with fresh LoRA adapters: only they and `modules_to_save` (trained in full, e.g. a
     reward model's `score` head) require grad. PEFT starts B at zero, so the model starts as the base."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: loading peft takes seconds
 
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
@@ -236,7 +234,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: s
 
 def load_lora(model, adapter_dir: str | os.PathLike):
     """`model` wrapped with the trained adapters of `adapter_dir` (PEFT's `save_pretrained`), trainable."""
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: loading peft takes seconds
 
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 

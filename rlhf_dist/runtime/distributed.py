@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..models.load import hf_state_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +76,7 @@ def make_engine(model, *, lr: float, total_steps: int, warmup_steps: int, micro_
                 offload_optimizer: bool = False):
     """A DeepSpeed engine over `model` (the default process group is its data-parallel group);
     `offload_optimizer`: ZeRO-Offload of the optimizer to CPU memory (`ds_config`)."""
-    import deepspeed
+    import deepspeed  # deferred: loading deepspeed takes seconds
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -114,8 +116,6 @@ def accumulate(engine, n: int):
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """Full weights of the engine's module as its plain HF model names them (LoRA: adapters merged); a
     collective under ZeRO-3 (every rank must call it)."""
-    from .models import hf_state_dict
-
     if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     return {k: v.detach().cpu() for k, v in hf_state_dict(engine.module).items()}

@@ -13,11 +13,15 @@ import os
 import platform
 import sys
 
-from .config import RLHFConfig
-from .config.stages import STAGES
+import torch
+
+from ..config import RLHFConfig
+from ..config.stages import STAGES
+from ..models.load import ModelError, resolve_device
+from ..pipeline import ray_session
 
 # The pure helpers live in placement.py (shared with the pipeline's pre-start check); importable from here too.
-from .roles.placement import (  # noqa: F401
+from ..roles.placement import (  # noqa: F401
     PlacementCheck,
     bundle_overflow,
     cluster_nodes,
@@ -27,7 +31,7 @@ from .roles.placement import (  # noqa: F401
     placement_problems,
     train_bundle,
 )
-from .roles.placement import fmt_res as _fmt_res
+from ..roles.placement import fmt_res as _fmt_res
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,6 @@ def _versions() -> None:
         except importlib.metadata.PackageNotFoundError:
             v = "NOT INSTALLED"
         print(f"{name:<12} {v}")
-    import torch
 
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -56,7 +59,7 @@ def _versions() -> None:
 
 def _node_table() -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
     """Print the nodes; return {node_id: total}, {node_id: free} resources of the alive ones, and {node_id: ip}."""
-    import ray
+    import ray  # deferred: loading ray takes seconds
 
     nodes = ray.nodes()
     total, free = cluster_nodes()
@@ -78,7 +81,7 @@ def _where(node: str | None, ips: dict[str, str]) -> str:
 
 def _cluster_header(cfg: RLHFConfig) -> None:
     """Print the Ray address and the cluster's total and free resources."""
-    import ray
+    import ray  # deferred: loading ray takes seconds
 
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     print(f"address: {address}" if address else f"address: none: a local Ray on {cfg.cluster.bind_host}")
@@ -88,8 +91,6 @@ def _cluster_header(cfg: RLHFConfig) -> None:
 
 def _plan_device(cfg: RLHFConfig, total: dict[str, dict], problems: list[str]) -> str:
     """Print and return the device to plan for; a device the cluster cannot give is added to problems."""
-    from .models import ModelError, resolve_device
-
     print("\n== device")
     try:  # judged by the cluster's GPUs, as the pipeline does
         device = resolve_device(cfg.device, sum(r.get("GPU", 0) for r in total.values()))
@@ -144,8 +145,6 @@ def _verdict(warnings: list[str], problems: list[str]) -> int:
 
 
 def doctor(cfg: RLHFConfig) -> int:
-    from .pipeline import ray_session
-
     problems: list[str] = []
     print("== versions")
     _versions()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .demo import generate_demo_data
+from . import generate_demo_data
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
 ROLE_TOKENS = ["<|user|>", "<|assistant|>", "<|system|>"]
@@ -43,8 +43,14 @@ def _texts(paths) -> list[str]:
 
 def build_tokenizer(texts: list[str], vocab_size: int = 512, model_max_length: int = 256):
     """Byte-level BPE trained on `texts`, wrapped as a PreTrainedTokenizerFast with the chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (  # deferred: loading tokenizers takes seconds
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast  # deferred: loading transformers takes seconds
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,8 +73,12 @@ def build_tiny(out_dir, seed: int = 0, vocab_size: int = 512, hidden_size: int =
 
     Returns {"model", "data", "sft", "prefs", "prompts", "eval", "answers"} paths.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import torch  # deferred: loading torch takes seconds
+    from transformers import (  # deferred: loading transformers takes seconds
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out = Path(out_dir)
     data = generate_demo_data(out / "data", seed)

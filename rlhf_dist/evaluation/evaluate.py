@@ -25,28 +25,37 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
-from .config import ConfigError, RLHFConfig, load_config
-from .config.engines import ENGINES, installed_engines
-from .config.stages import OFFLINE
-from .data.encode import Encoded, encode_conversation, encode_prompt
-from .data.read import read_dataset
-from .data.rows import DataError, Message
-from .io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
-from .io.eval_results import eval_settings, format_table, metrics_row, write_results
-from .io.sources import check_model_paths, policy_start, reference_model
-from .io.sources import reward_model as find_reward_model
-from .precision import use_bf16
-from .rewards.base import RewardBatch, Scored, SourceContext
-from .rewards.function import FunctionSource
-from .rewards.model import RewardModelSource
-from .safety import load_safety_filter
-from .steps.forwards import response_logprobs
+from ..algo import logprobs_from_logits
+from ..config import ConfigError, RLHFConfig, load_config
+from ..config.engines import ENGINES, installed_engines
+from ..config.stages import OFFLINE
+from ..data.encode import Encoded, encode_conversation, encode_prompt, pad_right
+from ..data.read import read_dataset
+from ..data.rows import DataError, Message
+from ..io.checkpoint import MANIFEST, complete_iterations, is_complete, verify
+from ..io.sources import check_model_paths, policy_start, reference_model
+from ..io.sources import reward_model as find_reward_model
+from ..io.tracking import setup_logging
+from ..models.load import load_causal_lm, load_causal_lm_or_adapter, load_tokenizer, resolve_device
+from ..models.packing import position_ids_from_mask
+from ..models.precision import use_bf16
+from ..rewards.base import RewardBatch, Scored, SourceContext
+from ..rewards.function import FunctionSource
+from ..rewards.model import RewardModelSource
+from ..rewards.safety import load_safety_filter
+from ..roles.weight_sync import push_weights
+from ..rollout.engine import HFDecodeEngine, SamplingParams
+from ..rollout.engines import choose_engine, make_engine
+from ..rollout.samples import slice_samples, trim_samples
+from ..steps.forwards import response_logprobs
+from .results import eval_settings, format_table, metrics_row, write_results
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +186,6 @@ def _batches(n: int, size: int):
 @torch.inference_mode()
 def perplexity(model, convs: list[Encoded], pad_id: int, device: str, batch_size: int) -> float:
     """exp(token-weighted mean NLL) of the assistant tokens, teacher-forced."""
-    from .algo import logprobs_from_logits
-    from .data.encode import pad_right
-    from .packing import position_ids_from_mask
-
     nll, count = 0.0, 0
     for a, b in _batches(len(convs), batch_size):
         ids, attn = pad_right([e.input_ids for e in convs[a:b]], pad_id)  # (B, T)
@@ -200,12 +205,6 @@ def sample(model, es: EvalSet, tok, cfg: RLHFConfig, device: str, batch_size: in
     prompts drawing from one generator seeded by cfg.seed -> `Samples` of `batch_size` rows, in prompt
     order (sample_ids: indices into `es`). `engine`: a vLLM engine, which gets `model`'s weights first;
     None = the HF engine on `model`."""
-    from dataclasses import replace
-
-    from .roles.weight_sync import push_weights
-    from .rollout.engine import HFDecodeEngine, SamplingParams
-    from .rollout.samples import slice_samples, trim_samples
-
     if engine is None:
         engine = HFDecodeEngine(model)
     else:
@@ -275,7 +274,7 @@ class EvalRun:
     rm: RewardModelSource | None
     notes: list[str]
     engine: Any = None  # a vLLM engine shared by every checkpoint (rollout_engine), else None: the HF engine
-    safety: Callable | None = None  # the config's safety_filter, loaded (rlhf_dist/safety.py)
+    safety: Callable | None = None  # the config's safety_filter, loaded (rlhf_dist/rewards/safety.py)
 
 
 def resolve_checkpoints(cfg: RLHFConfig, checkpoints: dict[str, str] | None) -> dict[str, str]:
@@ -292,8 +291,6 @@ def resolve_checkpoints(cfg: RLHFConfig, checkpoints: dict[str, str] | None) -> 
 def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gold: str | None,
             batch_size: int) -> EvalRun:
     """Resolve and load the reference, the reward model, the gold function and the eval set."""
-    from .models import load_causal_lm, load_tokenizer, resolve_device
-
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.bf16, device)
     notes: list[str] = []
@@ -315,8 +312,6 @@ def prepare(cfg: RLHFConfig, num_prompts: int | None, data_path: str | None, gol
 def eval_engine(cfg: RLHFConfig, model_dir: str, device: str, bf16: bool):
     """The vLLM engine eval samples with, built once on `model_dir` (each checkpoint's weights are then
     loaded into it, as a weight sync would), when rollout_engine picks vLLM here; else None."""
-    from .rollout.engines import choose_engine, make_engine
-
     name, why = choose_engine(cfg.rollout_engine, device, installed_engines())
     log.info("eval: sampling with the %s engine (%s)", name, why)
     return make_engine(name, cfg, model_dir, torch.device(device), bf16, 1.0) if ENGINES[name].own_weights else None
@@ -324,8 +319,6 @@ def eval_engine(cfg: RLHFConfig, model_dir: str, device: str, bf16: bool):
 
 def raw_pass(run: EvalRun, path: str) -> dict[str, Any]:
     """One checkpoint's responses and per-prompt figures, before averaging."""
-    from .models import load_causal_lm_or_adapter
-
     t0 = time.time()
     cfg, device, tok, es = run.cfg, run.device, run.tok, run.es
     same_as_ref = Path(path).resolve() == Path(run.reference).resolve()
@@ -350,8 +343,6 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
                    num_prompts: int | None = None, *, data_path: str | None = None, gold: str | None = None,
                    batch_size: int = 32) -> dict:
     """Evaluate `checkpoints` ({name: model dir}; default: the run's own) and write save_dir/eval/."""
-    from tqdm import tqdm
-
     cfg = cfg if isinstance(cfg, RLHFConfig) else load_config(cfg)
     if num_prompts is not None and num_prompts <= 0:
         raise ConfigError(f"--num-prompts: must be positive, got {num_prompts}")
@@ -385,8 +376,6 @@ def evaluate_model(cfg: "RLHFConfig | str | os.PathLike | dict", checkpoints: di
 
 def cli_eval(args) -> int:
     """`rlhf-dist eval`: evaluate, write save_dir/eval/, print the table."""
-    from .io.tracking import setup_logging
-
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.log_level)
     checkpoints = parse_checkpoint_args(args.checkpoints) if args.checkpoints else None

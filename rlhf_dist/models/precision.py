@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .config import ConfigError
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 

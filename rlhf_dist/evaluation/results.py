@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..safety import flagged_rate
+from ..rewards.safety import flagged_rate
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ NUM_SAMPLES_SAVED = 5  # example generations kept per checkpoint in results.json
 
 def text_metrics(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     """(corpus BLEU 0-100, mean ROUGE-L F1 0-1)."""
-    import sacrebleu
+    import sacrebleu  # deferred: only eval's text metrics need these two
     from rouge_score import rouge_scorer
 
     bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
@@ -66,7 +66,7 @@ def metrics_row(run: Any, path: str, r: dict[str, Any], baseline: dict[str, Any]
 
 def eval_settings(run: Any) -> dict[str, Any]:
     """results.json's settings: what the numbers were measured on and how."""
-    import sacrebleu
+    import sacrebleu  # deferred: only eval's text metrics need it
 
     cfg = run.cfg
     return {

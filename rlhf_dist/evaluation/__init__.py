@@ -1,0 +1,1 @@
+"""Held-out evaluation of a run's checkpoints, and its results files."""

@@ -1,0 +1,1 @@
+"""Model layer: loading HF models, attention for packed rows, packing, precision."""
