@@ -10,14 +10,12 @@ from ..config import ConfigError, load_config
 from ..config.stages import STAGES
 from ..data.rows import DataError
 from ..demo.tiny import build_tiny
-from ..evaluation.evaluate import cli_eval
 from ..io.checkpoint import CheckpointError
 from ..io.report import cli_report
 from ..io.tracking import setup_logging
 from ..models.load import ModelError
 from ..online.health import HealthError
 from ..pipeline import create_rlhf_pipeline
-from .doctor import doctor
 from .failures import EXIT, report_failure
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError)
@@ -84,6 +82,8 @@ def _dispatch(args, loaded: dict) -> int:
         cfg = load_config(args.config, args.overrides)
         loaded["save_dir"] = cfg.save_dir
         setup_logging(cfg.log_level)
+        from .doctor import doctor  # deferred: it loads the placement and engine code (torch._dynamo, seconds)
+
         return doctor(cfg)
     if args.command == "init-tiny":
         paths = build_tiny(args.dir, seed=args.seed)
@@ -91,6 +91,8 @@ def _dispatch(args, loaded: dict) -> int:
             print(f"{k}: {v}")
         return 0
     if args.command == "eval":
+        from ..evaluation.evaluate import cli_eval  # deferred: it loads the model code (torch._dynamo, seconds)
+
         return cli_eval(args)
     if args.command == "report":
         return cli_report(args)

@@ -25,9 +25,6 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .attention import register
-from .packing import forward, padded
-
 log = logging.getLogger(__name__)
 
 
@@ -125,6 +122,8 @@ def load_causal_lm(path: str, bf16: bool = False, attn_implementation: str = "sd
 def _kernel(attn_implementation: str) -> str:
     """What transformers loads for the config's attn_implementation: sdpa as `attention.VARLEN_SDPA` (the
     same, plus sequence boundaries for packed rows)."""
+    from .attention import register  # deferred: attention loads torch's varlen kernels and with them torch._dynamo
+
     return register() if attn_implementation == "sdpa" else attn_implementation
 
 
@@ -182,6 +181,8 @@ def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     parameter prefetch trace in the root's forward pre-hook, so a call to the backbone and the head alone
     would leave the trace invalid for good. The root's output pools the scores to one per row; the per-token
     ones are read from the `score` head's own call inside it."""
+    from .packing import forward, padded  # deferred: packing loads attention (torch._dynamo, seconds)
+
     scores = []
     hook = unwrap(model).score.register_forward_hook(lambda _module, _args, out: scores.append(out))
     try:
