@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf_dist.cli.commands import commands as cli
+from rlhf_dist.cli import commands as cli
 from rlhf_dist.online import setup as ppo  # where save_iteration writes state.json
 
 

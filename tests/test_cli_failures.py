@@ -151,9 +151,9 @@ def test_ray_train_controller_failure(capsys, monkeypatch, config):
 
 
 def test_failure_before_config_says_there_is_no_run_log(capsys, monkeypatch, tmp_path):
-    import rlhf_dist.demo.tiny
+    import rlhf_dist.cli.commands
 
-    fail_with(monkeypatch, rlhf_dist.demo.tiny, "build_tiny", OSError("disk on fire"))
+    fail_with(monkeypatch, rlhf_dist.cli.commands, "build_tiny", OSError("disk on fire"))
     code = cli.main(["init-tiny", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert code == EXIT["internal"] == 70

@@ -270,7 +270,7 @@ def _stand_in(signature: list[str], calls: list):
 def cpu_kernel(request, monkeypatch):
     """The flash branch of `attention.varlen_sdpa` on the CPU: the kernel replaced by `_stand_in`, float32 on
     the CPU eligible for it, no verdict of `check_flash` yet. Yields the stand-in's calls."""
-    from rlhf_dist.models.load import attention
+    from rlhf_dist.models import attention
 
     calls: list = []
     monkeypatch.setattr(attention, "varlen_attn", _stand_in(request.param.split("+"), calls))
@@ -293,7 +293,7 @@ def _ragged_row():
 def test_the_cuda_varlen_call_on_a_cpu_stand_in(cpu_kernel):
     """The flash branch, with the causal flag of either torch signature and grouped-query heads, gives the
     output of the gathered path; its check passes."""
-    from rlhf_dist.models.load import attention
+    from rlhf_dist.models import attention
 
     _, _, p = _ragged_row()
     kw = dict(cu_seq_lens_q=p.cu_seqlens, max_length_q=max(p.cu_seqlens.diff().tolist()))  # no layout: built here
@@ -323,7 +323,7 @@ def _varlen_lm():
 def test_the_flash_check_runs_once_before_a_no_grad_packed_forward(cpu_kernel, monkeypatch, mode):
     """The reference, reward, old-logprob and value forwards run without autograd. The kernel's check (which
     runs a backward) must still pass there: once per process, before the first packed forward, not inside it."""
-    from rlhf_dist.models.load import attention
+    from rlhf_dist.models import attention
     from rlhf_dist.models.packing import forward
 
     lm = _varlen_lm()
@@ -346,7 +346,7 @@ def test_the_flash_check_runs_once_before_a_no_grad_packed_forward(cpu_kernel, m
 def test_a_packed_forward_builds_its_layout_once(monkeypatch):
     """The gathered path's layout is built by `pack` on the host; every layer of the forward reuses it (a
     layout built per layer copied two host lists to the device in each, a stream sync each)."""
-    from rlhf_dist.models.load import attention
+    from rlhf_dist.models import attention
     from rlhf_dist.models.packing import forward
 
     lm = _varlen_lm()
@@ -365,7 +365,7 @@ def test_a_packed_forward_builds_its_layout_once(monkeypatch):
 def test_a_varlen_kernel_that_fails_its_check_is_not_used(caplog):
     """torch's real kernel has no CPU implementation: the check fails, says so, and packed rows keep the
     gathered-sdpa path."""
-    from rlhf_dist.models.load import attention
+    from rlhf_dist.models import attention
 
     if attention.varlen_attn is None:
         pytest.skip("this torch has no varlen_attn")
