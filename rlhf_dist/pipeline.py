@@ -141,11 +141,7 @@ class RLHFPipeline:
         ConfigError, ModelError or DataError in one line naming the field."""
         cfg = self.config
         check_model_paths(cfg)
-        if cfg.reward_fn:
-            from .rewards.function import load_function  # deferred: loading torch takes seconds
-
-            load_function(cfg.reward_fn, "reward_fn")
-        errors = environment_errors(cfg)  # e.g. reward_url: env:NAME with NAME unset
+        errors = environment_errors(cfg)  # each source's own check: reward_fn imports, reward_url's env:NAME is set
         if errors:
             raise ConfigError("; ".join(errors))
         tok = check_tokenizer(cfg)

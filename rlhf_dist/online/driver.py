@@ -187,11 +187,11 @@ class PPORun:
         samples, old_logp, values, ref_logp, rew = self._retrying("experience", lambda: self.collect(it, ids, timers))
         lag = self.version - samples.version  # updates between the rollout's weights and the learner's
         check_failures(rew, cfg.reward_max_failed_fraction, f"iteration {it + 1}")
-        kept = kept_for(rew, cfg)  # (B,) the samples with a reward (with group advantages: whole groups)
-        raw, safety_rec, flagged_rows = rew.score, {}, []  # (B,)
+        rewarded = kept_for(rew, cfg)  # (B,) the samples with a reward (with group advantages: whole groups)
+        kept, raw, safety_rec, flagged_rows = rewarded, rew.score, {}, []  # (B,), (B,)
         if self.safety:  # penalize: raw lowered; drop: the flagged rollouts' groups leave `kept`
             raw, dropped, safety_rec, flagged_rows = self.safety(it, samples.sample_ids, raw, rew.responses)
-            kept = kept & ~dropped
+            kept = rewarded & ~dropped
         with timers.phase("advantages"):
             scores = process_scores(raw, samples, cfg, self.tok.eos_token_id, self.moments, kept)  # (B,)
             exp = make_experience(samples, old_logp, ref_logp, values, scores, cfg, self.kl_ctl.value, kept)
@@ -223,7 +223,7 @@ class PPORun:
         if self.recompute:  # the rollout's weights are the learner's: a broken sync shows here
             rec["rollout_logprob_diff"] = float(((samples.rollout_logprobs - old_logp).abs() * samples.action_mask).max())
         self._check_drift(it, rec, lag)
-        rec.update(reward_metrics(rew, kept))
+        rec.update(reward_metrics(rew, rewarded))  # safety drops are counted apart (safety/dropped)
         log.info("ppo: iteration %d/%d reward %.3f kl %.4f policy_loss %.4f value_loss %.4f len %.1f %.2fs (%s)",
                  it + 1, cfg.ppo_iterations, est["reward_mean"], est["kl"], rec.get("policy_loss") or 0.0,
                  rec.get("value_loss") or 0.0, est["response_length"], seconds,
